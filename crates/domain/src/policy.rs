@@ -1,0 +1,383 @@
+//! Backup policies: what the API accepts, and the rules a policy must keep.
+
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Component, Path};
+
+use crate::retention::Retention;
+use crate::schedule::{Schedule, ScheduleSpec};
+use crate::secret::Secret;
+
+/// A validation failure of one field: which one, and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError { field: field.into(), message: message.into() }
+    }
+}
+
+/// Who made a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Api,
+    Legacy,
+    Kubernetes,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Api => "api",
+            Origin::Legacy => "legacy",
+            Origin::Kubernetes => "kubernetes",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Origin> {
+        [Origin::Api, Origin::Legacy, Origin::Kubernetes].into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceSpec {
+    pub path: String,
+}
+
+/// Where backups go. `url` absent means the agent's default local
+/// repository. Secrets are accepted here and never shown again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RepositorySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, Option<Secret>>,
+    /// Read-only in responses; tolerated (and ignored) on input so that a
+    /// GET can be edited and PUT back.
+    #[serde(default, skip_serializing)]
+    pub password_set: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    pub env_set: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsistencyMode {
+    #[default]
+    None,
+    Auto,
+    Btrfs,
+    Reflink,
+    Blockclone,
+    Fsfreeze,
+    Lvm,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Hooks {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre: Vec<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post: Vec<Vec<String>>,
+}
+
+fn default_max_freeze_ms() -> u64 {
+    2000
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsistencySpec {
+    #[serde(default)]
+    pub mode: ConsistencyMode,
+    #[serde(default)]
+    pub hooks: Hooks,
+    #[serde(default = "default_max_freeze_ms")]
+    pub max_freeze_ms: u64,
+    /// Fail the run instead of backing up the live volume when no
+    /// point-in-time method applies.
+    #[serde(default)]
+    pub required: bool,
+}
+
+impl Default for ConsistencySpec {
+    fn default() -> Self {
+        ConsistencySpec { mode: ConsistencyMode::None, hooks: Hooks::default(), max_freeze_ms: default_max_freeze_ms(), required: false }
+    }
+}
+
+/// A policy as written by a caller (POST/PUT body, or a PATCH merged into
+/// the stored one). Unknown fields are refused; the read-only fields of a
+/// response are tolerated and ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicySpec {
+    pub name: String,
+    pub source: SourceSpec,
+    #[serde(default)]
+    pub repository: RepositorySpec,
+    pub schedule: ScheduleSpec,
+    #[serde(default)]
+    pub jitter_seconds: u64,
+    #[serde(default)]
+    pub retention: Retention,
+    #[serde(default)]
+    pub consistency: ConsistencySpec,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub paused: bool,
+    // Read-only response fields, ignored on input.
+    #[serde(default, skip_serializing)]
+    pub id: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    pub origin: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    pub created_at: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    pub updated_at: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    pub next_run_at: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    pub last_run: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    pub status: Option<IgnoredAny>,
+}
+
+/// The longest policy name.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Tags the agent writes itself; a caller may not use them.
+pub const RESERVED_TAG_PREFIXES: [&str; 3] = ["soda-syncer", "policy=", "volume="];
+
+/// Environment variables a repository may pass to restic: the storage
+/// backends' credentials. Anything else (PATH, LD_PRELOAD,
+/// RESTIC_PASSWORD_COMMAND, ...) could make restic run other programs.
+pub const ALLOWED_ENV_PREFIXES: [&str; 6] = ["AWS_", "B2_", "AZURE_", "GOOGLE_", "OS_", "ST_"];
+
+pub fn validate_name(name: &str) -> Result<(), FieldError> {
+    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let ok_ends = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !ok_chars || !ok_ends {
+        return Err(FieldError::new(
+            "name",
+            format!(
+                "{name:?} is not a valid name: use 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An absolute path with no `.`/`..` components and no NUL: the form
+/// a source or target must have before it is even looked at on disk.
+pub fn validate_abs_path(field: &str, path: &str) -> Result<(), FieldError> {
+    let p = Path::new(path);
+    if path.is_empty() || !p.is_absolute() {
+        return Err(FieldError::new(field, format!("{path:?} must be an absolute path, e.g. /var/lib/data")));
+    }
+    if path.contains('\0') || path.contains('\n') {
+        return Err(FieldError::new(field, "the path may not contain NUL or newline characters"));
+    }
+    if p.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+        return Err(FieldError::new(field, format!("{path:?} may not contain '.' or '..' components")));
+    }
+    Ok(())
+}
+
+impl PolicySpec {
+    /// Every check that needs no disk, clock or network. Returns the parsed
+    /// schedule so callers need not parse it twice.
+    pub fn validate(&self, now: chrono::DateTime<chrono::Utc>) -> Result<Schedule, FieldError> {
+        validate_name(&self.name)?;
+        validate_abs_path("source.path", &self.source.path)?;
+        if let Some(url) = &self.repository.url {
+            if url.trim().is_empty() {
+                return Err(FieldError::new(
+                    "repository.url",
+                    "the repository URL is empty: give a restic repository (s3:host/bucket/prefix, rest:http://host/, /local/path) or leave repository out for the agent's local one",
+                ));
+            }
+            if url.starts_with('-') || url.contains('\n') {
+                return Err(FieldError::new("repository.url", "the repository URL may not start with '-' or contain a newline"));
+            }
+        }
+        if let Some(pw) = &self.repository.password {
+            if pw.is_empty() {
+                return Err(FieldError::new("repository.password", "the repository password may not be empty"));
+            }
+        }
+        for key in self.repository.env.keys() {
+            let well_formed = !key.is_empty()
+                && key.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                && !key.starts_with(|c: char| c.is_ascii_digit());
+            if !well_formed || !ALLOWED_ENV_PREFIXES.iter().any(|p| key.starts_with(p)) {
+                return Err(FieldError::new(
+                    format!("repository.env.{key}"),
+                    format!(
+                        "{key:?} is not an allowed repository variable: use storage credentials starting with {}",
+                        ALLOWED_ENV_PREFIXES.join(", ")
+                    ),
+                ));
+            }
+        }
+        let schedule = Schedule::parse(&self.schedule)?;
+        let gap = schedule.min_gap(now);
+        if self.jitter_seconds as i64 > gap.num_seconds() {
+            return Err(FieldError::new(
+                "jitterSeconds",
+                format!(
+                    "jitter ({} s) may not exceed the time between two runs ({} s)",
+                    self.jitter_seconds,
+                    gap.num_seconds()
+                ),
+            ));
+        }
+        self.retention.validate()?;
+        if self.consistency.max_freeze_ms == 0 || self.consistency.max_freeze_ms > 600_000 {
+            return Err(FieldError::new("consistency.maxFreezeMs", "must be between 1 and 600000 milliseconds"));
+        }
+        for (i, hook) in self.consistency.hooks.pre.iter().chain(&self.consistency.hooks.post).enumerate() {
+            if hook.is_empty() || hook[0].is_empty() {
+                return Err(FieldError::new(format!("consistency.hooks[{i}]"), "a hook is a non-empty argv array, e.g. [\"/usr/bin/sync\"]"));
+            }
+        }
+        for (i, e) in self.exclude.iter().enumerate() {
+            if e.is_empty() || e.contains('\n') || e.contains('\0') {
+                return Err(FieldError::new(format!("exclude[{i}]"), "an exclude pattern must be non-empty and on one line"));
+            }
+        }
+        for (i, t) in self.tags.iter().enumerate() {
+            let ok = !t.is_empty()
+                && t.len() <= 128
+                && t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '=' | ':' | '/'));
+            if !ok {
+                return Err(FieldError::new(format!("tags[{i}]"), format!("{t:?} is not a valid tag: use letters, digits and - _ . = : /")));
+            }
+            if RESERVED_TAG_PREFIXES.iter().any(|p| t.starts_with(p)) {
+                return Err(FieldError::new(format!("tags[{i}]"), format!("{t:?} is reserved for the agent's own tags")));
+            }
+        }
+        Ok(schedule)
+    }
+
+    /// The repository URL, which the agent has filled in by the time a
+    /// policy is stored.
+    pub fn repository_url(&self) -> &str {
+        self.repository.url.as_deref().unwrap_or("")
+    }
+}
+
+/// Apply an RFC 7396 JSON merge patch to `target`.
+pub fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    use serde_json::Value;
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = Value::Object(Default::default());
+            }
+            let t = target.as_object_mut().expect("object");
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use serde_json::json;
+
+    fn spec(v: serde_json::Value) -> Result<PolicySpec, serde_json::Error> {
+        serde_json::from_value(v)
+    }
+    fn base() -> serde_json::Value {
+        json!({"name": "orders-db", "source": {"path": "/data"}, "schedule": {"intervalSeconds": 3600}})
+    }
+
+    #[test]
+    fn a_minimal_policy_is_valid() {
+        let s = spec(base()).unwrap();
+        assert!(s.validate(Utc::now()).is_ok());
+        assert_eq!(s.consistency.mode, ConsistencyMode::None);
+        assert!(s.retention.keeps_everything());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_but_read_only_ones_tolerated() {
+        let mut v = base();
+        v["colour"] = json!("red");
+        assert!(spec(v).unwrap_err().to_string().contains("unknown field `colour`"));
+        let mut v = base();
+        v["id"] = json!("abc");
+        v["createdAt"] = json!("2026-01-01T00:00:00Z");
+        v["repository"] = json!({"url": "/r", "password": null, "passwordSet": true});
+        assert!(spec(v).is_ok());
+    }
+
+    #[test]
+    fn validation_names_the_field_at_fault() {
+        let cases = [
+            (json!({"name": "-bad"}), "name"),
+            (json!({"name": ""}), "name"),
+            (json!({"source": {"path": "relative/dir"}}), "source.path"),
+            (json!({"source": {"path": "/data/../etc"}}), "source.path"),
+            (json!({"repository": {"url": " "}}), "repository.url"),
+            (json!({"repository": {"url": "--option=x"}}), "repository.url"),
+            (json!({"repository": {"url": "/r", "env": {"LD_PRELOAD": "x"}}}), "repository.env.LD_PRELOAD"),
+            (json!({"repository": {"url": "/r", "env": {"RESTIC_PASSWORD_COMMAND": "x"}}}), "repository.env.RESTIC_PASSWORD_COMMAND"),
+            (json!({"jitterSeconds": 3601}), "jitterSeconds"),
+            (json!({"retention": {"keepLast": 100001}}), "retention.keepLast"),
+            (json!({"tags": ["policy=x"]}), "tags[0]"),
+            (json!({"tags": ["a,b"]}), "tags[0]"),
+            (json!({"exclude": [""]}), "exclude[0]"),
+            (json!({"consistency": {"maxFreezeMs": 0}}), "consistency.maxFreezeMs"),
+        ];
+        for (patch, field) in cases {
+            let mut v = base();
+            merge_patch(&mut v, &patch);
+            let err = spec(v).unwrap().validate(Utc::now()).unwrap_err();
+            assert_eq!(err.field, field, "{patch}");
+            assert!(!err.message.is_empty());
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_leak_through_debug() {
+        let mut v = base();
+        v["repository"] = json!({"url": "/r", "password": "hunter2", "env": {"AWS_SECRET_ACCESS_KEY": "s3cr3t"}});
+        let s = spec(v).unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains("s3cr3t"), "{dbg}");
+    }
+
+    #[test]
+    fn merge_patch_follows_rfc_7396() {
+        let mut t = json!({"a": "b", "c": {"d": "e", "f": "g"}});
+        merge_patch(&mut t, &json!({"a": "z", "c": {"f": null}}));
+        assert_eq!(t, json!({"a": "z", "c": {"d": "e"}}));
+        merge_patch(&mut t, &json!({"x": [1]}));
+        assert_eq!(t["x"], json!([1]));
+    }
+}
