@@ -1,0 +1,20 @@
+//! The soda-syncer node agent and its command-line client.
+//!
+//! Adapters are named after what they talk to: [`restic`] (the restic
+//! binary), [`store`] (SQLite), [`kubelet`] (the kubelet's volume
+//! directories). [`scheduler`] orchestrates runs through them; [`http`] is
+//! the API; [`daemon`] wires everything up and shuts it down in order;
+//! [`cli`] is the client. Pure rules live in the `soda-syncer-domain` crate.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod http;
+pub mod ids;
+pub mod kubelet;
+pub mod restic;
+pub mod scheduler;
+pub mod store;
+
+pub use config::Config;
+pub use daemon::{run, Agent};

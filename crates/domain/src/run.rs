@@ -184,3 +184,71 @@ mod tests {
         assert_eq!(judge_backup(false, 1, 1, None, 0.5).0, RunState::Succeeded);
     }
 }
+
+/// Live progress of a run, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    pub percent_done: f64,
+    pub files_done: u64,
+    pub total_files: u64,
+    pub bytes_done: u64,
+    pub total_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seconds_remaining: Option<u64>,
+}
+
+impl From<&crate::restic_json::BackupStatus> for Progress {
+    fn from(s: &crate::restic_json::BackupStatus) -> Self {
+        Progress {
+            percent_done: s.percent_done,
+            files_done: s.files_done,
+            total_files: s.total_files,
+            bytes_done: s.bytes_done,
+            total_bytes: s.total_bytes,
+            seconds_remaining: s.seconds_remaining,
+        }
+    }
+}
+
+/// What a finished backup did, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunSummary {
+    pub files_new: u64,
+    pub files_changed: u64,
+    pub files_unmodified: u64,
+    pub data_added: u64,
+    pub total_files_processed: u64,
+    pub total_bytes_processed: u64,
+    pub total_duration: f64,
+    /// Files restic could not read (a partial backup).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<String>,
+    /// Snapshots removed by retention at the end of the run.
+    #[serde(default)]
+    pub snapshots_forgotten: u64,
+}
+
+impl From<&crate::restic_json::BackupSummary> for RunSummary {
+    fn from(s: &crate::restic_json::BackupSummary) -> Self {
+        RunSummary {
+            files_new: s.files_new,
+            files_changed: s.files_changed,
+            files_unmodified: s.files_unmodified,
+            data_added: s.data_added,
+            total_files_processed: s.total_files_processed,
+            total_bytes_processed: s.total_bytes_processed,
+            total_duration: s.total_duration,
+            unreadable: Vec::new(),
+            snapshots_forgotten: 0,
+        }
+    }
+}
+
+/// Why a run did not succeed: a stable code and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunError {
+    pub code: String,
+    pub message: String,
+}

@@ -181,7 +181,9 @@ pub fn next_due(
         if n > 0 {
             let retry_at = failed_at + retry_delay(n);
             if retry_at < due {
-                return Some((slot, retry_at));
+                // The retry stands in for a slot of its own, so the next
+                // regular run counts from it.
+                return Some((retry_at, retry_at));
             }
         }
     }

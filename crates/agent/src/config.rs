@@ -1,0 +1,263 @@
+//! The agent's configuration: command-line flags, `SODA_SYNCER_*`
+//! environment variables, an optional TOML file, then built-in defaults, in
+//! that order of precedence.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Flags of `soda-syncer serve`. Every flag has an environment fallback.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// A TOML file with the same keys as the long flags (snake_case).
+    #[arg(long, env = "SODA_SYNCER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:50030, the upstream port].
+    #[arg(long, env = "SODA_SYNCER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Where the database, restic caches and the default repository live
+    /// [default: /var/lib/soda-syncer as root, else $XDG_STATE_HOME/soda-syncer].
+    #[arg(long, env = "SODA_SYNCER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// This node's name, used as restic's --host [default: $NODE_NAME, else the hostname].
+    #[arg(long, env = "SODA_SYNCER_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The restic binary [default: restic from PATH].
+    #[arg(long, env = "SODA_SYNCER_RESTIC")]
+    pub restic: Option<PathBuf>,
+    /// The kubelet's root directory, where CSI volumes are mounted [default: /var/lib/kubelet].
+    #[arg(long, env = "SODA_SYNCER_KUBELET_DIR")]
+    pub kubelet_dir: Option<PathBuf>,
+    /// Only back up sources below these directories (repeat, or comma-separated). Unset: any path.
+    #[arg(long = "allowed-root", env = "SODA_SYNCER_ALLOWED_ROOTS", value_delimiter = ',')]
+    pub allowed_roots: Vec<PathBuf>,
+    /// How many runs may execute at once; the rest wait in order [default: 2].
+    #[arg(long, env = "SODA_SYNCER_MAX_CONCURRENT_RUNS")]
+    pub max_concurrent_runs: Option<usize>,
+    /// How often to look for CSI volumes that appeared or went away [default: 30].
+    #[arg(long, env = "SODA_SYNCER_RESCAN_SECONDS")]
+    pub rescan_seconds: Option<u64>,
+    /// Repository for policies that name none [default: a local repository in the state directory].
+    #[arg(long, env = "SODA_SYNCER_DEFAULT_REPOSITORY")]
+    pub default_repository: Option<String>,
+    /// Longest a single restic command may run before it is killed [default: 86400].
+    #[arg(long, env = "SODA_SYNCER_RUN_TIMEOUT_SECONDS")]
+    pub run_timeout_seconds: Option<u64>,
+    /// Log lines as JSON instead of text.
+    #[arg(long, env = "SODA_SYNCER_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// The same keys in a TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    state_dir: Option<PathBuf>,
+    node_name: Option<String>,
+    restic: Option<PathBuf>,
+    kubelet_dir: Option<PathBuf>,
+    allowed_roots: Option<Vec<PathBuf>>,
+    max_concurrent_runs: Option<usize>,
+    rescan_seconds: Option<u64>,
+    default_repository: Option<String>,
+    run_timeout_seconds: Option<u64>,
+}
+
+/// The resolved configuration the daemon runs with. Tests build it directly.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub node_name: String,
+    pub restic: PathBuf,
+    pub kubelet_dir: PathBuf,
+    pub allowed_roots: Vec<PathBuf>,
+    pub max_concurrent_runs: usize,
+    pub rescan_interval: Duration,
+    pub default_repository: Option<String>,
+    pub run_timeout: Duration,
+    /// A backup whose file count or size falls by more than this fraction
+    /// against the last good one is `suspicious`.
+    pub suspicious_drop_fraction: f64,
+    /// How long shutdown waits for restic children before killing them.
+    pub shutdown_grace: Duration,
+    /// Only CSI volume directories that are mount points count as volumes.
+    pub require_mountpoints: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the config file {path} is not valid TOML for soda-syncer: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Defaults for a given state directory: what tests and `serve` without
+    /// flags start from.
+    pub fn with_state_dir(state_dir: PathBuf) -> Config {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 50030)),
+            state_dir,
+            node_name: default_node_name(),
+            restic: PathBuf::from("restic"),
+            kubelet_dir: PathBuf::from("/var/lib/kubelet"),
+            allowed_roots: Vec::new(),
+            max_concurrent_runs: 2,
+            rescan_interval: Duration::from_secs(30),
+            default_repository: None,
+            run_timeout: Duration::from_secs(86400),
+            suspicious_drop_fraction: 0.5,
+            shutdown_grace: Duration::from_secs(10),
+            require_mountpoints: true,
+        }
+    }
+
+    pub fn from_args(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.message().to_string() })?
+            }
+            None => FileConfig::default(),
+        };
+        let state_dir = args.state_dir.clone().or(file.state_dir).unwrap_or_else(default_state_dir);
+        let mut c = Config::with_state_dir(state_dir);
+        if let Some(v) = args.listen.or(file.listen) {
+            c.listen = v;
+        }
+        if let Some(v) = args.node_name.clone().or(file.node_name) {
+            c.node_name = v;
+        }
+        if let Some(v) = args.restic.clone().or(file.restic) {
+            c.restic = v;
+        }
+        if let Some(v) = args.kubelet_dir.clone().or(file.kubelet_dir) {
+            c.kubelet_dir = v;
+        }
+        c.allowed_roots = if args.allowed_roots.is_empty() { file.allowed_roots.unwrap_or_default() } else { args.allowed_roots.clone() };
+        if let Some(v) = args.max_concurrent_runs.or(file.max_concurrent_runs) {
+            c.max_concurrent_runs = v;
+        }
+        if let Some(v) = args.rescan_seconds.or(file.rescan_seconds) {
+            c.rescan_interval = Duration::from_secs(v);
+        }
+        c.default_repository = args.default_repository.clone().or(file.default_repository);
+        if let Some(v) = args.run_timeout_seconds.or(file.run_timeout_seconds) {
+            c.run_timeout = Duration::from_secs(v);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=64).contains(&self.max_concurrent_runs) {
+            return Err(ConfigError::Invalid(format!(
+                "--max-concurrent-runs must be between 1 and 64; got {}",
+                self.max_concurrent_runs
+            )));
+        }
+        if self.rescan_interval.is_zero() {
+            return Err(ConfigError::Invalid("--rescan-seconds must be at least 1".into()));
+        }
+        if self.node_name.is_empty() || self.node_name.contains(char::is_whitespace) {
+            return Err(ConfigError::Invalid("the node name is empty or has spaces: set --node-name or NODE_NAME".into()));
+        }
+        for root in &self.allowed_roots {
+            if !root.is_absolute() {
+                return Err(ConfigError::Invalid(format!("--allowed-root {} must be an absolute path", root.display())));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("state.db")
+    }
+    pub fn cache_dir(&self) -> PathBuf {
+        self.state_dir.join("cache")
+    }
+    pub fn local_repository(&self) -> PathBuf {
+        self.state_dir.join("repository")
+    }
+    pub fn local_repository_password_file(&self) -> PathBuf {
+        self.state_dir.join("repository.password")
+    }
+    /// Where a running agent writes the URL it serves on, for the CLI.
+    pub fn url_file(&self) -> PathBuf {
+        url_file(&self.state_dir)
+    }
+}
+
+pub fn url_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("agent.url")
+}
+
+pub fn default_state_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/soda-syncer");
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("soda-syncer");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/state/soda-syncer")
+}
+
+fn default_node_name() -> String {
+    if let Some(n) = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()) {
+        return n;
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc == 0 {
+        let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+        if let Ok(s) = std::str::from_utf8(&buf[..end]) {
+            if !s.is_empty() {
+                return s.to_string();
+            }
+        }
+    }
+    "localhost".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nmax_concurrent_runs = 5\nnode_name = \"from-file\"\n").unwrap();
+        let args = ServeArgs { config: Some(file), node_name: Some("from-flag".into()), state_dir: Some(dir.path().into()), ..Default::default() };
+        let c = Config::from_args(&args).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.max_concurrent_runs, 5);
+        assert_eq!(c.node_name, "from-flag");
+        assert_eq!(c.kubelet_dir, PathBuf::from("/var/lib/kubelet"));
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "lisen = \"127.0.0.1:9000\"\n").unwrap();
+        let err = Config::from_args(&ServeArgs { config: Some(file), ..Default::default() }).unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn zero_concurrency_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ServeArgs { state_dir: Some(dir.path().into()), max_concurrent_runs: Some(0), ..Default::default() };
+        assert!(Config::from_args(&args).unwrap_err().to_string().contains("--max-concurrent-runs"));
+    }
+}

@@ -1,0 +1,120 @@
+//! Starting and stopping the agent. [`Agent::start`] brings everything up
+//! and returns once the API listens; cancelling the token shuts down in
+//! order: stop scheduling, cancel runs and wait for restic (with a
+//! deadline), stop the rescan, close the database, stop HTTP last.
+
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::http::{router, AppState};
+use crate::restic::Restic;
+use crate::scheduler::Scheduler;
+use crate::store::Store;
+
+pub struct Agent {
+    pub addr: SocketAddr,
+    join: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Run the agent until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    Agent::start(config, shutdown).await?.wait().await
+}
+
+fn prepare_state_dir(config: &Config) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.state_dir)
+        .with_context(|| format!("cannot create the state directory {}: choose another with --state-dir", config.state_dir.display()))?;
+    std::fs::create_dir_all(config.cache_dir())?;
+    // The local repository's password: generated once, readable by root only.
+    let pw = config.local_repository_password_file();
+    if config.default_repository.is_none() && !pw.exists() {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&pw)
+            .with_context(|| format!("cannot create {}", pw.display()))?;
+        f.write_all(crate::ids::random_hex(32).as_bytes())?;
+        f.sync_all()?;
+        tracing::info!(file = %pw.display(), repository = %config.local_repository().display(), "generated the local repository's password; keep a copy of it somewhere safe: without it, backups cannot be restored");
+    }
+    Ok(())
+}
+
+impl Agent {
+    pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Agent> {
+        config.validate()?;
+        prepare_state_dir(&config)?;
+        let store = Store::open(&config.db_path())?;
+        let restic = Restic::new(config.restic.clone(), config.cache_dir(), config.node_name.clone(), config.run_timeout);
+        let version = restic.version().await.map_err(|e| e.to_string());
+        match &version {
+            Ok(v) => tracing::info!(version = %v, "restic found"),
+            Err(e) => tracing::error!(error = %e, "restic is not usable: the agent stays up but is not ready, and runs fail until it is installed"),
+        }
+        let sched_cancel = CancellationToken::new();
+        let sched = Scheduler::new(store, restic, config.clone(), sched_cancel.clone());
+        let interrupted = sched.recover_after_start()?;
+        if interrupted > 0 {
+            tracing::warn!(count = interrupted, "runs were interrupted by the last stop; their policies run again now");
+        }
+        if let Err(e) = sched.rescan_volumes() {
+            tracing::warn!(error = %e, "first volume scan failed");
+        }
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}: is another agent running? choose another address with --listen", config.listen))?;
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "listening on a non-loopback address over plain HTTP without authentication: anyone who can reach this port can manage backups");
+        }
+        let url = format!("http://{}", if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr });
+        std::fs::write(config.url_file(), &url)?;
+        tracing::info!(%addr, node = %config.node_name, state_dir = %config.state_dir.display(), "soda-syncer listening");
+
+        let state = AppState { sched: sched.clone(), restic_version: Arc::new(Mutex::new(version)), started: Instant::now() };
+        let app = router(state);
+        let http_stop = CancellationToken::new();
+        let http_stop2 = http_stop.clone();
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(async move { http_stop2.cancelled().await }).await
+        });
+        let sched_task = tokio::spawn(sched.clone().run());
+        let rescan_cancel = CancellationToken::new();
+        let rescan = tokio::spawn(sched.clone().rescan_loop(rescan_cancel.clone()));
+        let url_file = config.url_file();
+
+        let join = tokio::spawn(async move {
+            shutdown.cancelled().await;
+            let t = Instant::now();
+            tracing::info!("shutting down: stopping the scheduler and cancelling runs");
+            sched_cancel.cancel();
+            let _ = sched_task.await;
+            tracing::info!(ms = t.elapsed().as_millis() as u64, "scheduler stopped");
+            rescan_cancel.cancel();
+            let _ = rescan.await;
+            drop(sched); // the last handle on the database closes it
+            let _ = std::fs::remove_file(url_file);
+            http_stop.cancel();
+            http.await.context("HTTP task")?.context("HTTP server")?;
+            tracing::info!(ms = t.elapsed().as_millis() as u64, "stopped");
+            Ok(())
+        });
+        Ok(Agent { addr, join })
+    }
+
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.join.await.context("agent task")?
+    }
+}

@@ -1,0 +1,500 @@
+//! The restic adapter: runs the real `restic` binary, never through a
+//! shell. Each child gets its own process group (so cancelling kills
+//! everything it started), a null stdin, a cleared environment holding only
+//! what restic needs (secrets reach restic only here: never argv, never the
+//! agent's own environment), stdout read line by line, and stderr drained at
+//! the same time into a bounded buffer.
+
+use soda_syncer_domain::restic_json::{parse_backup_line, BackupMessage, BackupStatus, BackupSummary, ForgetGroup, Snapshot};
+use soda_syncer_domain::secret::{redact_url, scrub, url_password};
+use soda_syncer_domain::Secret;
+use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+/// How to reach one repository.
+#[derive(Debug, Clone)]
+pub struct Repo {
+    pub url: String,
+    pub password: Secret,
+    pub env: BTreeMap<String, Secret>,
+}
+
+impl Repo {
+    /// Every string that must not appear in an error or a log line.
+    fn secrets(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = vec![self.password.expose()];
+        v.extend(self.env.values().map(|s| s.expose()));
+        v.extend(url_password(&self.url));
+        v
+    }
+    pub fn display(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResticError {
+    #[error("restic was not found at {path}: install it (apt-get install restic) or point --restic at it")]
+    NotInstalled { path: String },
+    #[error("cannot start restic: {message}")]
+    Spawn { message: String },
+    #[error("wrong password for the repository {repo}: check the policy's repository.password")]
+    WrongPassword { repo: String },
+    #[error("there is no restic repository at {repo}: {stderr}")]
+    RepositoryNotFound { repo: String, stderr: String },
+    #[error("the repository {repo} refused our credentials: check the access keys in repository.env (or the user and password in a REST URL): {stderr}")]
+    AccessDenied { repo: String, stderr: String },
+    #[error("the repository {repo} is locked by another process; stale locks are removed automatically, this one is held by a live process: {stderr}")]
+    RepositoryLocked { repo: String, stderr: String },
+    #[error("cannot reach the repository {repo}: is the server up and the address right? {stderr}")]
+    RepositoryUnreachable { repo: String, stderr: String },
+    #[error("the source path {path} does not exist or is not a directory: restic would record an empty snapshot, so the run was refused; check that the volume is mounted")]
+    SourceMissing { path: String },
+    #[error("no space left on a device restic writes to (the repository, or the cache under the state directory): {stderr}")]
+    DiskFull { stderr: String },
+    #[error("restic {command} was cancelled")]
+    Cancelled { command: String },
+    #[error("restic {command} ran longer than {seconds} s and was killed; raise --run-timeout-seconds if the volume is that large")]
+    TimedOut { command: String, seconds: u64 },
+    #[error("restic {command} failed with exit code {code}: {stderr}")]
+    Failed { command: String, code: i32, stderr: String },
+}
+
+impl ResticError {
+    /// A short stable code: the API error code and the metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ResticError::NotInstalled { .. } => "restic_missing",
+            ResticError::Spawn { .. } => "restic_spawn_failed",
+            ResticError::WrongPassword { .. } => "wrong_password",
+            ResticError::RepositoryNotFound { .. } => "repository_not_found",
+            ResticError::AccessDenied { .. } => "repository_access_denied",
+            ResticError::RepositoryLocked { .. } => "repository_locked",
+            ResticError::RepositoryUnreachable { .. } => "repository_unreachable",
+            ResticError::SourceMissing { .. } => "source_missing",
+            ResticError::DiskFull { .. } => "disk_full",
+            ResticError::Cancelled { .. } => "cancelled",
+            ResticError::TimedOut { .. } => "timed_out",
+            ResticError::Failed { .. } => "restic_failed",
+        }
+    }
+}
+
+/// What a finished command left behind.
+struct Exec {
+    code: i32,
+    stderr_tail: String,
+    error_items: Vec<String>,
+}
+
+/// One backup request.
+#[derive(Debug, Clone)]
+pub struct BackupRequest {
+    pub path: PathBuf,
+    pub tags: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupOutcome {
+    pub summary: BackupSummary,
+    /// restic exited 3: some files could not be read.
+    pub partial: bool,
+    pub unreadable: Vec<String>,
+}
+
+const STDERR_LINES: usize = 40;
+const STDERR_LINE_CHARS: usize = 400;
+const MAX_ERROR_ITEMS: usize = 200;
+
+#[derive(Clone)]
+pub struct Restic {
+    bin: PathBuf,
+    cache_root: PathBuf,
+    host: String,
+    timeout: Duration,
+    /// Serialises `init`, so two policies that share a new repository do
+    /// not race to create it.
+    init_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Restic {
+    pub fn new(bin: PathBuf, cache_root: PathBuf, host: String, timeout: Duration) -> Restic {
+        Restic { bin, cache_root, host, timeout, init_lock: Arc::default() }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// `restic version`, e.g. "0.14.0".
+    pub async fn version(&self) -> Result<String, ResticError> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("version").env_clear().envs(passthrough_env()).stdin(Stdio::null()).kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+            .await
+            .map_err(|_| ResticError::Spawn { message: "restic version did not answer within 20 s".into() })?
+            .map_err(|e| self.spawn_error(e))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .nth(1)
+            .map(str::to_string)
+            .filter(|_| out.status.success())
+            .ok_or_else(|| ResticError::Spawn { message: format!("unexpected output from restic version: {text:?}") })
+    }
+
+    fn spawn_error(&self, e: std::io::Error) -> ResticError {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            ResticError::NotInstalled { path: self.bin.display().to_string() }
+        } else {
+            ResticError::Spawn { message: e.to_string() }
+        }
+    }
+
+    fn cache_dir(&self, repo: &Repo) -> PathBuf {
+        self.cache_root.join(crate::ids::short_hash(&[&repo.url]))
+    }
+
+    /// Run one restic command to the end, feeding each stdout line to
+    /// `on_line`. Cancellation and the timeout kill the whole process group.
+    async fn exec(
+        &self,
+        repo: &Repo,
+        args: &[OsString],
+        cancel: &CancellationToken,
+        mut on_line: impl FnMut(&str),
+    ) -> Result<Exec, ResticError> {
+        let command = args.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
+            .env_clear()
+            .envs(passthrough_env())
+            .env("RESTIC_REPOSITORY", &repo.url)
+            .env("RESTIC_PASSWORD", repo.password.expose())
+            .env("RESTIC_CACHE_DIR", self.cache_dir(repo))
+            .env("RESTIC_PROGRESS_FPS", "2")
+            .envs(repo.env.iter().map(|(k, v)| (k, v.expose())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| self.spawn_error(e))?;
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        let tail = Arc::new(Mutex::new(StderrTail::default()));
+        let stderr_task = tokio::spawn(drain_stderr(stderr, tail.clone()));
+        let mut lines = BufReader::new(stdout).lines();
+        let deadline = tokio::time::sleep(self.timeout);
+        tokio::pin!(deadline);
+
+        enum End {
+            Exited(std::io::Result<std::process::ExitStatus>),
+            Cancelled,
+            TimedOut,
+        }
+        let mut stdout_open = true;
+        let end = loop {
+            tokio::select! {
+                line = lines.next_line(), if stdout_open => match line {
+                    Ok(Some(l)) => on_line(&l),
+                    _ => stdout_open = false,
+                },
+                status = child.wait(), if !stdout_open => break End::Exited(status),
+                _ = cancel.cancelled() => break End::Cancelled,
+                _ = &mut deadline => break End::TimedOut,
+            }
+        };
+        let end = match end {
+            End::Exited(s) => End::Exited(s),
+            other => {
+                kill_group(pid, &mut child).await;
+                other
+            }
+        };
+        let _ = stderr_task.await;
+        let tail = std::mem::take(&mut *tail.lock().unwrap_or_else(|p| p.into_inner()));
+        let secrets = repo.secrets();
+        let stderr_tail = scrub(&tail.lines.iter().cloned().collect::<Vec<_>>().join("\n"), &secrets);
+        match end {
+            End::Cancelled => Err(ResticError::Cancelled { command }),
+            End::TimedOut => Err(ResticError::TimedOut { command, seconds: self.timeout.as_secs() }),
+            End::Exited(Err(e)) => Err(ResticError::Spawn { message: e.to_string() }),
+            End::Exited(Ok(status)) => Ok(Exec {
+                code: status.code().unwrap_or(-1),
+                stderr_tail,
+                error_items: tail.error_items.iter().map(|i| scrub(i, &secrets)).collect(),
+            }),
+        }
+    }
+
+    /// Map a failed command to an error by restic's stderr (0.14 exits 1
+    /// for nearly everything; TESTING.md lists the texts).
+    fn classify(&self, repo: &Repo, command: &str, exec: Exec) -> ResticError {
+        let s = exec.stderr_tail.clone();
+        let lower = s.to_lowercase();
+        let repo_s = repo.display();
+        let has = |needles: &[&str]| needles.iter().any(|n| lower.contains(n));
+        if has(&["wrong password or no key found"]) {
+            ResticError::WrongPassword { repo: repo_s }
+        } else if has(&["repository is already locked"]) {
+            ResticError::RepositoryLocked { repo: repo_s, stderr: s }
+        } else if has(&["no space left on device", "disk quota exceeded"]) {
+            ResticError::DiskFull { stderr: s }
+        } else if has(&["401 unauthorized", "403 forbidden", "(401)", "(403)", "accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch", "unauthorized"]) {
+            ResticError::AccessDenied { repo: repo_s, stderr: s }
+        } else if has(&[
+            "connection refused",
+            "dial tcp",
+            "no such host",
+            "i/o timeout",
+            "context deadline exceeded",
+            "network is unreachable",
+            "connection reset",
+            "tls handshake",
+            "server misbehaving",
+            "unexpected eof",
+            ": eof",
+        ]) {
+            ResticError::RepositoryUnreachable { repo: repo_s, stderr: s }
+        } else if has(&["unable to open config file", "is there a repository at the following location", "repository does not exist", "nosuchbucket", "the specified bucket does not exist"]) {
+            ResticError::RepositoryNotFound { repo: repo_s, stderr: s }
+        } else {
+            ResticError::Failed { command: command.to_string(), code: exec.code, stderr: s }
+        }
+    }
+
+    async fn simple(&self, repo: &Repo, args: Vec<OsString>, cancel: &CancellationToken) -> Result<String, ResticError> {
+        let command = args[0].to_string_lossy().into_owned();
+        let mut out = String::new();
+        let exec = self
+            .exec(repo, &args, cancel, |l| {
+                out.push_str(l);
+                out.push('\n');
+            })
+            .await?;
+        if exec.code != 0 {
+            return Err(self.classify(repo, &command, exec));
+        }
+        Ok(out)
+    }
+
+    pub async fn init(&self, repo: &Repo, cancel: &CancellationToken) -> Result<(), ResticError> {
+        let _guard = self.init_lock.lock().await;
+        match self.simple(repo, vec!["init".into()], cancel).await {
+            Ok(_) => {
+                tracing::info!(repository = %repo.display(), "initialised a new restic repository");
+                Ok(())
+            }
+            // Someone else created it between our check and our init.
+            Err(ResticError::Failed { stderr, .. }) if stderr.contains("already exists") || stderr.contains("already initialized") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `restic unlock`: removes only stale locks (dead PID on this host, or
+    /// older than 30 minutes); a live holder's lock stays.
+    pub async fn unlock(&self, repo: &Repo, cancel: &CancellationToken) -> Result<(), ResticError> {
+        self.simple(repo, vec!["unlock".into()], cancel).await.map(|_| ())
+    }
+
+    /// One `backup --json` of `req.path`, without recovery.
+    async fn backup_once(
+        &self,
+        repo: &Repo,
+        req: &BackupRequest,
+        cancel: &CancellationToken,
+        progress: &mut (dyn FnMut(&BackupStatus) + Send),
+    ) -> Result<BackupOutcome, ResticError> {
+        let mut args: Vec<OsString> = vec!["backup".into(), "--json".into(), "--host".into(), self.host.clone().into()];
+        for t in &req.tags {
+            args.push("--tag".into());
+            args.push(t.into());
+        }
+        for e in &req.exclude {
+            args.push("--exclude".into());
+            args.push(e.into());
+        }
+        args.push("--".into());
+        args.push(req.path.clone().into());
+        let mut summary = None;
+        let exec = self
+            .exec(repo, &args, cancel, |line| match parse_backup_line(line) {
+                Some(BackupMessage::Status(s)) => progress(&s),
+                Some(BackupMessage::Summary(s)) => summary = Some(s),
+                _ => {}
+            })
+            .await?;
+        match (exec.code, summary) {
+            (0, Some(summary)) => Ok(BackupOutcome { summary, partial: false, unreadable: Vec::new() }),
+            (3, Some(summary)) => Ok(BackupOutcome { summary, partial: true, unreadable: exec.error_items }),
+            (0, None) => Err(ResticError::Failed { command: "backup".into(), code: 0, stderr: format!("restic printed no summary. {}", exec.stderr_tail) }),
+            _ => Err(self.classify(repo, "backup", exec)),
+        }
+    }
+
+    /// Back up one directory, recovering from what needs no human: a
+    /// repository that does not exist yet is initialised, a stale lock is
+    /// removed; each at most once, then the backup is tried again.
+    pub async fn backup(
+        &self,
+        repo: &Repo,
+        req: &BackupRequest,
+        cancel: &CancellationToken,
+        progress: &mut (dyn FnMut(&BackupStatus) + Send),
+    ) -> Result<BackupOutcome, ResticError> {
+        if !req.path.is_dir() {
+            return Err(ResticError::SourceMissing { path: req.path.display().to_string() });
+        }
+        let mut initialised = false;
+        let mut unlocked = false;
+        loop {
+            match self.backup_once(repo, req, cancel, progress).await {
+                Err(ResticError::RepositoryNotFound { .. }) if !initialised => {
+                    initialised = true;
+                    self.init(repo, cancel).await?;
+                }
+                Err(ResticError::RepositoryLocked { .. }) if !unlocked => {
+                    unlocked = true;
+                    tracing::warn!(repository = %repo.display(), "repository locked: removing stale locks and trying once more");
+                    self.unlock(repo, cancel).await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// `forget` with the given keep rules, limited to one policy's
+    /// snapshots on this host (so policies sharing a repository never touch
+    /// each other's). Grouped by host only, so a volume whose mount path
+    /// changed keeps one retention history.
+    pub async fn forget(
+        &self,
+        repo: &Repo,
+        policy_tag: &str,
+        keep_args: &[String],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<ForgetGroup>, ResticError> {
+        let mut args: Vec<OsString> = vec![
+            "forget".into(),
+            "--json".into(),
+            "--host".into(),
+            self.host.clone().into(),
+            "--tag".into(),
+            policy_tag.into(),
+            "--group-by".into(),
+            "host".into(),
+        ];
+        args.extend(keep_args.iter().map(OsString::from));
+        let mut unlocked = false;
+        loop {
+            match self.simple(repo, args.clone(), cancel).await {
+                Ok(out) => {
+                    let json = out.lines().find(|l| l.starts_with('[')).unwrap_or("[]");
+                    return serde_json::from_str(json).map_err(|e| ResticError::Failed {
+                        command: "forget".into(),
+                        code: 0,
+                        stderr: format!("unreadable JSON from restic forget: {e}"),
+                    });
+                }
+                Err(ResticError::RepositoryLocked { .. }) if !unlocked => {
+                    unlocked = true;
+                    self.unlock(repo, cancel).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Snapshots, optionally limited to a tag and/or given ids.
+    pub async fn snapshots(
+        &self,
+        repo: &Repo,
+        tag: Option<&str>,
+        host: Option<&str>,
+        ids: &[&str],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Snapshot>, ResticError> {
+        let mut args: Vec<OsString> = vec!["snapshots".into(), "--json".into()];
+        if let Some(t) = tag {
+            args.push("--tag".into());
+            args.push(t.into());
+        }
+        if let Some(h) = host {
+            args.push("--host".into());
+            args.push(h.into());
+        }
+        args.extend(ids.iter().map(OsString::from));
+        let out = self.simple(repo, args, cancel).await?;
+        let json = out.lines().find(|l| l.starts_with('[')).unwrap_or("[]");
+        serde_json::from_str(json).map_err(|e| ResticError::Failed {
+            command: "snapshots".into(),
+            code: 0,
+            stderr: format!("unreadable JSON from restic snapshots: {e}"),
+        })
+    }
+}
+
+/// The parts of the agent's environment restic may see: the search path,
+/// temp dir, proxies and CA settings. Never a secret of the agent's own.
+fn passthrough_env() -> Vec<(String, String)> {
+    const KEYS: [&str; 9] =
+        ["PATH", "TMPDIR", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy", "SSL_CERT_FILE"];
+    let mut v: Vec<(String, String)> = KEYS.iter().filter_map(|k| std::env::var(k).ok().map(|val| (k.to_string(), val))).collect();
+    if !v.iter().any(|(k, _)| k == "PATH") {
+        v.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+    }
+    v.push(("HOME".into(), std::env::var("HOME").unwrap_or_else(|_| "/".into())));
+    v
+}
+
+#[derive(Default)]
+struct StderrTail {
+    lines: VecDeque<String>,
+    error_items: Vec<String>,
+}
+
+async fn drain_stderr(stderr: impl AsyncRead + Unpin, tail: Arc<Mutex<StderrTail>>) {
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(BackupMessage::Error(e)) = parse_backup_line(&line) {
+            if t.error_items.len() < MAX_ERROR_ITEMS {
+                let item = if e.item.is_empty() { e.error.to_string() } else { e.item.clone() };
+                t.error_items.push(item);
+            }
+        }
+        let mut l = line;
+        if l.len() > STDERR_LINE_CHARS {
+            let cut = (0..=STDERR_LINE_CHARS).rev().find(|i| l.is_char_boundary(*i)).unwrap_or(0);
+            l.truncate(cut);
+            l.push('…');
+        }
+        t.lines.push_back(l);
+        if t.lines.len() > STDERR_LINES {
+            t.lines.pop_front();
+        }
+    }
+}
+
+/// Ask the process group to stop (restic removes its lock on SIGTERM),
+/// then kill it if it has not exited within five seconds.
+async fn kill_group(pid: Option<u32>, child: &mut tokio::process::Child) {
+    let Some(pid) = pid else { return };
+    let pgid = -(pid as i32);
+    // SAFETY: kill(2) with a negative pid signals that process group only; it is the group we created for this child.
+    unsafe { libc::kill(pgid, libc::SIGTERM) };
+    if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+        // SAFETY: as above.
+        unsafe { libc::kill(pgid, libc::SIGKILL) };
+        let _ = child.wait().await;
+    }
+}

@@ -1,0 +1,544 @@
+//! Orchestration: when runs start, in what order, how many at once, and
+//! what happens when they end. One loop wakes at the next due time (never
+//! one sleeper per policy), turns due policies into queued runs, and starts
+//! them up to `--max-concurrent-runs`. Each run is a task with a child
+//! cancellation token. Everything is recorded in the store first, so a
+//! crash loses nothing but the run in flight (marked `interrupted` at the
+//! next start).
+
+pub mod legacy;
+pub mod policies;
+
+use chrono::{DateTime, Utc};
+use soda_syncer_domain::run::{judge_backup, Progress, RunError, RunSummary};
+use soda_syncer_domain::schedule::{next_due, Schedule};
+use soda_syncer_domain::{RunKind, RunState, RunTrigger};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::ids::new_id;
+use crate::restic::{BackupRequest, Repo, Restic, ResticError};
+use crate::store::{PolicyRecord, RunRecord, Store, StoreError};
+
+/// Why a run could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum RunRequestError {
+    #[error("policy {policy} already has run {run} {state}; wait for it or cancel it")]
+    Busy { policy: String, run: String, state: &'static str },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Default)]
+struct Slots {
+    /// Run ids waiting for a free slot, in the order they became due.
+    queue: VecDeque<String>,
+    /// policy id -> queued run id
+    queued: HashMap<String, String>,
+    /// policy id -> (run id, its cancellation token)
+    running: HashMap<String, (String, CancellationToken)>,
+    /// Policies whose previous run was interrupted by a stop of the agent.
+    after_restart: HashSet<String>,
+}
+
+/// Counters for /metrics that are not derived from the database.
+#[derive(Default)]
+pub struct Counters {
+    pub stale_lock_recoveries: AtomicU64,
+    pub restic_errors: Mutex<HashMap<&'static str, u64>>,
+}
+
+struct Inner {
+    store: Store,
+    restic: Restic,
+    config: Config,
+    wake: Notify,
+    slots: Mutex<Slots>,
+    live: Mutex<HashMap<String, Progress>>,
+    /// Set once the loop runs; read by /readyz.
+    running: AtomicBool,
+    cancel: CancellationToken,
+    counters: Counters,
+}
+
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+impl Scheduler {
+    pub fn new(store: Store, restic: Restic, config: Config, cancel: CancellationToken) -> Scheduler {
+        Scheduler {
+            inner: Arc::new(Inner {
+                store,
+                restic,
+                config,
+                wake: Notify::new(),
+                slots: Mutex::default(),
+                live: Mutex::default(),
+                running: AtomicBool::new(false),
+                cancel,
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+    pub fn restic(&self) -> &Restic {
+        &self.inner.restic
+    }
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+    pub fn is_running(&self) -> bool {
+        self.inner.running.load(Ordering::Relaxed)
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.inner.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs waiting for a free slot.
+    pub fn queue_depth(&self) -> usize {
+        self.slots().queue.len()
+    }
+    pub fn running_count(&self) -> usize {
+        self.slots().running.len()
+    }
+
+    /// Live progress of a running run (kept in memory; the store gets the
+    /// final numbers).
+    pub fn live_progress(&self, run_id: &str) -> Option<Progress> {
+        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).get(run_id).cloned()
+    }
+
+    /// Wake the loop: a policy was created, changed or resumed.
+    pub fn poke(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Prepare state after a start: runs left in flight are interrupted,
+    /// and their policies are due at once (one catch-up run each).
+    pub fn recover_after_start(&self) -> Result<usize, StoreError> {
+        let now = Utc::now();
+        let ids = self.inner.store.interrupt_unfinished_runs(now)?;
+        for id in &ids {
+            if let Ok(mut p) = self.inner.store.get_policy(id) {
+                if p.next_run_at.is_none() || p.next_run_at > Some(now) {
+                    p.next_slot = Some(now);
+                    p.next_run_at = Some(now);
+                    self.inner.store.set_policy_schedule(&p)?;
+                }
+            }
+        }
+        let n = ids.len();
+        self.slots().after_restart.extend(ids);
+        // Policies whose run was in flight have next_run_at NULL; give any
+        // other such policy a due time too, so none is forgotten.
+        for mut p in self.inner.store.list_policies()? {
+            if p.next_run_at.is_none() {
+                p.next_slot = Some(now);
+                p.next_run_at = Some(now);
+                self.inner.store.set_policy_schedule(&p)?;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Queue a run of `policy` now (manual, legacy, ...). One run per
+    /// policy at a time: a second request is refused with `Busy`.
+    pub fn request_run(&self, policy: &PolicyRecord, kind: RunKind, trigger: RunTrigger) -> Result<RunRecord, RunRequestError> {
+        let now = Utc::now();
+        let mut slots = self.slots();
+        if let Some(run) = slots.queued.get(&policy.id) {
+            return Err(RunRequestError::Busy { policy: policy.spec.name.clone(), run: run.clone(), state: "queued" });
+        }
+        if let Some((run, _)) = slots.running.get(&policy.id) {
+            return Err(RunRequestError::Busy { policy: policy.spec.name.clone(), run: run.clone(), state: "running" });
+        }
+        let mut run = RunRecord::new(new_id(), &policy.id, kind, trigger, now);
+        run.due_at = Some(now);
+        self.inner.store.save_run(&run)?;
+        slots.queue.push_back(run.id.clone());
+        slots.queued.insert(policy.id.clone(), run.id.clone());
+        drop(slots);
+        self.poke();
+        Ok(run)
+    }
+
+    /// A policy was paused: its queued run (if any) is cancelled now; a
+    /// running one finishes.
+    pub fn policy_paused(&self, policy_id: &str) {
+        let removed = {
+            let mut slots = self.slots();
+            let run = slots.queued.remove(policy_id);
+            if let Some(r) = &run {
+                slots.queue.retain(|q| q != r);
+            }
+            run
+        };
+        if let Some(run_id) = removed {
+            self.finish_unstarted(&run_id, RunState::Cancelled, "the policy was paused before the run started");
+        }
+    }
+
+    /// A policy was deleted: cancel its queued and running runs.
+    pub fn policy_deleted(&self, policy_id: &str) {
+        self.policy_paused(policy_id);
+        if let Some((_, token)) = self.slots().running.get(policy_id) {
+            token.cancel();
+        }
+    }
+
+    /// Cancel one run. Returns false when it is not queued or running.
+    pub fn cancel_run(&self, run: &RunRecord) -> bool {
+        let queued = {
+            let mut slots = self.slots();
+            if slots.queued.get(&run.policy_id) == Some(&run.id) {
+                slots.queued.remove(&run.policy_id);
+                slots.queue.retain(|q| q != &run.id);
+                true
+            } else {
+                if let Some((id, token)) = slots.running.get(&run.policy_id) {
+                    if id == &run.id {
+                        token.cancel();
+                        return true;
+                    }
+                }
+                false
+            }
+        };
+        if queued {
+            self.finish_unstarted(&run.id, RunState::Cancelled, "cancelled before it started");
+        }
+        queued
+    }
+
+    fn finish_unstarted(&self, run_id: &str, state: RunState, why: &str) {
+        if let Ok(mut run) = self.inner.store.get_run(run_id) {
+            run.state = state;
+            run.finished_at = Some(Utc::now());
+            run.error = Some(RunError { code: state.as_str().into(), message: why.into() });
+            let _ = self.inner.store.save_run(&run);
+        }
+    }
+
+    /// Recompute a policy's next run after it was created or changed, if
+    /// no scheduled run of it is in flight.
+    pub fn reschedule(&self, p: &mut PolicyRecord) -> Result<(), StoreError> {
+        let schedule = Schedule::parse(&p.spec.schedule).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let retry = p.last_failed_at.map(|t| (t, p.consecutive_failures));
+        if let Some((slot, due)) = next_due(&p.id, &schedule, p.spec.jitter_seconds, p.last_slot, retry, Utc::now()) {
+            p.next_slot = Some(slot);
+            p.next_run_at = Some(due);
+        } else {
+            p.next_slot = None;
+            p.next_run_at = None;
+        }
+        self.inner.store.set_policy_schedule(p)?;
+        self.poke();
+        Ok(())
+    }
+
+    /// The loop. Returns when `cancel` fires, after in-flight runs were
+    /// cancelled and waited for (up to the shutdown grace).
+    pub async fn run(self) {
+        let mut jobs: JoinSet<()> = JoinSet::new();
+        self.inner.running.store(true, Ordering::Relaxed);
+        let cancel = self.inner.cancel.clone();
+        loop {
+            let now = Utc::now();
+            if let Err(e) = self.enqueue_due(now) {
+                tracing::error!(error = %e, "cannot read due policies; retrying in 5 s");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                }
+            }
+            self.start_queued(&mut jobs);
+            let sleep_for = match self.inner.store.next_wake(now) {
+                Ok(Some(t)) => (t - Utc::now()).to_std().unwrap_or(Duration::ZERO).min(Duration::from_secs(60)),
+                _ => Duration::from_secs(60),
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.inner.wake.notified() => {}
+                _ = tokio::time::sleep(sleep_for) => {}
+                Some(res) = jobs.join_next(), if !jobs.is_empty() => {
+                    if let Err(e) = res {
+                        tracing::error!(error = %e, "a run task panicked; the run is marked failed and the agent goes on");
+                    }
+                }
+            }
+        }
+        self.inner.running.store(false, Ordering::Relaxed);
+        self.shutdown(jobs).await;
+    }
+
+    async fn shutdown(&self, mut jobs: JoinSet<()>) {
+        let queued: Vec<String> = {
+            let mut slots = self.slots();
+            slots.queued.clear();
+            slots.queue.drain(..).collect()
+        };
+        for id in queued {
+            self.finish_unstarted(&id, RunState::Interrupted, "the agent stopped before this run started; it will run after the next start");
+        }
+        // Running jobs see the parent token cancelled and stop restic.
+        let grace = self.inner.config.shutdown_grace;
+        if tokio::time::timeout(grace, async { while jobs.join_next().await.is_some() {} }).await.is_err() {
+            tracing::warn!(seconds = grace.as_secs(), "runs did not stop within the shutdown grace; aborting them");
+            jobs.shutdown().await;
+        }
+    }
+
+    /// Turn due policies into queued runs.
+    fn enqueue_due(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let due = self.inner.store.due_policy_ids(now, 10_000)?;
+        for id in due {
+            let mut slots = self.slots();
+            if slots.queued.contains_key(&id) || slots.running.contains_key(&id) {
+                continue; // the end of the run in flight wakes us again
+            }
+            let Ok(mut p) = self.inner.store.get_policy(&id) else { continue };
+            let trigger = if slots.after_restart.remove(&id) {
+                RunTrigger::Startup
+            } else if p.consecutive_failures > 0 {
+                RunTrigger::Retry
+            } else if p.origin == soda_syncer_domain::Origin::Legacy {
+                RunTrigger::Legacy
+            } else {
+                RunTrigger::Schedule
+            };
+            let mut run = RunRecord::new(new_id(), &p.id, RunKind::Backup, trigger, now);
+            run.slot = p.next_slot.or(p.next_run_at);
+            run.due_at = p.next_run_at;
+            self.inner.store.save_run(&run)?;
+            p.last_slot = run.slot;
+            p.next_slot = None;
+            p.next_run_at = None;
+            self.inner.store.set_policy_schedule(&p)?;
+            slots.queue.push_back(run.id.clone());
+            slots.queued.insert(p.id.clone(), run.id.clone());
+        }
+        Ok(())
+    }
+
+    fn start_queued(&self, jobs: &mut JoinSet<()>) {
+        loop {
+            let mut slots = self.slots();
+            if slots.running.len() >= self.inner.config.max_concurrent_runs {
+                return;
+            }
+            let Some(run_id) = slots.queue.pop_front() else { return };
+            let Ok(run) = self.inner.store.get_run(&run_id) else { continue };
+            slots.queued.remove(&run.policy_id);
+            let token = self.inner.cancel.child_token();
+            slots.running.insert(run.policy_id.clone(), (run.id.clone(), token.clone()));
+            drop(slots);
+            let this = self.clone();
+            let span = tracing::info_span!("run", run = %run.id, policy = %run.policy_id, kind = run.kind.as_str());
+            jobs.spawn(async move { this.execute(run, token).await }.instrument(span));
+        }
+    }
+
+    async fn execute(&self, mut run: RunRecord, token: CancellationToken) {
+        let policy_id = run.policy_id.clone();
+        // Whatever happens below (even a panic), free the slot and wake the loop.
+        struct Release<'a>(&'a Scheduler, String, String);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.slots().running.remove(&self.1);
+                self.0.inner.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.2);
+                self.0.poke();
+            }
+        }
+        let _release = Release(self, policy_id.clone(), run.id.clone());
+
+        let policy = match self.inner.store.get_policy(&policy_id) {
+            Ok(p) => p,
+            Err(_) => return, // deleted meanwhile; its runs went with it
+        };
+        run.state = RunState::Running;
+        run.started_at = Some(Utc::now());
+        if let Err(e) = self.inner.store.save_run(&run) {
+            tracing::error!(error = %e, "cannot record the run's start");
+        }
+        tracing::info!(trigger = run.trigger.as_str(), source = %policy.spec.source.path, "run started");
+
+        let result = match run.kind {
+            RunKind::Backup => self.backup(&policy, &mut run, &token).await,
+            other => Err(RunError { code: "unsupported".into(), message: format!("{} runs are not supported by this agent yet", other.as_str()) }),
+        };
+        let now = Utc::now();
+        run.finished_at = Some(now);
+        run.progress = self.live_progress(&run.id).or(run.progress.take());
+        match result {
+            Ok(state) => run.state = state,
+            Err(err) => {
+                run.state = if err.code == "cancelled" {
+                    if self.inner.cancel.is_cancelled() {
+                        RunState::Interrupted
+                    } else {
+                        RunState::Cancelled
+                    }
+                } else {
+                    RunState::Failed
+                };
+                *self.inner.counters.restic_errors.lock().unwrap_or_else(|p| p.into_inner()).entry(leak_code(&err.code)).or_default() += 1;
+                run.error = Some(err);
+            }
+        }
+        match run.state {
+            RunState::Succeeded => tracing::info!(snapshot = run.snapshot_id.as_deref().unwrap_or(""), "run succeeded"),
+            RunState::Failed => tracing::error!(
+                code = run.error.as_ref().map(|e| e.code.as_str()).unwrap_or(""),
+                error = run.error.as_ref().map(|e| e.message.as_str()).unwrap_or(""),
+                "run failed"
+            ),
+            s => tracing::warn!(state = s.as_str(), warning = run.warning.as_deref().unwrap_or(""), "run ended"),
+        }
+        if let Err(e) = self.inner.store.save_run(&run) {
+            tracing::error!(error = %e, "cannot record the run's end");
+        }
+        // Schedule bookkeeping, for runs the scheduler started.
+        if run.trigger != RunTrigger::Manual && run.state != RunState::Interrupted {
+            if let Ok(mut p) = self.inner.store.get_policy(&policy_id) {
+                if run.state.counts_as_failure() {
+                    p.consecutive_failures += 1;
+                    p.last_failed_at = Some(now);
+                } else {
+                    p.consecutive_failures = 0;
+                    p.last_failed_at = None;
+                }
+                if p.next_run_at.is_none() {
+                    let _ = self.reschedule(&mut p);
+                } else {
+                    let _ = self.inner.store.set_policy_schedule(&p);
+                }
+            }
+        }
+    }
+
+    async fn backup(&self, policy: &PolicyRecord, run: &mut RunRecord, token: &CancellationToken) -> Result<RunState, RunError> {
+        let spec = &policy.spec;
+        let path = PathBuf::from(&spec.source.path);
+        policies::check_allowed(&self.inner.config, &path).map_err(|e| RunError { code: "source_not_allowed".into(), message: e.message })?;
+        let repo = repo_of(policy);
+        let policy_tag = format!("policy={}", policy.id);
+        let mut tags = vec!["soda-syncer".to_string(), policy_tag.clone()];
+        if let Some(v) = &policy.volume {
+            tags.push(format!("volume={v}"));
+        }
+        tags.extend(spec.tags.iter().cloned());
+        let req = BackupRequest { path, tags, exclude: spec.exclude.clone() };
+        let live = &self.inner.live;
+        let run_id = run.id.clone();
+        let mut on_progress = |s: &soda_syncer_domain::restic_json::BackupStatus| {
+            live.lock().unwrap_or_else(|p| p.into_inner()).insert(run_id.clone(), Progress::from(s));
+        };
+        let outcome = self.inner.restic.backup(&repo, &req, token, &mut on_progress).await.map_err(run_error)?;
+
+        let mut summary = RunSummary::from(&outcome.summary);
+        summary.unreadable = outcome.unreadable.clone();
+        let previous = self
+            .inner
+            .store
+            .last_clean_backup(&policy.id)
+            .ok()
+            .flatten()
+            .and_then(|r| r.summary)
+            .map(|s| (s.total_files_processed, s.total_bytes_processed));
+        let (state, warning) = judge_backup(
+            outcome.partial,
+            outcome.summary.total_files_processed,
+            outcome.summary.total_bytes_processed,
+            previous,
+            self.inner.config.suspicious_drop_fraction,
+        );
+        run.warning = warning;
+        let short_id = outcome.summary.snapshot_id.clone();
+        run.snapshot_id = Some(short_id.clone());
+
+        // Retention: forget this policy's old snapshots. A suspicious
+        // snapshot must not push a good one out, so retention waits for a
+        // clean backup.
+        let keep = spec.retention.forget_args();
+        let mut full_id = None;
+        if !keep.is_empty() && state == RunState::Succeeded {
+            match self.inner.restic.forget(&repo, &policy_tag, &keep, token).await {
+                Ok(groups) => {
+                    summary.snapshots_forgotten = groups.iter().map(|g| g.removed().len() as u64).sum();
+                    full_id = groups.iter().flat_map(|g| g.kept()).find(|s| s.short_id == short_id || s.id.starts_with(&short_id)).map(|s| s.id.clone());
+                }
+                Err(e) => {
+                    run.summary = Some(summary);
+                    return Err(RunError {
+                        code: "retention_failed".into(),
+                        message: format!("the snapshot {short_id} was written, but applying retention failed: {e}"),
+                    });
+                }
+            }
+        }
+        if full_id.is_none() {
+            if let Ok(snaps) = self.inner.restic.snapshots(&repo, None, None, &[&short_id], token).await {
+                full_id = snaps.into_iter().next().map(|s| s.id);
+            }
+        }
+        if let Some(id) = full_id {
+            run.snapshot_id = Some(id);
+        }
+        run.summary = Some(summary);
+        Ok(state)
+    }
+}
+
+fn run_error(e: ResticError) -> RunError {
+    RunError { code: e.kind().into(), message: e.to_string() }
+}
+
+/// Error codes are a small fixed set; keep them as `&'static str` for metric labels.
+fn leak_code(code: &str) -> &'static str {
+    const KNOWN: [&str; 16] = [
+        "restic_missing",
+        "restic_spawn_failed",
+        "wrong_password",
+        "repository_not_found",
+        "repository_access_denied",
+        "repository_locked",
+        "repository_unreachable",
+        "source_missing",
+        "disk_full",
+        "cancelled",
+        "timed_out",
+        "restic_failed",
+        "retention_failed",
+        "source_not_allowed",
+        "unsupported",
+        "agent_stopped",
+    ];
+    KNOWN.into_iter().find(|k| *k == code).unwrap_or("other")
+}
+
+/// How to reach a policy's repository.
+pub fn repo_of(policy: &PolicyRecord) -> Repo {
+    let r = &policy.spec.repository;
+    Repo {
+        url: r.url.clone().unwrap_or_default(),
+        password: r.password.clone().unwrap_or_default(),
+        env: r.env.iter().filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v))).collect(),
+    }
+}

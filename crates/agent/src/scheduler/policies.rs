@@ -1,0 +1,215 @@
+//! Creating, changing and removing policies: the checks that need the disk
+//! (the source exists, lies under an allowed root), the agent's defaults
+//! (the local repository), and the scheduler's reaction to each change.
+
+use chrono::Utc;
+use soda_syncer_domain::policy::{merge_patch, FieldError};
+use soda_syncer_domain::{Origin, PolicySpec, Secret};
+use std::path::Path;
+
+use super::Scheduler;
+use crate::config::Config;
+use crate::ids::new_id;
+use crate::store::{PolicyRecord, PolicyStatus, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{0}")]
+    Invalid(FieldError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("the body does not describe a policy: {0}")]
+    Body(String),
+}
+
+impl From<FieldError> for PolicyError {
+    fn from(e: FieldError) -> Self {
+        PolicyError::Invalid(e)
+    }
+}
+
+/// Refuse a source outside `--allowed-root` (after resolving symlinks and
+/// `..`, so a link cannot smuggle another directory in).
+pub fn check_allowed(config: &Config, path: &Path) -> Result<(), FieldError> {
+    if config.allowed_roots.is_empty() {
+        return Ok(());
+    }
+    let real = std::fs::canonicalize(path)
+        .map_err(|e| FieldError::new("source.path", format!("{} cannot be resolved: {e}", path.display())))?;
+    let ok = config.allowed_roots.iter().any(|root| {
+        let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
+        real.starts_with(&root)
+    });
+    if ok {
+        Ok(())
+    } else {
+        let roots: Vec<String> = config.allowed_roots.iter().map(|r| r.display().to_string()).collect();
+        Err(FieldError::new(
+            "source.path",
+            format!(
+                "{} is outside the allowed roots ({}); choose a path below one of them, or start the agent with --allowed-root",
+                path.display(),
+                roots.join(", ")
+            ),
+        ))
+    }
+}
+
+/// The source must be an existing directory under an allowed root.
+pub fn check_source(config: &Config, path: &str) -> Result<(), FieldError> {
+    let p = Path::new(path);
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(FieldError::new("source.path", format!("{path} is not a directory; give the directory to back up"))),
+        Err(_) => {
+            return Err(FieldError::new("source.path", format!("{path} does not exist on this node; give an existing directory")))
+        }
+    }
+    check_allowed(config, p)
+}
+
+impl Scheduler {
+    /// Fill in the agent's defaults: a policy that names no repository uses
+    /// the default one (the configured URL, or the local repository in the
+    /// state directory, with its generated password).
+    fn apply_defaults(&self, spec: &mut PolicySpec) -> Result<(), FieldError> {
+        let config = self.config();
+        if spec.repository.url.is_none() {
+            match &config.default_repository {
+                Some(url) => spec.repository.url = Some(url.clone()),
+                None => {
+                    spec.repository.url = Some(config.local_repository().display().to_string());
+                    if spec.repository.password.is_none() {
+                        let pw = std::fs::read_to_string(config.local_repository_password_file()).map_err(|e| {
+                            FieldError::new("repository", format!("the local repository's password file cannot be read: {e}"))
+                        })?;
+                        spec.repository.password = Some(Secret::new(pw.trim()));
+                    }
+                }
+            }
+        }
+        if spec.repository.password.is_none() {
+            return Err(FieldError::new("repository.password", "a repository password is required for this repository"));
+        }
+        Ok(())
+    }
+
+    /// Validate and store a new policy; its first run is due at once (plus jitter).
+    pub fn create_policy(&self, mut spec: PolicySpec, origin: Origin, volume: Option<String>, legacy_key: Option<String>) -> Result<PolicyRecord, PolicyError> {
+        let now = Utc::now();
+        spec.validate(now)?;
+        check_source(self.config(), &spec.source.path)?;
+        self.apply_defaults(&mut spec)?;
+        let mut p = PolicyRecord {
+            id: new_id(),
+            origin,
+            spec,
+            volume,
+            legacy_key,
+            status: PolicyStatus::Active,
+            status_message: None,
+            created_at: now,
+            updated_at: now,
+            last_slot: None,
+            next_slot: None,
+            next_run_at: None,
+            consecutive_failures: 0,
+            last_failed_at: None,
+        };
+        self.store().insert_policy(&p)?;
+        self.reschedule(&mut p)?;
+        tracing::info!(policy = %p.id, name = %p.spec.name, origin = origin.as_str(), "policy created");
+        Ok(p)
+    }
+
+    /// Replace a policy's spec (PUT). Secrets left out keep their stored
+    /// values, since a client never gets them back to send.
+    pub fn replace_policy(&self, id: &str, mut spec: PolicySpec) -> Result<PolicyRecord, PolicyError> {
+        let mut p = self.store().get_policy(id)?;
+        let now = Utc::now();
+        spec.validate(now)?;
+        check_source(self.config(), &spec.source.path)?;
+        if spec.repository.url.is_none() {
+            spec.repository.url = p.spec.repository.url.clone();
+        }
+        if spec.repository.password.is_none() && spec.repository.url == p.spec.repository.url {
+            spec.repository.password = p.spec.repository.password.clone();
+        }
+        for (k, v) in spec.repository.env.iter_mut() {
+            if v.is_none() {
+                *v = p.spec.repository.env.get(k).cloned().flatten();
+            }
+        }
+        self.apply_defaults(&mut spec)?;
+        let was_paused = p.spec.paused;
+        let schedule_changed = spec.schedule != p.spec.schedule || spec.jitter_seconds != p.spec.jitter_seconds;
+        p.spec = spec;
+        p.updated_at = now;
+        self.store().update_policy(&p)?;
+        if p.spec.paused && !was_paused {
+            self.policy_paused(&p.id);
+        }
+        if schedule_changed || (was_paused && !p.spec.paused) || p.next_run_at.is_some() {
+            self.reschedule(&mut p)?;
+        }
+        Ok(p)
+    }
+
+    /// Apply an RFC 7396 merge patch (PATCH).
+    pub fn patch_policy(&self, id: &str, patch: &serde_json::Value) -> Result<PolicyRecord, PolicyError> {
+        let p = self.store().get_policy(id)?;
+        let mut current = serde_json::to_value(&p.spec).map_err(|e| PolicyError::Body(e.to_string()))?;
+        // Secrets are not part of what a client sees; they come back below.
+        if let Some(repo) = current.get_mut("repository").and_then(|r| r.as_object_mut()) {
+            repo.remove("password");
+            repo.remove("env");
+        }
+        merge_patch(&mut current, patch);
+        let spec: PolicySpec = serde_json::from_value(current).map_err(|e| PolicyError::Body(e.to_string()))?;
+        self.replace_policy(id, spec)
+    }
+
+    pub fn set_paused(&self, id: &str, paused: bool) -> Result<PolicyRecord, PolicyError> {
+        let mut p = self.store().get_policy(id)?;
+        if p.spec.paused == paused {
+            return Ok(p);
+        }
+        p.spec.paused = paused;
+        p.updated_at = Utc::now();
+        self.store().update_policy(&p)?;
+        if paused {
+            self.policy_paused(id);
+        } else if p.next_run_at.is_some() || self.store().last_run_of(id)?.is_none_or(|r| r.state.is_terminal()) {
+            self.reschedule(&mut p)?;
+        }
+        tracing::info!(policy = %id, paused, "policy {}", if paused { "paused" } else { "resumed" });
+        Ok(p)
+    }
+
+    pub fn delete_policy(&self, id: &str) -> Result<(), PolicyError> {
+        self.store().get_policy(id)?;
+        self.policy_deleted(id);
+        self.store().delete_policy(id)?;
+        tracing::info!(policy = %id, "policy deleted");
+        Ok(())
+    }
+
+    /// The agent itself pauses (or resumes) a policy whose volume went away
+    /// (or came back). The user's own `paused` is left alone.
+    pub fn set_status(&self, id: &str, status: PolicyStatus, message: Option<String>) -> Result<(), PolicyError> {
+        let mut p = self.store().get_policy(id)?;
+        if p.status == status && p.status_message == message {
+            return Ok(());
+        }
+        p.status = status;
+        p.status_message = message;
+        p.updated_at = Utc::now();
+        self.store().update_policy(&p)?;
+        if status == PolicyStatus::Active {
+            self.reschedule(&mut p)?;
+        } else {
+            self.policy_paused(id);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,844 @@
+//! SQLite state: policies (with their scheduling bookkeeping), runs and
+//! legacy subscriptions. WAL mode, versioned migrations, one connection
+//! behind a mutex (every statement is short; the scheduler and the API
+//! share it).
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, Row};
+use serde::{Deserialize, Serialize};
+use soda_syncer_domain::run::{Progress, RunError, RunSummary};
+use soda_syncer_domain::{Origin, PolicySpec, RunKind, RunState, RunTrigger, Secret};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::ids::{fmt_time, parse_time};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the state database's disk is full: free space on the state directory's filesystem; nothing already stored was lost")]
+    DiskFull,
+    #[error("cannot open the state database {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("a policy named {0:?} exists already: choose another name or update that one")]
+    NameTaken(String),
+    #[error("not found")]
+    NotFound,
+    #[error("state database error: {0}")]
+    Sqlite(String),
+    #[error("a stored record could not be read: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::DiskFull => "disk_full",
+            StoreError::Open { .. } => "database_unavailable",
+            StoreError::NameTaken(_) => "name_taken",
+            StoreError::NotFound => "not_found",
+            StoreError::Sqlite(_) => "database_error",
+            StoreError::Corrupt(_) => "database_corrupt",
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        if let rusqlite::Error::SqliteFailure(f, _) = &e {
+            if f.code == rusqlite::ErrorCode::DiskFull {
+                return StoreError::DiskFull;
+            }
+        }
+        StoreError::Sqlite(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError::Corrupt(e.to_string())
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// The agent's own view of a policy's health, beside the user's `paused`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PolicyStatus {
+    Active,
+    /// A discovered volume is no longer mounted on this node: the policy is
+    /// paused by the agent (not deleted) until it comes back.
+    VolumeGone,
+}
+
+impl PolicyStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            PolicyStatus::Active => "active",
+            PolicyStatus::VolumeGone => "volumeGone",
+        }
+    }
+    fn parse(s: &str) -> PolicyStatus {
+        if s == "volumeGone" {
+            PolicyStatus::VolumeGone
+        } else {
+            PolicyStatus::Active
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyRecord {
+    pub id: String,
+    pub origin: Origin,
+    /// The spec with its secrets (the store keeps them in their own column).
+    pub spec: PolicySpec,
+    pub volume: Option<String>,
+    pub legacy_key: Option<String>,
+    pub status: PolicyStatus,
+    pub status_message: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_slot: Option<DateTime<Utc>>,
+    /// The schedule slot the next run serves (`next_run_at` is it plus jitter).
+    pub next_slot: Option<DateTime<Utc>>,
+    pub next_run_at: Option<DateTime<Utc>>,
+    pub consecutive_failures: u32,
+    pub last_failed_at: Option<DateTime<Utc>>,
+}
+
+impl PolicyRecord {
+    /// Whether the scheduler may start runs of it on its own.
+    pub fn schedulable(&self) -> bool {
+        !self.spec.paused && self.status == PolicyStatus::Active
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct StoredSecrets {
+    #[serde(default)]
+    password: Option<Secret>,
+    #[serde(default)]
+    env: BTreeMap<String, Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub id: String,
+    pub policy_id: String,
+    pub kind: RunKind,
+    pub trigger: RunTrigger,
+    pub state: RunState,
+    pub queued_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The schedule slot this run serves (for catch-up bookkeeping).
+    pub slot: Option<DateTime<Utc>>,
+    /// When the scheduler meant it to start (slot plus jitter, or a retry time).
+    pub due_at: Option<DateTime<Utc>>,
+    pub snapshot_id: Option<String>,
+    pub progress: Option<Progress>,
+    pub summary: Option<RunSummary>,
+    pub consistency: Option<serde_json::Value>,
+    pub error: Option<RunError>,
+    pub warning: Option<String>,
+    /// Restore, maintenance: the request that started the run.
+    pub params: Option<serde_json::Value>,
+}
+
+impl RunRecord {
+    pub fn new(id: String, policy_id: &str, kind: RunKind, trigger: RunTrigger, now: DateTime<Utc>) -> RunRecord {
+        RunRecord {
+            id,
+            policy_id: policy_id.to_string(),
+            kind,
+            trigger,
+            state: RunState::Queued,
+            queued_at: now,
+            started_at: None,
+            finished_at: None,
+            slot: None,
+            due_at: None,
+            snapshot_id: None,
+            progress: None,
+            summary: None,
+            consistency: None,
+            error: None,
+            warning: None,
+            params: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub policy_id: Option<String>,
+    pub state: Option<RunState>,
+    pub kind: Option<RunKind>,
+    pub before: Option<String>,
+    pub limit: usize,
+}
+
+/// A legacy `POST /snapshot` with an empty source: "every CSI volume on
+/// this node, into this repository, every N seconds".
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub id: String,
+    pub repository: String,
+    pub password: Secret,
+    pub env: BTreeMap<String, Secret>,
+    pub interval_seconds: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    r#"
+    CREATE TABLE policies (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        origin TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        secrets TEXT NOT NULL,
+        paused INTEGER NOT NULL DEFAULT 0,
+        volume TEXT,
+        legacy_key TEXT UNIQUE,
+        status TEXT NOT NULL DEFAULT 'active',
+        status_message TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        last_slot TEXT,
+        next_slot TEXT,
+        next_run_at TEXT,
+        consecutive_failures INTEGER NOT NULL DEFAULT 0,
+        last_failed_at TEXT
+    );
+    CREATE INDEX policies_due ON policies(next_run_at) WHERE paused = 0 AND status = 'active';
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        policy_id TEXT NOT NULL REFERENCES policies(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        state TEXT NOT NULL,
+        queued_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        slot TEXT,
+        due_at TEXT,
+        snapshot_id TEXT,
+        progress TEXT,
+        summary TEXT,
+        consistency TEXT,
+        error TEXT,
+        warning TEXT,
+        params TEXT
+    );
+    CREATE INDEX runs_by_policy ON runs(policy_id, id);
+    CREATE INDEX runs_by_state ON runs(state);
+    CREATE TABLE subscriptions (
+        id TEXT PRIMARY KEY,
+        repository TEXT NOT NULL UNIQUE,
+        secrets TEXT NOT NULL,
+        interval_seconds INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    "#,
+];
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn opt_time(s: Option<String>) -> Option<DateTime<Utc>> {
+    s.as_deref().and_then(parse_time)
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(s: Option<String>) -> Result<Option<T>> {
+    match s {
+        Some(s) => Ok(Some(serde_json::from_str(&s)?)),
+        None => Ok(None),
+    }
+}
+
+fn to_json<T: Serialize>(v: &Option<T>) -> Option<String> {
+    v.as_ref().map(|v| serde_json::to_string(v).expect("serializable"))
+}
+
+const POLICY_COLS: &str = "id, origin, spec, secrets, volume, legacy_key, status, status_message, created_at, updated_at, last_slot, next_slot, next_run_at, consecutive_failures, last_failed_at";
+const RUN_COLS: &str = "id, policy_id, kind, trigger, state, queued_at, started_at, finished_at, slot, due_at, snapshot_id, progress, summary, consistency, error, warning, params";
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store> {
+        let open_err = |e: rusqlite::Error| StoreError::Open { path: path.to_path_buf(), message: e.to_string() };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        let store = Store { conn: Arc::new(Mutex::new(conn)) };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite itself consistent
+        // (statements are atomic), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let mut conn = self.conn();
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    pub fn integrity_ok(&self) -> Result<bool> {
+        let r: String = self.conn().query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        Ok(r == "ok")
+    }
+
+    /// At start: every run left queued or running by a previous process is
+    /// `interrupted`. Returns the ids of their policies.
+    pub fn interrupt_unfinished_runs(&self, now: DateTime<Utc>) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT DISTINCT policy_id FROM runs WHERE state IN ('queued','running')")?;
+        let ids = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<std::result::Result<Vec<_>, _>>()?;
+        let err = serde_json::to_string(&RunError {
+            code: "agent_stopped".into(),
+            message: "the agent stopped while this run was in progress; it will be run again".into(),
+        })?;
+        conn.execute(
+            "UPDATE runs SET state = 'interrupted', finished_at = ?1, error = ?2 WHERE state IN ('queued','running')",
+            params![fmt_time(now), err],
+        )?;
+        Ok(ids)
+    }
+
+    // ---- policies ----
+
+    fn policy_from_row(row: &Row) -> rusqlite::Result<(PolicyRecordRaw,)> {
+        Ok((PolicyRecordRaw {
+            id: row.get(0)?,
+            origin: row.get(1)?,
+            spec: row.get(2)?,
+            secrets: row.get(3)?,
+            volume: row.get(4)?,
+            legacy_key: row.get(5)?,
+            status: row.get(6)?,
+            status_message: row.get(7)?,
+            created_at: row.get(8)?,
+            updated_at: row.get(9)?,
+            last_slot: row.get(10)?,
+            next_slot: row.get(11)?,
+            next_run_at: row.get(12)?,
+            consecutive_failures: row.get(13)?,
+            last_failed_at: row.get(14)?,
+        },))
+    }
+
+    fn split_secrets(spec: &PolicySpec) -> (PolicySpec, StoredSecrets) {
+        let mut public = spec.clone();
+        let secrets = StoredSecrets {
+            password: public.repository.password.take(),
+            env: public.repository.env.iter().filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v))).collect(),
+        };
+        for v in public.repository.env.values_mut() {
+            *v = None;
+        }
+        (public, secrets)
+    }
+
+    pub fn insert_policy(&self, p: &PolicyRecord) -> Result<()> {
+        let (public, secrets) = Self::split_secrets(&p.spec);
+        let r = self.conn().execute(
+            &format!("INSERT INTO policies ({POLICY_COLS}, name, paused) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)"),
+            params![
+                p.id,
+                p.origin.as_str(),
+                serde_json::to_string(&public)?,
+                serde_json::to_string(&secrets)?,
+                p.volume,
+                p.legacy_key,
+                p.status.as_str(),
+                p.status_message,
+                fmt_time(p.created_at),
+                fmt_time(p.updated_at),
+                p.last_slot.map(fmt_time),
+                p.next_slot.map(fmt_time),
+                p.next_run_at.map(fmt_time),
+                p.consecutive_failures,
+                p.last_failed_at.map(fmt_time),
+                p.spec.name,
+                p.spec.paused,
+            ],
+        );
+        match r {
+            Err(rusqlite::Error::SqliteFailure(f, Some(msg)))
+                if f.code == rusqlite::ErrorCode::ConstraintViolation && msg.contains("policies.name") =>
+            {
+                Err(StoreError::NameTaken(p.spec.name.clone()))
+            }
+            other => other.map(|_| ()).map_err(Into::into),
+        }
+    }
+
+    /// Rewrite a policy (spec, status, bookkeeping).
+    pub fn update_policy(&self, p: &PolicyRecord) -> Result<()> {
+        let (public, secrets) = Self::split_secrets(&p.spec);
+        let r = self.conn().execute(
+            "UPDATE policies SET name=?2, spec=?3, secrets=?4, paused=?5, volume=?6, status=?7, status_message=?8, updated_at=?9,
+             last_slot=?10, next_slot=?14, next_run_at=?11, consecutive_failures=?12, last_failed_at=?13 WHERE id=?1",
+            params![
+                p.id,
+                p.spec.name,
+                serde_json::to_string(&public)?,
+                serde_json::to_string(&secrets)?,
+                p.spec.paused,
+                p.volume,
+                p.status.as_str(),
+                p.status_message,
+                fmt_time(p.updated_at),
+                p.last_slot.map(fmt_time),
+                p.next_run_at.map(fmt_time),
+                p.consecutive_failures,
+                p.last_failed_at.map(fmt_time),
+                p.next_slot.map(fmt_time),
+            ],
+        );
+        match r {
+            Ok(0) => Err(StoreError::NotFound),
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(f, Some(msg)))
+                if f.code == rusqlite::ErrorCode::ConstraintViolation && msg.contains("policies.name") =>
+            {
+                Err(StoreError::NameTaken(p.spec.name.clone()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Only the scheduling bookkeeping (cheap, frequent).
+    pub fn set_policy_schedule(&self, p: &PolicyRecord) -> Result<()> {
+        self.conn().execute(
+            "UPDATE policies SET last_slot=?2, next_slot=?3, next_run_at=?4, consecutive_failures=?5, last_failed_at=?6 WHERE id=?1",
+            params![
+                p.id,
+                p.last_slot.map(fmt_time),
+                p.next_slot.map(fmt_time),
+                p.next_run_at.map(fmt_time),
+                p.consecutive_failures,
+                p.last_failed_at.map(fmt_time)
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn query_policies(&self, where_sql: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<PolicyRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {POLICY_COLS} FROM policies {where_sql}"))?;
+        let raws = stmt.query_map(args, Self::policy_from_row)?.collect::<std::result::Result<Vec<_>, _>>()?;
+        drop(stmt);
+        drop(conn);
+        raws.into_iter().map(|(r,)| r.into_record()).collect()
+    }
+
+    pub fn get_policy(&self, id: &str) -> Result<PolicyRecord> {
+        self.query_policies("WHERE id = ?1", &[&id])?.pop().ok_or(StoreError::NotFound)
+    }
+
+    pub fn get_policy_by_name(&self, name: &str) -> Result<PolicyRecord> {
+        self.query_policies("WHERE name = ?1", &[&name])?.pop().ok_or(StoreError::NotFound)
+    }
+
+    pub fn get_policy_by_legacy_key(&self, key: &str) -> Result<Option<PolicyRecord>> {
+        Ok(self.query_policies("WHERE legacy_key = ?1", &[&key])?.pop())
+    }
+
+    pub fn list_policies(&self) -> Result<Vec<PolicyRecord>> {
+        self.query_policies("ORDER BY name", &[])
+    }
+
+    pub fn delete_policy(&self, id: &str) -> Result<()> {
+        match self.conn().execute("DELETE FROM policies WHERE id = ?1", params![id])? {
+            0 => Err(StoreError::NotFound),
+            _ => Ok(()),
+        }
+    }
+
+    /// Policies whose next run is due at `now`, oldest first.
+    pub fn due_policy_ids(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id FROM policies WHERE paused = 0 AND status = 'active' AND next_run_at IS NOT NULL AND next_run_at <= ?1
+             ORDER BY next_run_at LIMIT ?2",
+        )?;
+        let ids = stmt.query_map(params![fmt_time(now), limit as i64], |r| r.get(0))?.collect::<std::result::Result<Vec<String>, _>>()?;
+        Ok(ids)
+    }
+
+    /// The earliest next run of any schedulable policy after `now` (runs
+    /// due already are handled, or blocked by a run in flight whose end
+    /// wakes the scheduler anyway).
+    pub fn next_wake(&self, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>> {
+        let v: Option<String> = self.conn().query_row(
+            "SELECT MIN(next_run_at) FROM policies WHERE paused = 0 AND status = 'active' AND next_run_at > ?1",
+            [fmt_time(now)],
+            |r| r.get(0),
+        )?;
+        Ok(opt_time(v))
+    }
+
+    pub fn count_policies(&self) -> Result<u64> {
+        Ok(self.conn().query_row("SELECT COUNT(*) FROM policies", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    // ---- runs ----
+
+    fn run_from_row(row: &Row) -> rusqlite::Result<RunRaw> {
+        Ok(RunRaw {
+            id: row.get(0)?,
+            policy_id: row.get(1)?,
+            kind: row.get(2)?,
+            trigger: row.get(3)?,
+            state: row.get(4)?,
+            queued_at: row.get(5)?,
+            started_at: row.get(6)?,
+            finished_at: row.get(7)?,
+            slot: row.get(8)?,
+            due_at: row.get(9)?,
+            snapshot_id: row.get(10)?,
+            progress: row.get(11)?,
+            summary: row.get(12)?,
+            consistency: row.get(13)?,
+            error: row.get(14)?,
+            warning: row.get(15)?,
+            params: row.get(16)?,
+        })
+    }
+
+    /// Insert or replace a run.
+    pub fn save_run(&self, r: &RunRecord) -> Result<()> {
+        self.conn().execute(
+            &format!("INSERT OR REPLACE INTO runs ({RUN_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)"),
+            params![
+                r.id,
+                r.policy_id,
+                r.kind.as_str(),
+                r.trigger.as_str(),
+                r.state.as_str(),
+                fmt_time(r.queued_at),
+                r.started_at.map(fmt_time),
+                r.finished_at.map(fmt_time),
+                r.slot.map(fmt_time),
+                r.due_at.map(fmt_time),
+                r.snapshot_id,
+                to_json(&r.progress),
+                to_json(&r.summary),
+                to_json(&r.consistency),
+                to_json(&r.error),
+                r.warning,
+                to_json(&r.params),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn query_runs(&self, sql_tail: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<RunRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {RUN_COLS} FROM runs {sql_tail}"))?;
+        let raws = stmt.query_map(args, Self::run_from_row)?.collect::<std::result::Result<Vec<_>, _>>()?;
+        drop(stmt);
+        drop(conn);
+        raws.into_iter().map(RunRaw::into_record).collect()
+    }
+
+    pub fn get_run(&self, id: &str) -> Result<RunRecord> {
+        self.query_runs("WHERE id = ?1", &[&id])?.pop().ok_or(StoreError::NotFound)
+    }
+
+    /// Runs newest first.
+    pub fn list_runs(&self, f: &RunFilter) -> Result<Vec<RunRecord>> {
+        let mut clauses = Vec::new();
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        if let Some(p) = &f.policy_id {
+            args.push(Box::new(p.clone()));
+            clauses.push(format!("policy_id = ?{}", args.len()));
+        }
+        if let Some(s) = f.state {
+            args.push(Box::new(s.as_str()));
+            clauses.push(format!("state = ?{}", args.len()));
+        }
+        if let Some(k) = f.kind {
+            args.push(Box::new(k.as_str()));
+            clauses.push(format!("kind = ?{}", args.len()));
+        }
+        if let Some(b) = &f.before {
+            args.push(Box::new(b.clone()));
+            clauses.push(format!("id < ?{}", args.len()));
+        }
+        let where_sql = if clauses.is_empty() { String::new() } else { format!("WHERE {}", clauses.join(" AND ")) };
+        args.push(Box::new(f.limit.max(1) as i64));
+        let tail = format!("{where_sql} ORDER BY id DESC LIMIT ?{}", args.len());
+        let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|b| b.as_ref()).collect();
+        self.query_runs(&tail, &refs)
+    }
+
+    /// The newest run of each policy, keyed by policy id.
+    pub fn last_runs(&self) -> Result<std::collections::HashMap<String, RunRecord>> {
+        let runs = self.query_runs("WHERE id IN (SELECT MAX(id) FROM runs GROUP BY policy_id)", &[])?;
+        Ok(runs.into_iter().map(|r| (r.policy_id.clone(), r)).collect())
+    }
+
+    pub fn last_run_of(&self, policy_id: &str) -> Result<Option<RunRecord>> {
+        Ok(self.query_runs("WHERE policy_id = ?1 ORDER BY id DESC LIMIT 1", &[&policy_id])?.pop())
+    }
+
+    /// The newest backup of a policy that ended `succeeded`: the yardstick
+    /// for judging the next one.
+    pub fn last_clean_backup(&self, policy_id: &str) -> Result<Option<RunRecord>> {
+        Ok(self
+            .query_runs(
+                "WHERE policy_id = ?1 AND kind = 'backup' AND state = 'succeeded' ORDER BY id DESC LIMIT 1",
+                &[&policy_id],
+            )?
+            .pop())
+    }
+
+    /// Runs counted by kind and state (for metrics).
+    pub fn run_counts(&self) -> Result<Vec<(String, String, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT kind, state, COUNT(*) FROM runs GROUP BY kind, state")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    // ---- legacy subscriptions ----
+
+    pub fn upsert_subscription(&self, s: &Subscription) -> Result<()> {
+        let secrets = StoredSecrets { password: Some(s.password.clone()), env: s.env.clone() };
+        self.conn().execute(
+            "INSERT INTO subscriptions (id, repository, secrets, interval_seconds, created_at, updated_at) VALUES (?1,?2,?3,?4,?5,?6)
+             ON CONFLICT(repository) DO UPDATE SET secrets = excluded.secrets, interval_seconds = excluded.interval_seconds, updated_at = excluded.updated_at",
+            params![s.id, s.repository, serde_json::to_string(&secrets)?, s.interval_seconds as i64, fmt_time(s.created_at), fmt_time(s.updated_at)],
+        )?;
+        Ok(())
+    }
+
+    pub fn list_subscriptions(&self) -> Result<Vec<Subscription>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, repository, secrets, interval_seconds, created_at, updated_at FROM subscriptions ORDER BY created_at",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                ))
+            })?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(id, repository, secrets, interval, c, u)| {
+                let secrets: StoredSecrets = serde_json::from_str(&secrets)?;
+                Ok(Subscription {
+                    id,
+                    repository,
+                    password: secrets.password.unwrap_or_default(),
+                    env: secrets.env,
+                    interval_seconds: interval as u64,
+                    created_at: parse_time(&c).unwrap_or_default(),
+                    updated_at: parse_time(&u).unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+}
+
+struct PolicyRecordRaw {
+    id: String,
+    origin: String,
+    spec: String,
+    secrets: String,
+    volume: Option<String>,
+    legacy_key: Option<String>,
+    status: String,
+    status_message: Option<String>,
+    created_at: String,
+    updated_at: String,
+    last_slot: Option<String>,
+    next_slot: Option<String>,
+    next_run_at: Option<String>,
+    consecutive_failures: u32,
+    last_failed_at: Option<String>,
+}
+
+impl PolicyRecordRaw {
+    fn into_record(self) -> Result<PolicyRecord> {
+        let mut spec: PolicySpec = serde_json::from_str(&self.spec)?;
+        let secrets: StoredSecrets = serde_json::from_str(&self.secrets)?;
+        spec.repository.password = secrets.password;
+        for (k, v) in secrets.env {
+            spec.repository.env.insert(k, Some(v));
+        }
+        Ok(PolicyRecord {
+            origin: Origin::parse(&self.origin).ok_or_else(|| StoreError::Corrupt(format!("origin {:?}", self.origin)))?,
+            id: self.id,
+            spec,
+            volume: self.volume,
+            legacy_key: self.legacy_key,
+            status: PolicyStatus::parse(&self.status),
+            status_message: self.status_message,
+            created_at: parse_time(&self.created_at).unwrap_or_default(),
+            updated_at: parse_time(&self.updated_at).unwrap_or_default(),
+            last_slot: opt_time(self.last_slot),
+            next_slot: opt_time(self.next_slot),
+            next_run_at: opt_time(self.next_run_at),
+            consecutive_failures: self.consecutive_failures,
+            last_failed_at: opt_time(self.last_failed_at),
+        })
+    }
+}
+
+struct RunRaw {
+    id: String,
+    policy_id: String,
+    kind: String,
+    trigger: String,
+    state: String,
+    queued_at: String,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+    slot: Option<String>,
+    due_at: Option<String>,
+    snapshot_id: Option<String>,
+    progress: Option<String>,
+    summary: Option<String>,
+    consistency: Option<String>,
+    error: Option<String>,
+    warning: Option<String>,
+    params: Option<String>,
+}
+
+impl RunRaw {
+    fn into_record(self) -> Result<RunRecord> {
+        let bad = |what: &str, v: &str| StoreError::Corrupt(format!("run {} has {what} {v:?}", self.id));
+        Ok(RunRecord {
+            kind: RunKind::parse(&self.kind).ok_or_else(|| bad("kind", &self.kind))?,
+            trigger: RunTrigger::parse(&self.trigger).ok_or_else(|| bad("trigger", &self.trigger))?,
+            state: RunState::parse(&self.state).ok_or_else(|| bad("state", &self.state))?,
+            queued_at: parse_time(&self.queued_at).unwrap_or_default(),
+            started_at: opt_time(self.started_at),
+            finished_at: opt_time(self.finished_at),
+            slot: opt_time(self.slot),
+            due_at: opt_time(self.due_at),
+            snapshot_id: self.snapshot_id,
+            progress: json_col(self.progress)?,
+            summary: json_col(self.summary)?,
+            consistency: json_col(self.consistency)?,
+            error: json_col(self.error)?,
+            warning: self.warning,
+            params: json_col(self.params)?,
+            policy_id: self.policy_id,
+            id: self.id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(name: &str) -> PolicyRecord {
+        let spec: PolicySpec = serde_json::from_value(json!({
+            "name": name, "source": {"path": "/data"}, "schedule": {"intervalSeconds": 60},
+            "repository": {"url": "/r", "password": "hunter2", "env": {"AWS_SECRET_ACCESS_KEY": "s3cr3t"}}
+        }))
+        .unwrap();
+        let now = Utc::now();
+        PolicyRecord {
+            id: crate::ids::new_id(),
+            origin: Origin::Api,
+            spec,
+            volume: None,
+            legacy_key: None,
+            status: PolicyStatus::Active,
+            status_message: None,
+            created_at: now,
+            updated_at: now,
+            last_slot: None,
+            next_slot: Some(now),
+            next_run_at: Some(now),
+            consecutive_failures: 0,
+            last_failed_at: None,
+        }
+    }
+
+    #[test]
+    fn policies_round_trip_with_secrets_kept_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let p = record("a");
+        store.insert_policy(&p).unwrap();
+        let back = store.get_policy(&p.id).unwrap();
+        assert_eq!(back.spec.repository.password.as_ref().unwrap().expose(), "hunter2");
+        assert_eq!(back.spec.repository.env["AWS_SECRET_ACCESS_KEY"].as_ref().unwrap().expose(), "s3cr3t");
+        let spec_col: String =
+            store.conn().query_row("SELECT spec FROM policies WHERE id=?1", [&p.id], |r| r.get(0)).unwrap();
+        assert!(!spec_col.contains("hunter2") && !spec_col.contains("s3cr3t"), "{spec_col}");
+        assert!(matches!(store.insert_policy(&record("a")), Err(StoreError::NameTaken(_))));
+    }
+
+    #[test]
+    fn unfinished_runs_become_interrupted_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path).unwrap();
+        let p = record("a");
+        store.insert_policy(&p).unwrap();
+        let mut run = RunRecord::new(crate::ids::new_id(), &p.id, RunKind::Backup, RunTrigger::Schedule, Utc::now());
+        run.state = RunState::Running;
+        store.save_run(&run).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.interrupt_unfinished_runs(Utc::now()).unwrap(), vec![p.id.clone()]);
+        let r = store.get_run(&run.id).unwrap();
+        assert_eq!(r.state, RunState::Interrupted);
+        assert_eq!(r.error.unwrap().code, "agent_stopped");
+        assert!(store.integrity_ok().unwrap());
+    }
+
+    #[test]
+    fn due_policies_skip_paused_and_future_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let now = Utc::now();
+        let due = record("due");
+        let mut paused = record("paused");
+        paused.spec.paused = true;
+        let mut later = record("later");
+        later.next_run_at = Some(now + chrono::Duration::hours(1));
+        for p in [&due, &paused, &later] {
+            store.insert_policy(p).unwrap();
+        }
+        assert_eq!(store.due_policy_ids(now, 10).unwrap(), vec![due.id.clone()]);
+        assert_eq!(store.next_wake(now - chrono::Duration::seconds(1)).unwrap().map(fmt_time), due.next_run_at.map(fmt_time));
+        assert_eq!(store.next_wake(now).unwrap().map(fmt_time), later.next_run_at.map(fmt_time));
+    }
+}
