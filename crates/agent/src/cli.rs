@@ -11,7 +11,11 @@ use std::time::Duration;
 use crate::config::ServeArgs;
 
 #[derive(Debug, Parser)]
-#[command(name = "soda-syncer", version, about = "Scheduled, consistent restic backups of Kubernetes local volumes: the node agent and its client.")]
+#[command(
+    name = "soda-syncer",
+    version,
+    about = "Scheduled, consistent restic backups of Kubernetes local volumes: the node agent and its client."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub client: ClientArgs,
@@ -161,10 +165,14 @@ impl Client {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.with_context(|| format!("cannot reach the agent at {}: is it running? (set --server)", self.base))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the agent at {}: is it running? (set --server)", self.base))?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        let value: Value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value: Value =
+            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
         if !status.is_success() {
             let code = value["error"]["code"].as_str().unwrap_or("error");
             let msg = value["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
@@ -188,7 +196,13 @@ pub fn run_client(args: &ClientArgs, cmd: Command) -> i32 {
 
 fn enc(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -207,7 +221,9 @@ async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> 
         Command::Policy(PolicyCommand::Create(a)) => {
             let body = create_body(&a)?;
             let v = c.call(Method::POST, "/v1/policies", Some(body)).await?;
-            print_value(out, &v, |v| println!("created policy {} ({})", v["name"].as_str().unwrap_or(""), v["id"].as_str().unwrap_or("")));
+            print_value(out, &v, |v| {
+                println!("created policy {} ({})", v["name"].as_str().unwrap_or(""), v["id"].as_str().unwrap_or(""))
+            });
         }
         Command::Policy(PolicyCommand::Delete { policy }) => {
             c.call(Method::DELETE, &format!("/v1/policies/{}", enc(&policy)), None).await?;
@@ -222,14 +238,20 @@ async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> 
         Command::Policy(PolicyCommand::Resume { policy }) => {
             let v = c.call(Method::POST, &format!("/v1/policies/{}/resume", enc(&policy)), None).await?;
             print_value(out, &v, |v| {
-                println!("resumed policy {}; next run at {}", v["name"].as_str().unwrap_or(""), v["nextRunAt"].as_str().unwrap_or("-"))
+                println!(
+                    "resumed policy {}; next run at {}",
+                    v["name"].as_str().unwrap_or(""),
+                    v["nextRunAt"].as_str().unwrap_or("-")
+                )
             });
         }
         Command::Run { policy, follow } => {
             let run = c.call(Method::POST, &format!("/v1/policies/{}/run", enc(&policy)), None).await?;
             let id = run["id"].as_str().unwrap_or_default().to_string();
             if !follow {
-                print_value(out, &run, |v| println!("queued run {} of policy {policy}", v["id"].as_str().unwrap_or("")));
+                print_value(out, &run, |v| {
+                    println!("queued run {} of policy {policy}", v["id"].as_str().unwrap_or(""))
+                });
                 return Ok(0);
             }
             let end = follow_run(c, &id, out == Output::Table).await?;
@@ -340,8 +362,13 @@ fn create_body(a: &CreateArgs) -> anyhow::Result<Value> {
     if let Some(url) = &a.repo {
         repo.insert("url".into(), json!(url));
         let pw = match &a.password_file {
-            Some(f) => std::fs::read_to_string(f).with_context(|| format!("cannot read the password file {}", f.display()))?.trim_end_matches('\n').to_string(),
-            None => std::env::var("RESTIC_PASSWORD").map_err(|_| anyhow!("--repo needs a password: --password-file FILE or RESTIC_PASSWORD in the environment"))?,
+            Some(f) => std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the password file {}", f.display()))?
+                .trim_end_matches('\n')
+                .to_string(),
+            None => std::env::var("RESTIC_PASSWORD").map_err(|_| {
+                anyhow!("--repo needs a password: --password-file FILE or RESTIC_PASSWORD in the environment")
+            })?,
         };
         repo.insert("password".into(), json!(pw));
     }
@@ -400,9 +427,23 @@ fn print_policies(out: Output, v: &Value) {
         .map(|a| {
             a.iter()
                 .map(|p| {
-                    let sched = if let Some(i) = p["schedule"]["intervalSeconds"].as_u64() { format!("every {i}s") } else { s(&p["schedule"]["cron"]) };
-                    let state = if p["paused"].as_bool() == Some(true) { "paused".to_string() } else { "active".to_string() };
-                    vec![s(&p["id"]), s(&p["name"]), s(&p["origin"]), s(&p["source"]["path"]), sched, state, s(&p["nextRunAt"]), s(&p["lastRun"]["state"])]
+                    let sched = if let Some(i) = p["schedule"]["intervalSeconds"].as_u64() {
+                        format!("every {i}s")
+                    } else {
+                        s(&p["schedule"]["cron"])
+                    };
+                    let state =
+                        if p["paused"].as_bool() == Some(true) { "paused".to_string() } else { "active".to_string() };
+                    vec![
+                        s(&p["id"]),
+                        s(&p["name"]),
+                        s(&p["origin"]),
+                        s(&p["source"]["path"]),
+                        sched,
+                        state,
+                        s(&p["nextRunAt"]),
+                        s(&p["lastRun"]["state"]),
+                    ]
                 })
                 .collect()
         })
@@ -417,7 +458,17 @@ fn print_runs(v: &Value) {
             a.iter()
                 .map(|r| {
                     let snap: String = s(&r["snapshotId"]).chars().take(8).collect();
-                    vec![s(&r["id"]), s(&r["policyId"]), s(&r["kind"]), s(&r["trigger"]), s(&r["state"]), s(&r["startedAt"]), s(&r["finishedAt"]), snap, s(&r["error"]["code"])]
+                    vec![
+                        s(&r["id"]),
+                        s(&r["policyId"]),
+                        s(&r["kind"]),
+                        s(&r["trigger"]),
+                        s(&r["state"]),
+                        s(&r["startedAt"]),
+                        s(&r["finishedAt"]),
+                        snap,
+                        s(&r["error"]["code"]),
+                    ]
                 })
                 .collect()
         })

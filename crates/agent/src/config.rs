@@ -44,6 +44,9 @@ pub struct ServeArgs {
     /// Longest a single restic command may run before it is killed [default: 86400].
     #[arg(long, env = "SODA_SYNCER_RUN_TIMEOUT_SECONDS")]
     pub run_timeout_seconds: Option<u64>,
+    /// Stop a run whose repository restic has kept retrying for this long [default: 300].
+    #[arg(long, env = "SODA_SYNCER_REPOSITORY_TIMEOUT_SECONDS")]
+    pub repository_timeout_seconds: Option<u64>,
     /// Log lines as JSON instead of text.
     #[arg(long, env = "SODA_SYNCER_LOG_JSON")]
     pub log_json: bool,
@@ -63,6 +66,7 @@ struct FileConfig {
     rescan_seconds: Option<u64>,
     default_repository: Option<String>,
     run_timeout_seconds: Option<u64>,
+    repository_timeout_seconds: Option<u64>,
 }
 
 /// The resolved configuration the daemon runs with. Tests build it directly.
@@ -78,6 +82,8 @@ pub struct Config {
     pub rescan_interval: Duration,
     pub default_repository: Option<String>,
     pub run_timeout: Duration,
+    /// How long restic may keep retrying an unreachable repository.
+    pub repository_timeout: Duration,
     /// A backup whose file count or size falls by more than this fraction
     /// against the last good one is `suspicious`.
     pub suspicious_drop_fraction: f64,
@@ -112,6 +118,7 @@ impl Config {
             rescan_interval: Duration::from_secs(30),
             default_repository: None,
             run_timeout: Duration::from_secs(86400),
+            repository_timeout: Duration::from_secs(300),
             suspicious_drop_fraction: 0.5,
             shutdown_grace: Duration::from_secs(10),
             require_mountpoints: true,
@@ -121,8 +128,10 @@ impl Config {
     pub fn from_args(args: &ServeArgs) -> Result<Config, ConfigError> {
         let file = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.message().to_string() })?
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.message().to_string() })?
             }
             None => FileConfig::default(),
         };
@@ -140,7 +149,11 @@ impl Config {
         if let Some(v) = args.kubelet_dir.clone().or(file.kubelet_dir) {
             c.kubelet_dir = v;
         }
-        c.allowed_roots = if args.allowed_roots.is_empty() { file.allowed_roots.unwrap_or_default() } else { args.allowed_roots.clone() };
+        c.allowed_roots = if args.allowed_roots.is_empty() {
+            file.allowed_roots.unwrap_or_default()
+        } else {
+            args.allowed_roots.clone()
+        };
         if let Some(v) = args.max_concurrent_runs.or(file.max_concurrent_runs) {
             c.max_concurrent_runs = v;
         }
@@ -150,6 +163,9 @@ impl Config {
         c.default_repository = args.default_repository.clone().or(file.default_repository);
         if let Some(v) = args.run_timeout_seconds.or(file.run_timeout_seconds) {
             c.run_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = args.repository_timeout_seconds.or(file.repository_timeout_seconds) {
+            c.repository_timeout = Duration::from_secs(v);
         }
         c.validate()?;
         Ok(c)
@@ -166,11 +182,16 @@ impl Config {
             return Err(ConfigError::Invalid("--rescan-seconds must be at least 1".into()));
         }
         if self.node_name.is_empty() || self.node_name.contains(char::is_whitespace) {
-            return Err(ConfigError::Invalid("the node name is empty or has spaces: set --node-name or NODE_NAME".into()));
+            return Err(ConfigError::Invalid(
+                "the node name is empty or has spaces: set --node-name or NODE_NAME".into(),
+            ));
         }
         for root in &self.allowed_roots {
             if !root.is_absolute() {
-                return Err(ConfigError::Invalid(format!("--allowed-root {} must be an absolute path", root.display())));
+                return Err(ConfigError::Invalid(format!(
+                    "--allowed-root {} must be an absolute path",
+                    root.display()
+                )));
             }
         }
         Ok(())
@@ -236,8 +257,14 @@ mod tests {
     fn flags_win_over_the_file_and_the_file_over_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nmax_concurrent_runs = 5\nnode_name = \"from-file\"\n").unwrap();
-        let args = ServeArgs { config: Some(file), node_name: Some("from-flag".into()), state_dir: Some(dir.path().into()), ..Default::default() };
+        std::fs::write(&file, "listen = \"127.0.0.1:9000\"\nmax_concurrent_runs = 5\nnode_name = \"from-file\"\n")
+            .unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            node_name: Some("from-flag".into()),
+            state_dir: Some(dir.path().into()),
+            ..Default::default()
+        };
         let c = Config::from_args(&args).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:9000");
         assert_eq!(c.max_concurrent_runs, 5);

@@ -28,11 +28,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 fn prepare_state_dir(config: &Config) -> anyhow::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&config.state_dir)
-        .with_context(|| format!("cannot create the state directory {}: choose another with --state-dir", config.state_dir.display()))?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&config.state_dir).with_context(|| {
+        format!("cannot create the state directory {}: choose another with --state-dir", config.state_dir.display())
+    })?;
     std::fs::create_dir_all(config.cache_dir())?;
     // The local repository's password: generated once, readable by root only.
     let pw = config.local_repository_password_file();
@@ -56,11 +54,15 @@ impl Agent {
         config.validate()?;
         prepare_state_dir(&config)?;
         let store = Store::open(&config.db_path())?;
-        let restic = Restic::new(config.restic.clone(), config.cache_dir(), config.node_name.clone(), config.run_timeout);
+        let restic =
+            Restic::new(config.restic.clone(), config.cache_dir(), config.node_name.clone(), config.run_timeout)
+                .with_unreachable_after(config.repository_timeout);
         let version = restic.version().await.map_err(|e| e.to_string());
         match &version {
             Ok(v) => tracing::info!(version = %v, "restic found"),
-            Err(e) => tracing::error!(error = %e, "restic is not usable: the agent stays up but is not ready, and runs fail until it is installed"),
+            Err(e) => {
+                tracing::error!(error = %e, "restic is not usable: the agent stays up but is not ready, and runs fail until it is installed")
+            }
         }
         let sched_cancel = CancellationToken::new();
         let sched = Scheduler::new(store, restic, config.clone(), sched_cancel.clone());
@@ -72,18 +74,25 @@ impl Agent {
             tracing::warn!(error = %e, "first volume scan failed");
         }
 
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}: is another agent running? choose another address with --listen", config.listen))?;
+        let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
+            format!(
+                "cannot listen on {}: is another agent running? choose another address with --listen",
+                config.listen
+            )
+        })?;
         let addr = listener.local_addr()?;
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "listening on a non-loopback address over plain HTTP without authentication: anyone who can reach this port can manage backups");
         }
-        let url = format!("http://{}", if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr });
+        let url = format!(
+            "http://{}",
+            if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr }
+        );
         std::fs::write(config.url_file(), &url)?;
         tracing::info!(%addr, node = %config.node_name, state_dir = %config.state_dir.display(), "soda-syncer listening");
 
-        let state = AppState { sched: sched.clone(), restic_version: Arc::new(Mutex::new(version)), started: Instant::now() };
+        let state =
+            AppState { sched: sched.clone(), restic_version: Arc::new(Mutex::new(version)), started: Instant::now() };
         let app = router(state);
         let http_stop = CancellationToken::new();
         let http_stop2 = http_stop.clone();

@@ -62,12 +62,16 @@ fn unescape_mountinfo(s: &str) -> String {
 pub fn scan_csi_volumes(kubelet_root: &Path, require_mountpoints: bool) -> Vec<CsiVolume> {
     let mounts = if require_mountpoints { Some(mount_points()) } else { None };
     let mut by_pv: BTreeMap<String, CsiVolume> = BTreeMap::new();
-    let Ok(pods) = std::fs::read_dir(kubelet_root.join("pods")) else { return Vec::new() };
+    let Ok(pods) = std::fs::read_dir(kubelet_root.join("pods")) else {
+        return Vec::new();
+    };
     let mut pods: Vec<_> = pods.flatten().map(|e| e.path()).collect();
     pods.sort();
     for pod in pods {
         let pod_uid = pod.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let Ok(vols) = std::fs::read_dir(pod.join("volumes").join("kubernetes.io~csi")) else { continue };
+        let Ok(vols) = std::fs::read_dir(pod.join("volumes").join("kubernetes.io~csi")) else {
+            continue;
+        };
         let mut vols: Vec<_> = vols.flatten().map(|e| e.path()).collect();
         vols.sort();
         for dir in vols {
@@ -118,7 +122,12 @@ mod tests {
     #[test]
     fn csi_volumes_are_found_with_their_pv_and_driver() {
         let root = tempfile::tempdir().unwrap();
-        volume(root.path(), "uid-1", "pvc-a", Some(r#"{"specVolID":"pvc-a","driverName":"hostpath.csi.k8s.io","volumeLifecycleMode":"Persistent"}"#));
+        volume(
+            root.path(),
+            "uid-1",
+            "pvc-a",
+            Some(r#"{"specVolID":"pvc-a","driverName":"hostpath.csi.k8s.io","volumeLifecycleMode":"Persistent"}"#),
+        );
         volume(root.path(), "uid-2", "pvc-b", None);
         volume(root.path(), "uid-3", "inline", Some(r#"{"specVolID":"inline","volumeLifecycleMode":"Ephemeral"}"#));
         // The same PV used by a second pod on this node is listed once.

@@ -27,7 +27,8 @@ fn serve(args: soda_syncer::config::ServeArgs) -> i32 {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let s2 = shutdown.clone();
         tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

@@ -5,7 +5,9 @@
 //! agent's own environment), stdout read line by line, and stderr drained at
 //! the same time into a bounded buffer.
 
-use soda_syncer_domain::restic_json::{parse_backup_line, BackupMessage, BackupStatus, BackupSummary, ForgetGroup, Snapshot};
+use soda_syncer_domain::restic_json::{
+    parse_backup_line, BackupMessage, BackupStatus, BackupSummary, ForgetGroup, Snapshot,
+};
 use soda_syncer_domain::secret::{redact_url, scrub, url_password};
 use soda_syncer_domain::Secret;
 use std::collections::{BTreeMap, VecDeque};
@@ -57,7 +59,9 @@ pub enum ResticError {
     RepositoryUnreachable { repo: String, stderr: String },
     #[error("the source path {path} does not exist or is not a directory: restic would record an empty snapshot, so the run was refused; check that the volume is mounted")]
     SourceMissing { path: String },
-    #[error("no space left on a device restic writes to (the repository, or the cache under the state directory): {stderr}")]
+    #[error(
+        "no space left on a device restic writes to (the repository, or the cache under the state directory): {stderr}"
+    )]
     DiskFull { stderr: String },
     #[error("restic {command} was cancelled")]
     Cancelled { command: String },
@@ -120,6 +124,8 @@ pub struct Restic {
     cache_root: PathBuf,
     host: String,
     timeout: Duration,
+    /// Give up on a repository restic has kept retrying for this long.
+    unreachable_after: Duration,
     /// Serialises `init`, so two policies that share a new repository do
     /// not race to create it.
     init_lock: Arc<tokio::sync::Mutex<()>>,
@@ -127,7 +133,22 @@ pub struct Restic {
 
 impl Restic {
     pub fn new(bin: PathBuf, cache_root: PathBuf, host: String, timeout: Duration) -> Restic {
-        Restic { bin, cache_root, host, timeout, init_lock: Arc::default() }
+        Restic {
+            bin,
+            cache_root,
+            host,
+            timeout,
+            unreachable_after: Duration::from_secs(300),
+            init_lock: Arc::default(),
+        }
+    }
+
+    /// restic retries a failing backend for up to 15 minutes, silently as
+    /// far as its exit code goes; past `after` of continuous retrying the
+    /// run is stopped and reported as `repository_unreachable`.
+    pub fn with_unreachable_after(mut self, after: Duration) -> Restic {
+        self.unreachable_after = after;
+        self
     }
 
     pub fn host(&self) -> &str {
@@ -200,8 +221,10 @@ impl Restic {
             Exited(std::io::Result<std::process::ExitStatus>),
             Cancelled,
             TimedOut,
+            Unreachable(Duration),
         }
         let mut stdout_open = true;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         let end = loop {
             tokio::select! {
                 line = lines.next_line(), if stdout_open => match line {
@@ -211,6 +234,13 @@ impl Restic {
                 status = child.wait(), if !stdout_open => break End::Exited(status),
                 _ = cancel.cancelled() => break End::Cancelled,
                 _ = &mut deadline => break End::TimedOut,
+                _ = tick.tick() => {
+                    if let Some(d) = tail.lock().unwrap_or_else(|p| p.into_inner()).retrying_for() {
+                        if d > self.unreachable_after {
+                            break End::Unreachable(d);
+                        }
+                    }
+                }
             }
         };
         let end = match end {
@@ -227,6 +257,10 @@ impl Restic {
         match end {
             End::Cancelled => Err(ResticError::Cancelled { command }),
             End::TimedOut => Err(ResticError::TimedOut { command, seconds: self.timeout.as_secs() }),
+            End::Unreachable(d) => Err(ResticError::RepositoryUnreachable {
+                repo: repo.display(),
+                stderr: format!("restic kept retrying for {} s and was stopped: {stderr_tail}", d.as_secs()),
+            }),
             End::Exited(Err(e)) => Err(ResticError::Spawn { message: e.to_string() }),
             End::Exited(Ok(status)) => Ok(Exec {
                 code: status.code().unwrap_or(-1),
@@ -249,7 +283,17 @@ impl Restic {
             ResticError::RepositoryLocked { repo: repo_s, stderr: s }
         } else if has(&["no space left on device", "disk quota exceeded"]) {
             ResticError::DiskFull { stderr: s }
-        } else if has(&["401 unauthorized", "403 forbidden", "(401)", "(403)", "accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch", "unauthorized"]) {
+        } else if has(&[
+            "401 unauthorized",
+            "403 forbidden",
+            "(401)",
+            "(403)",
+            "accessdenied",
+            "access denied",
+            "invalidaccesskeyid",
+            "signaturedoesnotmatch",
+            "unauthorized",
+        ]) {
             ResticError::AccessDenied { repo: repo_s, stderr: s }
         } else if has(&[
             "connection refused",
@@ -265,14 +309,25 @@ impl Restic {
             ": eof",
         ]) {
             ResticError::RepositoryUnreachable { repo: repo_s, stderr: s }
-        } else if has(&["unable to open config file", "is there a repository at the following location", "repository does not exist", "nosuchbucket", "the specified bucket does not exist"]) {
+        } else if has(&[
+            "unable to open config file",
+            "is there a repository at the following location",
+            "repository does not exist",
+            "nosuchbucket",
+            "the specified bucket does not exist",
+        ]) {
             ResticError::RepositoryNotFound { repo: repo_s, stderr: s }
         } else {
             ResticError::Failed { command: command.to_string(), code: exec.code, stderr: s }
         }
     }
 
-    async fn simple(&self, repo: &Repo, args: Vec<OsString>, cancel: &CancellationToken) -> Result<String, ResticError> {
+    async fn simple(
+        &self,
+        repo: &Repo,
+        args: Vec<OsString>,
+        cancel: &CancellationToken,
+    ) -> Result<String, ResticError> {
         let command = args[0].to_string_lossy().into_owned();
         let mut out = String::new();
         let exec = self
@@ -295,7 +350,11 @@ impl Restic {
                 Ok(())
             }
             // Someone else created it between our check and our init.
-            Err(ResticError::Failed { stderr, .. }) if stderr.contains("already exists") || stderr.contains("already initialized") => Ok(()),
+            Err(ResticError::Failed { stderr, .. })
+                if stderr.contains("already exists") || stderr.contains("already initialized") =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -336,7 +395,11 @@ impl Restic {
         match (exec.code, summary) {
             (0, Some(summary)) => Ok(BackupOutcome { summary, partial: false, unreadable: Vec::new() }),
             (3, Some(summary)) => Ok(BackupOutcome { summary, partial: true, unreadable: exec.error_items }),
-            (0, None) => Err(ResticError::Failed { command: "backup".into(), code: 0, stderr: format!("restic printed no summary. {}", exec.stderr_tail) }),
+            (0, None) => Err(ResticError::Failed {
+                command: "backup".into(),
+                code: 0,
+                stderr: format!("restic printed no summary. {}", exec.stderr_tail),
+            }),
             _ => Err(self.classify(repo, "backup", exec)),
         }
     }
@@ -446,9 +509,19 @@ impl Restic {
 /// The parts of the agent's environment restic may see: the search path,
 /// temp dir, proxies and CA settings. Never a secret of the agent's own.
 fn passthrough_env() -> Vec<(String, String)> {
-    const KEYS: [&str; 9] =
-        ["PATH", "TMPDIR", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy", "SSL_CERT_FILE"];
-    let mut v: Vec<(String, String)> = KEYS.iter().filter_map(|k| std::env::var(k).ok().map(|val| (k.to_string(), val))).collect();
+    const KEYS: [&str; 9] = [
+        "PATH",
+        "TMPDIR",
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "NO_PROXY",
+        "https_proxy",
+        "http_proxy",
+        "no_proxy",
+        "SSL_CERT_FILE",
+    ];
+    let mut v: Vec<(String, String)> =
+        KEYS.iter().filter_map(|k| std::env::var(k).ok().map(|val| (k.to_string(), val))).collect();
     if !v.iter().any(|(k, _)| k == "PATH") {
         v.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
     }
@@ -460,12 +533,37 @@ fn passthrough_env() -> Vec<(String, String)> {
 struct StderrTail {
     lines: VecDeque<String>,
     error_items: Vec<String>,
+    /// First and latest "retrying after" line of the current streak.
+    retry_streak: Option<(std::time::Instant, std::time::Instant)>,
+}
+
+/// restic's backoff waits at most a minute between tries; a quieter gap
+/// than this ends a streak of retries.
+const RETRY_STREAK_GAP: Duration = Duration::from_secs(120);
+
+impl StderrTail {
+    fn saw_retry(&mut self) {
+        let now = std::time::Instant::now();
+        self.retry_streak = match self.retry_streak {
+            Some((first, last)) if now.duration_since(last) < RETRY_STREAK_GAP => Some((first, now)),
+            _ => Some((now, now)),
+        };
+    }
+
+    /// How long restic has been retrying without a pause.
+    fn retrying_for(&self) -> Option<Duration> {
+        let (first, last) = self.retry_streak?;
+        (last.elapsed() < RETRY_STREAK_GAP).then(|| first.elapsed())
+    }
 }
 
 async fn drain_stderr(stderr: impl AsyncRead + Unpin, tail: Arc<Mutex<StderrTail>>) {
     let mut lines = BufReader::new(stderr).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
+        if line.contains("returned error, retrying after") {
+            t.saw_retry();
+        }
         if let Some(BackupMessage::Error(e)) = parse_backup_line(&line) {
             if t.error_items.len() < MAX_ERROR_ITEMS {
                 let item = if e.item.is_empty() { e.error.to_string() } else { e.item.clone() };

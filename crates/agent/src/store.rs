@@ -482,7 +482,9 @@ impl Store {
             "SELECT id FROM policies WHERE paused = 0 AND status = 'active' AND next_run_at IS NOT NULL AND next_run_at <= ?1
              ORDER BY next_run_at LIMIT ?2",
         )?;
-        let ids = stmt.query_map(params![fmt_time(now), limit as i64], |r| r.get(0))?.collect::<std::result::Result<Vec<String>, _>>()?;
+        let ids = stmt
+            .query_map(params![fmt_time(now), limit as i64], |r| r.get(0))?
+            .collect::<std::result::Result<Vec<String>, _>>()?;
         Ok(ids)
     }
 
@@ -697,7 +699,8 @@ impl PolicyRecordRaw {
             spec.repository.env.insert(k, Some(v));
         }
         Ok(PolicyRecord {
-            origin: Origin::parse(&self.origin).ok_or_else(|| StoreError::Corrupt(format!("origin {:?}", self.origin)))?,
+            origin: Origin::parse(&self.origin)
+                .ok_or_else(|| StoreError::Corrupt(format!("origin {:?}", self.origin)))?,
             id: self.id,
             spec,
             volume: self.volume,
@@ -838,7 +841,10 @@ mod tests {
             store.insert_policy(p).unwrap();
         }
         assert_eq!(store.due_policy_ids(now, 10).unwrap(), vec![due.id.clone()]);
-        assert_eq!(store.next_wake(now - chrono::Duration::seconds(1)).unwrap().map(fmt_time), due.next_run_at.map(fmt_time));
+        assert_eq!(
+            store.next_wake(now - chrono::Duration::seconds(1)).unwrap().map(fmt_time),
+            due.next_run_at.map(fmt_time)
+        );
         assert_eq!(store.next_wake(now).unwrap().map(fmt_time), later.next_run_at.map(fmt_time));
     }
 }

@@ -113,7 +113,12 @@ pub struct ConsistencySpec {
 
 impl Default for ConsistencySpec {
     fn default() -> Self {
-        ConsistencySpec { mode: ConsistencyMode::None, hooks: Hooks::default(), max_freeze_ms: default_max_freeze_ms(), required: false }
+        ConsistencySpec {
+            mode: ConsistencyMode::None,
+            hooks: Hooks::default(),
+            max_freeze_ms: default_max_freeze_ms(),
+            required: false,
+        }
     }
 }
 
@@ -155,6 +160,12 @@ pub struct PolicySpec {
     pub last_run: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
     pub status: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    pub volume: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    pub paused_by_user: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    pub consecutive_failures: Option<IgnoredAny>,
 }
 
 /// The longest policy name.
@@ -213,7 +224,10 @@ impl PolicySpec {
                 ));
             }
             if url.starts_with('-') || url.contains('\n') {
-                return Err(FieldError::new("repository.url", "the repository URL may not start with '-' or contain a newline"));
+                return Err(FieldError::new(
+                    "repository.url",
+                    "the repository URL may not start with '-' or contain a newline",
+                ));
             }
         }
         if let Some(pw) = &self.repository.password {
@@ -253,12 +267,18 @@ impl PolicySpec {
         }
         for (i, hook) in self.consistency.hooks.pre.iter().chain(&self.consistency.hooks.post).enumerate() {
             if hook.is_empty() || hook[0].is_empty() {
-                return Err(FieldError::new(format!("consistency.hooks[{i}]"), "a hook is a non-empty argv array, e.g. [\"/usr/bin/sync\"]"));
+                return Err(FieldError::new(
+                    format!("consistency.hooks[{i}]"),
+                    "a hook is a non-empty argv array, e.g. [\"/usr/bin/sync\"]",
+                ));
             }
         }
         for (i, e) in self.exclude.iter().enumerate() {
             if e.is_empty() || e.contains('\n') || e.contains('\0') {
-                return Err(FieldError::new(format!("exclude[{i}]"), "an exclude pattern must be non-empty and on one line"));
+                return Err(FieldError::new(
+                    format!("exclude[{i}]"),
+                    "an exclude pattern must be non-empty and on one line",
+                ));
             }
         }
         for (i, t) in self.tags.iter().enumerate() {
@@ -266,10 +286,16 @@ impl PolicySpec {
                 && t.len() <= 128
                 && t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '=' | ':' | '/'));
             if !ok {
-                return Err(FieldError::new(format!("tags[{i}]"), format!("{t:?} is not a valid tag: use letters, digits and - _ . = : /")));
+                return Err(FieldError::new(
+                    format!("tags[{i}]"),
+                    format!("{t:?} is not a valid tag: use letters, digits and - _ . = : /"),
+                ));
             }
             if RESERVED_TAG_PREFIXES.iter().any(|p| t.starts_with(p)) {
-                return Err(FieldError::new(format!("tags[{i}]"), format!("{t:?} is reserved for the agent's own tags")));
+                return Err(FieldError::new(
+                    format!("tags[{i}]"),
+                    format!("{t:?} is reserved for the agent's own tags"),
+                ));
             }
         }
         Ok(schedule)
@@ -346,7 +372,10 @@ mod tests {
             (json!({"repository": {"url": " "}}), "repository.url"),
             (json!({"repository": {"url": "--option=x"}}), "repository.url"),
             (json!({"repository": {"url": "/r", "env": {"LD_PRELOAD": "x"}}}), "repository.env.LD_PRELOAD"),
-            (json!({"repository": {"url": "/r", "env": {"RESTIC_PASSWORD_COMMAND": "x"}}}), "repository.env.RESTIC_PASSWORD_COMMAND"),
+            (
+                json!({"repository": {"url": "/r", "env": {"RESTIC_PASSWORD_COMMAND": "x"}}}),
+                "repository.env.RESTIC_PASSWORD_COMMAND",
+            ),
             (json!({"jitterSeconds": 3601}), "jitterSeconds"),
             (json!({"retention": {"keepLast": 100001}}), "retention.keepLast"),
             (json!({"tags": ["policy=x"]}), "tags[0]"),

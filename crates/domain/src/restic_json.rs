@@ -157,6 +157,9 @@ mod tests {
     fn garbage_lines_are_ignored() {
         assert_eq!(parse_backup_line("Warning: at least one source file could not be read"), None);
         assert_eq!(parse_backup_line("{not json"), None);
-        assert_eq!(parse_backup_line(r#"{"message_type":"verbose_status","action":"new"}"#), Some(BackupMessage::Other));
+        assert_eq!(
+            parse_backup_line(r#"{"message_type":"verbose_status","action":"new"}"#),
+            Some(BackupMessage::Other)
+        );
     }
 }

@@ -127,7 +127,10 @@ pub fn judge_backup(
         );
     }
     if files == 0 {
-        return (RunState::Suspicious, Some("the snapshot holds no files: is the volume mounted and populated?".into()));
+        return (
+            RunState::Suspicious,
+            Some("the snapshot holds no files: is the volume mounted and populated?".into()),
+        );
     }
     if let Some((pf, pb)) = previous {
         let dropped = |now: u64, before: u64| before > 0 && (now as f64) < (before as f64) * (1.0 - max_drop_fraction);

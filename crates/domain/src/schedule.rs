@@ -93,9 +93,7 @@ impl Schedule {
             Schedule::Interval(d) => after.checked_add_signed(*d),
             Schedule::Cron { cron, tz } => {
                 let local = after.with_timezone(tz);
-                cron.find_next_occurrence(&local, false)
-                    .ok()
-                    .map(|t| t.with_timezone(&Utc))
+                cron.find_next_occurrence(&local, false).ok().map(|t| t.with_timezone(&Utc))
             }
         }
     }
@@ -111,7 +109,9 @@ impl Schedule {
                 let mut t = now;
                 let mut prev: Option<DateTime<Utc>> = None;
                 for _ in 0..64 {
-                    let Some(next) = self.fire_after(t) else { break };
+                    let Some(next) = self.fire_after(t) else {
+                        break;
+                    };
                     if let Some(p) = prev {
                         gap = gap.min(next - p);
                     }
@@ -202,11 +202,7 @@ mod tests {
         Schedule::parse(&ScheduleSpec { interval_seconds: Some(secs), ..Default::default() }).unwrap()
     }
     fn cron(expr: &str, tz: Option<&str>) -> Result<Schedule, FieldError> {
-        Schedule::parse(&ScheduleSpec {
-            cron: Some(expr.into()),
-            timezone: tz.map(Into::into),
-            ..Default::default()
-        })
+        Schedule::parse(&ScheduleSpec { cron: Some(expr.into()), timezone: tz.map(Into::into), ..Default::default() })
     }
 
     #[test]
@@ -218,8 +214,13 @@ mod tests {
 
     #[test]
     fn intervals_longer_than_31_days_are_rejected() {
-        assert!(Schedule::parse(&ScheduleSpec { interval_seconds: Some(MAX_INTERVAL_SECONDS + 1), ..Default::default() }).is_err());
-        assert!(Schedule::parse(&ScheduleSpec { interval_seconds: Some(MAX_INTERVAL_SECONDS), ..Default::default() }).is_ok());
+        assert!(Schedule::parse(&ScheduleSpec {
+            interval_seconds: Some(MAX_INTERVAL_SECONDS + 1),
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Schedule::parse(&ScheduleSpec { interval_seconds: Some(MAX_INTERVAL_SECONDS), ..Default::default() })
+            .is_ok());
     }
 
     #[test]

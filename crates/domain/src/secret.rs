@@ -61,12 +61,7 @@ pub fn redact_url(url: &str) -> String {
     };
     let userinfo = &authority[..at];
     let user = userinfo.split(':').next().unwrap_or("");
-    format!(
-        "{}{}:***@{}",
-        &url[..scheme_end + 3],
-        user,
-        &rest[at + 1..]
-    )
+    format!("{}{}:***@{}", &url[..scheme_end + 3], user, &rest[at + 1..])
 }
 
 /// The password inside a URL's userinfo, if any (so it can be scrubbed).
@@ -93,10 +88,7 @@ mod tests {
 
     #[test]
     fn urls_lose_their_password() {
-        assert_eq!(
-            redact_url("rest:http://u:p4ss@127.0.0.1:8000/repo/"),
-            "rest:http://u:***@127.0.0.1:8000/repo/"
-        );
+        assert_eq!(redact_url("rest:http://u:p4ss@127.0.0.1:8000/repo/"), "rest:http://u:***@127.0.0.1:8000/repo/");
         assert_eq!(url_password("rest:http://u:p4ss@127.0.0.1:8000/repo/"), Some("p4ss"));
         assert_eq!(redact_url("s3:s3.amazonaws.com/bucket"), "s3:s3.amazonaws.com/bucket");
         assert_eq!(redact_url("/srv/repo"), "/srv/repo");

@@ -48,12 +48,12 @@ impl ApiError {
 
     pub fn from_restic(e: &ResticError) -> ApiError {
         let status = match e {
-            ResticError::NotInstalled { .. } | ResticError::RepositoryUnreachable { .. } | ResticError::RepositoryLocked { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ResticError::WrongPassword { .. } | ResticError::AccessDenied { .. } | ResticError::RepositoryNotFound { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            ResticError::NotInstalled { .. }
+            | ResticError::RepositoryUnreachable { .. }
+            | ResticError::RepositoryLocked { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ResticError::WrongPassword { .. }
+            | ResticError::AccessDenied { .. }
+            | ResticError::RepositoryNotFound { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ResticError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::BAD_GATEWAY,
         };
@@ -92,7 +92,9 @@ impl From<StoreError> for ApiError {
 impl From<PolicyError> for ApiError {
     fn from(e: PolicyError) -> ApiError {
         match e {
-            PolicyError::Invalid(f) => ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", &f.field, f.message),
+            PolicyError::Invalid(f) => {
+                ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", &f.field, f.message)
+            }
             PolicyError::Store(s) => s.into(),
             PolicyError::Body(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", m),
         }
@@ -102,7 +104,10 @@ impl From<PolicyError> for ApiError {
 pub fn require_json(ct: &HeaderValue) -> Result<(), ApiError> {
     let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
     let mime = ct.split(';').next().unwrap_or("").trim();
-    if mime == "application/json" || mime == "application/merge-patch+json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
+    if mime == "application/json"
+        || mime == "application/merge-patch+json"
+        || (mime.starts_with("application/") && mime.ends_with("+json"))
+    {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -121,7 +126,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         match inner.classify() {
-            serde_json::error::Category::Syntax | serde_json::error::Category::Eof | serde_json::error::Category::Io => {
+            serde_json::error::Category::Syntax
+            | serde_json::error::Category::Eof
+            | serde_json::error::Category::Io => {
                 ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON: {inner}"))
             }
             serde_json::error::Category::Data => {

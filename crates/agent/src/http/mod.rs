@@ -57,9 +57,15 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route; see GET /openapi.json for the API") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route; see GET /openapi.json for the API")
+        })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not accept that method")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not accept that method",
+            )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -81,7 +87,11 @@ fn find_policy(state: &AppState, id_or_name: &str) -> Result<PolicyRecord, ApiEr
     }
 }
 
-async fn legacy_snapshot(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Result<Response, ApiError> {
+async fn legacy_snapshot(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
     // soda-proxy may send no content type; a wrong one is still refused.
     if let Some(ct) = headers.get(axum::http::header::CONTENT_TYPE) {
         error::require_json(ct)?;
@@ -89,7 +99,9 @@ async fn legacy_snapshot(State(state): State<AppState>, headers: HeaderMap, body
     let body = body.map_err(ApiError::from_bytes_rejection)?;
     let req: LegacySnapshotRequest = parse_json(&body)?;
     let sched = state.sched.clone();
-    let resp = tokio::task::spawn_blocking(move || sched.legacy_snapshot(req)).await.map_err(|_| ApiError::internal("the legacy request handler failed"))??;
+    let resp = tokio::task::spawn_blocking(move || sched.legacy_snapshot(req))
+        .await
+        .map_err(|_| ApiError::internal("the legacy request handler failed"))??;
     let status = if resp.policies.iter().any(|p| p.action == "created") { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(resp)).into_response())
 }
@@ -102,7 +114,10 @@ async fn list_policies(State(state): State<AppState>) -> Result<Response, ApiErr
     Ok(Json(json!({ "policies": views })).into_response())
 }
 
-async fn create_policy(State(state): State<AppState>, ApiJson(spec): ApiJson<PolicySpec>) -> Result<Response, ApiError> {
+async fn create_policy(
+    State(state): State<AppState>,
+    ApiJson(spec): ApiJson<PolicySpec>,
+) -> Result<Response, ApiError> {
     let p = state.sched.create_policy(spec, soda_syncer_domain::Origin::Api, None, None)?;
     Ok((StatusCode::CREATED, Json(policy_view(&p, None))).into_response())
 }
@@ -113,16 +128,28 @@ async fn get_policy(State(state): State<AppState>, Path(id): Path<String>) -> Re
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }
 
-async fn put_policy(State(state): State<AppState>, Path(id): Path<String>, ApiJson(spec): ApiJson<PolicySpec>) -> Result<Response, ApiError> {
+async fn put_policy(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(spec): ApiJson<PolicySpec>,
+) -> Result<Response, ApiError> {
     let p = find_policy(&state, &id)?;
     let p = state.sched.replace_policy(&p.id, spec)?;
     let last = state.sched.store().last_run_of(&p.id)?;
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }
 
-async fn patch_policy(State(state): State<AppState>, Path(id): Path<String>, ApiJson(patch): ApiJson<serde_json::Value>) -> Result<Response, ApiError> {
+async fn patch_policy(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(patch): ApiJson<serde_json::Value>,
+) -> Result<Response, ApiError> {
     if !patch.is_object() {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", "a PATCH body is a JSON object (RFC 7396 merge patch)"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            "a PATCH body is a JSON object (RFC 7396 merge patch)",
+        ));
     }
     let p = find_policy(&state, &id)?;
     let p = state.sched.patch_policy(&p.id, &patch)?;
@@ -196,8 +223,17 @@ struct RunsQuery {
     before: Option<String>,
 }
 
-async fn list_runs(State(state): State<AppState>, q: Result<Query<RunsQuery>, QueryRejection>) -> Result<Response, ApiError> {
-    let Query(q) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("{}; allowed: policy, state, kind, limit, before", e.body_text())))?;
+async fn list_runs(
+    State(state): State<AppState>,
+    q: Result<Query<RunsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("{}; allowed: policy, state, kind, limit, before", e.body_text()),
+        )
+    })?;
     let policy_id = match q.policy.as_deref().filter(|s| !s.is_empty()) {
         Some(p) => Some(find_policy(&state, p)?.id),
         None => None,
@@ -205,19 +241,34 @@ async fn list_runs(State(state): State<AppState>, q: Result<Query<RunsQuery>, Qu
     let st = match q.state.as_deref().filter(|s| !s.is_empty()) {
         Some(s) => Some(RunState::parse(s).ok_or_else(|| {
             let all: Vec<_> = RunState::ALL.iter().map(|s| s.as_str()).collect();
-            ApiError::field(StatusCode::BAD_REQUEST, "invalid_query", "state", format!("unknown state {s:?}; use one of {}", all.join(", ")))
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                "state",
+                format!("unknown state {s:?}; use one of {}", all.join(", ")),
+            )
         })?),
         None => None,
     };
     let kind = match q.kind.as_deref().filter(|s| !s.is_empty()) {
         Some(k) => Some(RunKind::parse(k).ok_or_else(|| {
-            ApiError::field(StatusCode::BAD_REQUEST, "invalid_query", "kind", format!("unknown kind {k:?}; use backup, restore, forget, prune, check or drill"))
+            ApiError::field(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                "kind",
+                format!("unknown kind {k:?}; use backup, restore, forget, prune, check or drill"),
+            )
         })?),
         None => None,
     };
     let limit = q.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::field(StatusCode::BAD_REQUEST, "invalid_query", "limit", "limit must be between 1 and 1000"));
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "limit",
+            "limit must be between 1 and 1000",
+        ));
     }
     let runs = state.sched.store().list_runs(&RunFilter { policy_id, state: st, kind, before: q.before, limit })?;
     let next = if runs.len() == limit { runs.last().map(|r| r.id.clone()) } else { None };
@@ -227,7 +278,11 @@ async fn list_runs(State(state): State<AppState>, q: Result<Query<RunsQuery>, Qu
 
 fn find_run(state: &AppState, id: &str) -> Result<crate::store::RunRecord, ApiError> {
     state.sched.store().get_run(id).map_err(|e| match e {
-        StoreError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "run_not_found", format!("there is no run with id {id:?}; GET /v1/runs lists them")),
+        StoreError::NotFound => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "run_not_found",
+            format!("there is no run with id {id:?}; GET /v1/runs lists them"),
+        ),
         other => other.into(),
     })
 }
@@ -240,7 +295,11 @@ async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> Resul
 async fn cancel_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let run = find_run(&state, &id)?;
     if run.state.is_terminal() {
-        return Err(ApiError::new(StatusCode::CONFLICT, "run_finished", format!("run {id} has already ended ({})", run.state.as_str())));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "run_finished",
+            format!("run {id} has already ended ({})", run.state.as_str()),
+        ));
     }
     state.sched.cancel_run(&run);
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": run.id, "cancelRequested": true }))).into_response())

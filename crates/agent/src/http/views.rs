@@ -95,13 +95,20 @@ pub fn metrics_text(sched: &Scheduler) -> Result<String, StoreError> {
     let mut out = String::new();
     let policies = store.list_policies()?;
     let last = store.last_runs()?;
-    let _ = writeln!(out, "# HELP soda_syncer_policies Policies known to this agent.\n# TYPE soda_syncer_policies gauge");
+    let _ =
+        writeln!(out, "# HELP soda_syncer_policies Policies known to this agent.\n# TYPE soda_syncer_policies gauge");
     let _ = writeln!(out, "soda_syncer_policies {}", policies.len());
-    let _ = writeln!(out, "# HELP soda_syncer_runs Runs recorded in the database, by kind and state.\n# TYPE soda_syncer_runs gauge");
+    let _ = writeln!(
+        out,
+        "# HELP soda_syncer_runs Runs recorded in the database, by kind and state.\n# TYPE soda_syncer_runs gauge"
+    );
     for (kind, state, n) in store.run_counts()? {
         let _ = writeln!(out, "soda_syncer_runs{{kind=\"{kind}\",state=\"{state}\"}} {n}");
     }
-    let _ = writeln!(out, "# HELP soda_syncer_queue_depth Runs waiting for a free slot.\n# TYPE soda_syncer_queue_depth gauge");
+    let _ = writeln!(
+        out,
+        "# HELP soda_syncer_queue_depth Runs waiting for a free slot.\n# TYPE soda_syncer_queue_depth gauge"
+    );
     let _ = writeln!(out, "soda_syncer_queue_depth {}", sched.queue_depth());
     let _ = writeln!(out, "# HELP soda_syncer_running_runs Runs executing now.\n# TYPE soda_syncer_running_runs gauge");
     let _ = writeln!(out, "soda_syncer_running_runs {}", sched.running_count());
@@ -115,14 +122,25 @@ pub fn metrics_text(sched: &Scheduler) -> Result<String, StoreError> {
     );
     for p in &policies {
         let next = if p.schedulable() { p.next_run_at.map(|t| t.timestamp()).unwrap_or(0) } else { 0 };
-        let _ = writeln!(out, "soda_syncer_policy_next_run_timestamp_seconds{{policy=\"{}\",name=\"{}\"}} {next}", p.id, label(&p.spec.name));
+        let _ = writeln!(
+            out,
+            "soda_syncer_policy_next_run_timestamp_seconds{{policy=\"{}\",name=\"{}\"}} {next}",
+            p.id,
+            label(&p.spec.name)
+        );
     }
     let _ = writeln!(
         out,
         "# HELP soda_syncer_policy_paused 1 when the policy is paused by a user or by the agent.\n# TYPE soda_syncer_policy_paused gauge"
     );
     for p in &policies {
-        let _ = writeln!(out, "soda_syncer_policy_paused{{policy=\"{}\",name=\"{}\"}} {}", p.id, label(&p.spec.name), u8::from(!p.schedulable()));
+        let _ = writeln!(
+            out,
+            "soda_syncer_policy_paused{{policy=\"{}\",name=\"{}\"}} {}",
+            p.id,
+            label(&p.spec.name),
+            u8::from(!p.schedulable())
+        );
     }
     let _ = writeln!(
         out,

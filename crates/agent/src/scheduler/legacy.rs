@@ -84,7 +84,10 @@ impl Scheduler {
         let url = req.restic_repository.clone().filter(|u| !u.trim().is_empty());
         let password = req.restic_password.clone().filter(|p| !p.is_empty());
         if url.is_some() && password.is_none() {
-            return Err(FieldError::new("RESTIC_PASSWORD", "RESTIC_PASSWORD is required with RESTIC_REPOSITORY (set it in the SODA profile's customProperties)"));
+            return Err(FieldError::new(
+                "RESTIC_PASSWORD",
+                "RESTIC_PASSWORD is required with RESTIC_REPOSITORY (set it in the SODA profile's customProperties)",
+            ));
         }
         let mut repository = RepositorySpec { url, password, env, ..Default::default() };
         if repository.url.is_none() {
@@ -113,12 +116,22 @@ impl Scheduler {
             next_run_at: None,
             last_run: None,
             status: None,
+            volume: None,
+            paused_by_user: None,
+            consecutive_failures: None,
         }
     }
 
     /// Create the policy for (repository, source) or update its interval
     /// and credentials: the same body twice never makes two schedules.
-    fn upsert_legacy(&self, key_parts: &[&str], name_hint: &str, path: &str, volume: Option<String>, target: &LegacyTarget) -> Result<LegacyPolicyRef, PolicyError> {
+    fn upsert_legacy(
+        &self,
+        key_parts: &[&str],
+        name_hint: &str,
+        path: &str,
+        volume: Option<String>,
+        target: &LegacyTarget,
+    ) -> Result<LegacyPolicyRef, PolicyError> {
         let key = short_hash(key_parts);
         if let Some(existing) = self.store().get_policy_by_legacy_key(&key)? {
             let mut spec = existing.spec.clone();
@@ -131,15 +144,17 @@ impl Scheduler {
             }
             let moved = spec.source.path != path;
             spec.source.path = path.to_string();
-            let p = if spec != existing.spec || moved {
-                self.replace_policy(&existing.id, spec)?
-            } else {
-                existing
-            };
+            let p = if spec != existing.spec || moved { self.replace_policy(&existing.id, spec)? } else { existing };
             if p.status != PolicyStatus::Active {
                 self.set_status(&p.id, PolicyStatus::Active, None)?;
             }
-            return Ok(LegacyPolicyRef { id: p.id, name: p.spec.name, source: path.to_string(), volume, action: "updated" });
+            return Ok(LegacyPolicyRef {
+                id: p.id,
+                name: p.spec.name,
+                source: path.to_string(),
+                volume,
+                action: "updated",
+            });
         }
         let name = legacy_name(name_hint, &key);
         let p = self.create_policy(self.legacy_spec(name, path, target), Origin::Legacy, volume.clone(), Some(key))?;
@@ -155,7 +170,11 @@ impl Scheduler {
                 validate_abs_path("resticSourceRepo", path)?;
                 let hint = path.rsplit('/').find(|s| !s.is_empty()).unwrap_or("root");
                 let r = self.upsert_legacy(&[&repo_key, "path", path], hint, path, None, &target)?;
-                Ok(LegacySnapshotResponse { message: format!("backups of {path} every {} s are scheduled", target.interval), policies: vec![r], subscription: None })
+                Ok(LegacySnapshotResponse {
+                    message: format!("backups of {path} every {} s are scheduled", target.interval),
+                    policies: vec![r],
+                    subscription: None,
+                })
             }
             None => {
                 let now = Utc::now();
@@ -172,9 +191,17 @@ impl Scheduler {
                 let volumes = scan_csi_volumes(&self.config().kubelet_dir, self.config().require_mountpoints);
                 let mut refs = Vec::new();
                 for v in &volumes {
-                    match self.upsert_legacy(&[&repo_key, "pv", &v.pv], &v.pv, &v.mount.display().to_string(), Some(v.pv.clone()), &target) {
+                    match self.upsert_legacy(
+                        &[&repo_key, "pv", &v.pv],
+                        &v.pv,
+                        &v.mount.display().to_string(),
+                        Some(v.pv.clone()),
+                        &target,
+                    ) {
                         Ok(r) => refs.push(r),
-                        Err(e) => tracing::warn!(volume = %v.pv, error = %e, "cannot create a policy for a CSI volume"),
+                        Err(e) => {
+                            tracing::warn!(volume = %v.pv, error = %e, "cannot create a policy for a CSI volume")
+                        }
                     }
                 }
                 let message = if volumes.is_empty() {
@@ -221,15 +248,22 @@ impl Scheduler {
                     Some(p) => p.status != PolicyStatus::Active || p.spec.source.path != path,
                 };
                 if needs_work {
-                    match self.upsert_legacy(&[&sub.repository, "pv", &v.pv], &v.pv, &path, Some(v.pv.clone()), &target) {
-                        Ok(r) => tracing::info!(volume = %v.pv, policy = %r.id, action = r.action, "CSI volume picked up"),
-                        Err(e) => tracing::warn!(volume = %v.pv, error = %e, "cannot create a policy for a CSI volume"),
+                    match self.upsert_legacy(&[&sub.repository, "pv", &v.pv], &v.pv, &path, Some(v.pv.clone()), &target)
+                    {
+                        Ok(r) => {
+                            tracing::info!(volume = %v.pv, policy = %r.id, action = r.action, "CSI volume picked up")
+                        }
+                        Err(e) => {
+                            tracing::warn!(volume = %v.pv, error = %e, "cannot create a policy for a CSI volume")
+                        }
                     }
                 }
             }
         }
         for p in self.store().list_policies()? {
-            let (Some(key), Some(volume)) = (&p.legacy_key, &p.volume) else { continue };
+            let (Some(key), Some(volume)) = (&p.legacy_key, &p.volume) else {
+                continue;
+            };
             if p.origin == Origin::Legacy && !seen_keys.contains(key) && p.status == PolicyStatus::Active {
                 tracing::warn!(policy = %p.id, volume = %volume, "CSI volume no longer mounted on this node: policy paused");
                 self.set_status(
@@ -263,7 +297,10 @@ fn repo_key_display(key: &str) -> String {
 
 /// `legacy-<hint>-<hash>`, cut to fit the name rule.
 fn legacy_name(hint: &str, key: &str) -> String {
-    let clean: String = hint.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' }).collect();
+    let clean: String = hint
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' })
+        .collect();
     let clean = clean.trim_matches('-');
     let clean = if clean.len() > 44 { &clean[..44] } else { clean };
     let clean = clean.trim_matches('-');

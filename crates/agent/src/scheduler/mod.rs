@@ -160,7 +160,12 @@ impl Scheduler {
 
     /// Queue a run of `policy` now (manual, legacy, ...). One run per
     /// policy at a time: a second request is refused with `Busy`.
-    pub fn request_run(&self, policy: &PolicyRecord, kind: RunKind, trigger: RunTrigger) -> Result<RunRecord, RunRequestError> {
+    pub fn request_run(
+        &self,
+        policy: &PolicyRecord,
+        kind: RunKind,
+        trigger: RunTrigger,
+    ) -> Result<RunRecord, RunRequestError> {
         let now = Utc::now();
         let mut slots = self.slots();
         if let Some(run) = slots.queued.get(&policy.id) {
@@ -295,7 +300,11 @@ impl Scheduler {
             slots.queue.drain(..).collect()
         };
         for id in queued {
-            self.finish_unstarted(&id, RunState::Interrupted, "the agent stopped before this run started; it will run after the next start");
+            self.finish_unstarted(
+                &id,
+                RunState::Interrupted,
+                "the agent stopped before this run started; it will run after the next start",
+            );
         }
         // Running jobs see the parent token cancelled and stop restic.
         let grace = self.inner.config.shutdown_grace;
@@ -313,7 +322,9 @@ impl Scheduler {
             if slots.queued.contains_key(&id) || slots.running.contains_key(&id) {
                 continue; // the end of the run in flight wakes us again
             }
-            let Ok(mut p) = self.inner.store.get_policy(&id) else { continue };
+            let Ok(mut p) = self.inner.store.get_policy(&id) else {
+                continue;
+            };
             let trigger = if slots.after_restart.remove(&id) {
                 RunTrigger::Startup
             } else if p.consecutive_failures > 0 {
@@ -343,8 +354,12 @@ impl Scheduler {
             if slots.running.len() >= self.inner.config.max_concurrent_runs {
                 return;
             }
-            let Some(run_id) = slots.queue.pop_front() else { return };
-            let Ok(run) = self.inner.store.get_run(&run_id) else { continue };
+            let Some(run_id) = slots.queue.pop_front() else {
+                return;
+            };
+            let Ok(run) = self.inner.store.get_run(&run_id) else {
+                continue;
+            };
             slots.queued.remove(&run.policy_id);
             let token = self.inner.cancel.child_token();
             slots.running.insert(run.policy_id.clone(), (run.id.clone(), token.clone()));
@@ -381,7 +396,10 @@ impl Scheduler {
 
         let result = match run.kind {
             RunKind::Backup => self.backup(&policy, &mut run, &token).await,
-            other => Err(RunError { code: "unsupported".into(), message: format!("{} runs are not supported by this agent yet", other.as_str()) }),
+            other => Err(RunError {
+                code: "unsupported".into(),
+                message: format!("{} runs are not supported by this agent yet", other.as_str()),
+            }),
         };
         let now = Utc::now();
         run.finished_at = Some(now);
@@ -398,7 +416,14 @@ impl Scheduler {
                 } else {
                     RunState::Failed
                 };
-                *self.inner.counters.restic_errors.lock().unwrap_or_else(|p| p.into_inner()).entry(leak_code(&err.code)).or_default() += 1;
+                *self
+                    .inner
+                    .counters
+                    .restic_errors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(leak_code(&err.code))
+                    .or_default() += 1;
                 run.error = Some(err);
             }
         }
@@ -433,10 +458,16 @@ impl Scheduler {
         }
     }
 
-    async fn backup(&self, policy: &PolicyRecord, run: &mut RunRecord, token: &CancellationToken) -> Result<RunState, RunError> {
+    async fn backup(
+        &self,
+        policy: &PolicyRecord,
+        run: &mut RunRecord,
+        token: &CancellationToken,
+    ) -> Result<RunState, RunError> {
         let spec = &policy.spec;
         let path = PathBuf::from(&spec.source.path);
-        policies::check_allowed(&self.inner.config, &path).map_err(|e| RunError { code: "source_not_allowed".into(), message: e.message })?;
+        policies::check_allowed(&self.inner.config, &path)
+            .map_err(|e| RunError { code: "source_not_allowed".into(), message: e.message })?;
         let repo = repo_of(policy);
         let policy_tag = format!("policy={}", policy.id);
         let mut tags = vec!["soda-syncer".to_string(), policy_tag.clone()];
@@ -482,7 +513,11 @@ impl Scheduler {
             match self.inner.restic.forget(&repo, &policy_tag, &keep, token).await {
                 Ok(groups) => {
                     summary.snapshots_forgotten = groups.iter().map(|g| g.removed().len() as u64).sum();
-                    full_id = groups.iter().flat_map(|g| g.kept()).find(|s| s.short_id == short_id || s.id.starts_with(&short_id)).map(|s| s.id.clone());
+                    full_id = groups
+                        .iter()
+                        .flat_map(|g| g.kept())
+                        .find(|s| s.short_id == short_id || s.id.starts_with(&short_id))
+                        .map(|s| s.id.clone());
                 }
                 Err(e) => {
                     run.summary = Some(summary);

@@ -60,9 +60,17 @@ pub fn check_source(config: &Config, path: &str) -> Result<(), FieldError> {
     let p = Path::new(path);
     match std::fs::metadata(p) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(FieldError::new("source.path", format!("{path} is not a directory; give the directory to back up"))),
+        Ok(_) => {
+            return Err(FieldError::new(
+                "source.path",
+                format!("{path} is not a directory; give the directory to back up"),
+            ))
+        }
         Err(_) => {
-            return Err(FieldError::new("source.path", format!("{path} does not exist on this node; give an existing directory")))
+            return Err(FieldError::new(
+                "source.path",
+                format!("{path} does not exist on this node; give an existing directory"),
+            ))
         }
     }
     check_allowed(config, p)
@@ -81,7 +89,10 @@ impl Scheduler {
                     spec.repository.url = Some(config.local_repository().display().to_string());
                     if spec.repository.password.is_none() {
                         let pw = std::fs::read_to_string(config.local_repository_password_file()).map_err(|e| {
-                            FieldError::new("repository", format!("the local repository's password file cannot be read: {e}"))
+                            FieldError::new(
+                                "repository",
+                                format!("the local repository's password file cannot be read: {e}"),
+                            )
                         })?;
                         spec.repository.password = Some(Secret::new(pw.trim()));
                     }
@@ -89,13 +100,22 @@ impl Scheduler {
             }
         }
         if spec.repository.password.is_none() {
-            return Err(FieldError::new("repository.password", "a repository password is required for this repository"));
+            return Err(FieldError::new(
+                "repository.password",
+                "a repository password is required for this repository",
+            ));
         }
         Ok(())
     }
 
     /// Validate and store a new policy; its first run is due at once (plus jitter).
-    pub fn create_policy(&self, mut spec: PolicySpec, origin: Origin, volume: Option<String>, legacy_key: Option<String>) -> Result<PolicyRecord, PolicyError> {
+    pub fn create_policy(
+        &self,
+        mut spec: PolicySpec,
+        origin: Origin,
+        volume: Option<String>,
+        legacy_key: Option<String>,
+    ) -> Result<PolicyRecord, PolicyError> {
         let now = Utc::now();
         spec.validate(now)?;
         check_source(self.config(), &spec.source.path)?;
@@ -129,7 +149,9 @@ impl Scheduler {
         let now = Utc::now();
         spec.validate(now)?;
         check_source(self.config(), &spec.source.path)?;
-        if spec.repository.url.is_none() {
+        // A URL sent back as shown (its password redacted) means "unchanged".
+        let shown = p.spec.repository.url.as_deref().map(soda_syncer_domain::secret::redact_url);
+        if spec.repository.url.is_none() || spec.repository.url == shown {
             spec.repository.url = p.spec.repository.url.clone();
         }
         if spec.repository.password.is_none() && spec.repository.url == p.spec.repository.url {

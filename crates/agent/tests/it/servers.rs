@@ -31,19 +31,13 @@ const MOTO_START_DEADLINE: Duration = Duration::from_secs(60);
 /// The full path of `bin` if it is an executable file on `PATH`.
 pub fn which(bin: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let is_exec = |p: &Path| {
-        p.metadata()
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
+    let is_exec = |p: &Path| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
     if bin.contains('/') {
         let p = PathBuf::from(bin);
         return is_exec(&p).then_some(p);
     }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(bin))
-        .find(|p| is_exec(p))
+    std::env::split_paths(&path).map(|dir| dir.join(bin)).find(|p| is_exec(p))
 }
 
 /// A random alphanumeric string of `len` characters, from /dev/urandom.
@@ -106,11 +100,7 @@ impl Output {
                 let _ = tx.send(None);
             });
         }
-        Output {
-            rx,
-            open_streams,
-            seen,
-        }
+        Output { rx, open_streams, seen }
     }
 
     /// Wait for the first line for which `find` returns `Some`, until
@@ -177,8 +167,7 @@ pub struct RcloneRest {
 impl RcloneRest {
     /// Serve `data_dir` (created if missing) on a free loopback port.
     pub fn start(data_dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("create {}", data_dir.display()))?;
+        std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
         let mut s = RcloneRest {
             child: None,
             data_dir: data_dir.to_path_buf(),
@@ -215,10 +204,7 @@ impl RcloneRest {
     /// The restic repository URL for repository `name`:
     /// `rest:http://U:P@127.0.0.1:N/<name>/`.
     pub fn url(&self, name: &str) -> String {
-        format!(
-            "rest:http://{}:{}@127.0.0.1:{}/{}/",
-            self.user, self.pass, self.port, name
-        )
+        format!("rest:http://{}:{}@127.0.0.1:{}/{}/", self.user, self.pass, self.port, name)
     }
 
     /// Whether the server process is running (not stopped, not exited).
@@ -267,9 +253,7 @@ impl RcloneRest {
         let stderr = child.stderr.take().expect("piped stderr");
         self.child = Some(child);
         let mut output = Output::drain(vec![Box::new(stderr)]);
-        let found = output.wait_for(deadline, |line| {
-            port_after_loopback_url(line, "Serving restic REST API on ")
-        });
+        let found = output.wait_for(deadline, |line| port_after_loopback_url(line, "Serving restic REST API on "));
         self.output = Some(output);
         match found {
             Ok(port) => {
@@ -279,9 +263,7 @@ impl RcloneRest {
             Err(e) => {
                 // Kill it if it hangs, reap it if it died.
                 self.stop();
-                Err(e.context(format!(
-                    "`rclone serve restic --addr {addr}` did not report its address"
-                )))
+                Err(e.context(format!("`rclone serve restic --addr {addr}` did not report its address")))
             }
         }
     }
@@ -314,15 +296,10 @@ impl MotoS3 {
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         let mut output = Output::drain(vec![Box::new(stderr), Box::new(stdout)]);
-        let found = output.wait_for(Instant::now() + MOTO_START_DEADLINE, |line| {
-            port_after_loopback_url(line, "Running on ")
-        });
+        let found =
+            output.wait_for(Instant::now() + MOTO_START_DEADLINE, |line| port_after_loopback_url(line, "Running on "));
         match found {
-            Ok(port) => Ok(MotoS3 {
-                child: Some(child),
-                port,
-                output: Some(output),
-            }),
+            Ok(port) => Ok(MotoS3 { child: Some(child), port, output: Some(output) }),
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();

@@ -1,0 +1,9 @@
+//! Integration tests: the real soda-syncer binary (or its router
+//! in-process), the real restic, real object stores on loopback (rclone
+//! REST, moto S3), real bind mounts. One test binary keeps link time down.
+
+mod api;
+mod backup;
+mod legacy;
+mod servers;
+mod support;

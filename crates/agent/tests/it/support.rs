@@ -1,0 +1,237 @@
+//! Helpers for integration tests: the real `soda-syncer` binary as a child
+//! process, HTTP calls against it, polling with deadlines, bind mounts that
+//! clean up after themselves, and direct restic calls for checking results.
+
+#![allow(dead_code)]
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_soda-syncer");
+
+/// A running agent binary with its own state directory and log file.
+pub struct AgentProc {
+    pub child: Child,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    pub url: String,
+    pub args: Vec<String>,
+}
+
+impl AgentProc {
+    /// Start `soda-syncer serve` on 127.0.0.1:0 with `state_dir` and extra flags.
+    pub fn start(state_dir: &Path, extra: &[&str]) -> Result<AgentProc> {
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(state_dir, args)
+    }
+
+    fn spawn(state_dir: &Path, args: Vec<String>) -> Result<AgentProc> {
+        std::fs::create_dir_all(state_dir)?;
+        let url_file = state_dir.join("agent.url");
+        let _ = std::fs::remove_file(&url_file);
+        let log = state_dir.with_extension("log");
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child = Command::new(BIN)
+            .arg("serve")
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(["--listen", "127.0.0.1:0", "--node-name", "test-node"])
+            .args(&args)
+            .env("SODA_SYNCER_LOG", "info,soda_syncer=debug")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .spawn()
+            .context("spawning soda-syncer")?;
+        let mut agent = AgentProc { child, state_dir: state_dir.to_path_buf(), log, url: String::new(), args };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(u) = std::fs::read_to_string(&url_file) {
+                agent.url = u.trim().to_string();
+                return Ok(agent);
+            }
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("soda-syncer exited with {status} before listening; log:\n{}", agent.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("soda-syncer did not write its URL within 20 s; log:\n{}", agent.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().expect("wait")
+    }
+
+    /// Start again with the same state directory and flags.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        let new = Self::spawn(&self.state_dir.clone(), self.args.clone())?;
+        // The old child was reaped by kill9; dropping it again is harmless.
+        drop(std::mem::replace(self, new));
+        Ok(())
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let client = reqwest::Client::new();
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = client.request(m, format!("{}{}", self.url, path));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}\nagent log:\n{}", self.log_text()));
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let (status, v) = self.call("GET", path, None).await;
+        assert!(status < 300, "GET {path}: {status} {v}\nagent log:\n{}", self.log_text());
+        v
+    }
+
+    pub async fn create_policy(&self, body: Value) -> Value {
+        let (status, v) = self.call("POST", "/v1/policies", Some(body)).await;
+        assert_eq!(status, 201, "{v}\nagent log:\n{}", self.log_text());
+        v
+    }
+
+    /// Poll the runs of a policy until `pred` holds for the list (newest first).
+    pub async fn wait_runs(&self, policy: &str, secs: u64, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = self.get(&format!("/v1/runs?policy={policy}&limit=100")).await;
+            let runs = v["runs"].as_array().cloned().unwrap_or_default();
+            if pred(&runs) {
+                return runs;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {secs} s waiting for {what}; runs:\n{}\nagent log:\n{}",
+                    serde_json::to_string_pretty(&runs).unwrap(),
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn count_state(runs: &[Value], state: &str) -> usize {
+    runs.iter().filter(|r| r["state"] == state).count()
+}
+
+/// Run restic directly (to check what the agent wrote).
+pub fn restic(repo: &str, password: &str, env: &[(String, String)], args: &[&str]) -> Result<String> {
+    let cache = tempfile::tempdir()?;
+    let out = Command::new("restic")
+        .args(args)
+        .env("RESTIC_REPOSITORY", repo)
+        .env("RESTIC_PASSWORD", password)
+        .env("RESTIC_CACHE_DIR", cache.path())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!("restic {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A bind mount that is undone on drop (also when the test fails).
+pub struct BindMount {
+    pub target: PathBuf,
+    mounted: bool,
+}
+
+impl BindMount {
+    pub fn new(source: &Path, target: &Path) -> Result<BindMount> {
+        std::fs::create_dir_all(target)?;
+        let st = Command::new("mount").arg("--bind").arg(source).arg(target).status()?;
+        if !st.success() {
+            bail!("mount --bind {} {} failed (the tests run as root)", source.display(), target.display());
+        }
+        Ok(BindMount { target: target.to_path_buf(), mounted: true })
+    }
+
+    pub fn unmount(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.target).status();
+            self.mounted = false;
+        }
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+/// Fill `dir` with `n` files of `size` bytes of pseudo-random content.
+pub fn fill(dir: &Path, n: usize, size: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut x: u64 = 0x9e3779b97f4a7c15 ^ n as u64;
+    for i in 0..n {
+        let mut buf = vec![0u8; size];
+        for b in buf.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        std::fs::write(dir.join(format!("f{i:05}")), buf).unwrap();
+    }
+}
+
+/// The pids of processes whose parent is `ppid` and whose comm is `name`.
+pub fn children_named(ppid: u32, name: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // comm is in parentheses; ppid is the 2nd field after it.
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let comm = &stat[stat.find('(').map(|i| i + 1).unwrap_or(0)..close];
+        let rest: Vec<&str> = stat[close + 2..].split(' ').collect();
+        if comm == name && rest.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid) {
+            out.push(pid);
+        }
+    }
+    out
+}
