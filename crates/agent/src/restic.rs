@@ -129,6 +129,8 @@ pub struct Restic {
     /// Serialises `init`, so two policies that share a new repository do
     /// not race to create it.
     init_lock: Arc<tokio::sync::Mutex<()>>,
+    /// How often a lock conflict was met and stale locks were removed.
+    lock_recoveries: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Restic {
@@ -140,6 +142,7 @@ impl Restic {
             timeout,
             unreachable_after: Duration::from_secs(300),
             init_lock: Arc::default(),
+            lock_recoveries: Arc::default(),
         }
     }
 
@@ -207,6 +210,15 @@ impl Restic {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        // If the agent dies (even by SIGKILL), restic gets SIGTERM and
+        // removes its lock instead of running on as an orphan.
+        // SAFETY: prctl is async-signal-safe and touches only the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
+                Ok(())
+            });
+        }
         let mut child = cmd.spawn().map_err(|e| self.spawn_error(e))?;
         let pid = child.id();
         let stdout = child.stdout.take().expect("piped");
@@ -365,6 +377,18 @@ impl Restic {
         self.simple(repo, vec!["unlock".into()], cancel).await.map(|_| ())
     }
 
+    /// A command met a lock: remove stale ones (logged and counted), so
+    /// the caller can try once more. A live holder's lock is left alone.
+    async fn recover_lock(&self, repo: &Repo, command: &str, cancel: &CancellationToken) -> Result<(), ResticError> {
+        self.lock_recoveries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(repository = %repo.display(), command, "repository locked: removing stale locks and trying once more");
+        self.unlock(repo, cancel).await
+    }
+
+    pub fn lock_recoveries(&self) -> u64 {
+        self.lock_recoveries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// One `backup --json` of `req.path`, without recovery.
     async fn backup_once(
         &self,
@@ -427,8 +451,7 @@ impl Restic {
                 }
                 Err(ResticError::RepositoryLocked { .. }) if !unlocked => {
                     unlocked = true;
-                    tracing::warn!(repository = %repo.display(), "repository locked: removing stale locks and trying once more");
-                    self.unlock(repo, cancel).await?;
+                    self.recover_lock(repo, "backup", cancel).await?;
                 }
                 other => return other,
             }
@@ -470,7 +493,7 @@ impl Restic {
                 }
                 Err(ResticError::RepositoryLocked { .. }) if !unlocked => {
                     unlocked = true;
-                    self.unlock(repo, cancel).await?;
+                    self.recover_lock(repo, "forget", cancel).await?;
                 }
                 Err(e) => return Err(e),
             }

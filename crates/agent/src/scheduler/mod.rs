@@ -406,9 +406,13 @@ impl Scheduler {
         run.progress = self.live_progress(&run.id).or(run.progress.take());
         match result {
             Ok(state) => run.state = state,
-            Err(err) => {
+            Err(mut err) => {
                 run.state = if err.code == "cancelled" {
                     if self.inner.cancel.is_cancelled() {
+                        err = RunError {
+                            code: "agent_stopped".into(),
+                            message: "the agent was stopped during this run; it runs again after the next start".into(),
+                        };
                         RunState::Interrupted
                     } else {
                         RunState::Cancelled

@@ -5,5 +5,6 @@
 mod api;
 mod backup;
 mod legacy;
+mod lifecycle;
 mod servers;
 mod support;

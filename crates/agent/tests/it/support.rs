@@ -24,22 +24,43 @@ pub struct AgentProc {
 impl AgentProc {
     /// Start `soda-syncer serve` on 127.0.0.1:0 with `state_dir` and extra flags.
     pub fn start(state_dir: &Path, extra: &[&str]) -> Result<AgentProc> {
-        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_as(state_dir, extra, None)
+    }
+
+    /// As `start`, but as another user (by uid; its group is the same number).
+    pub fn start_as(state_dir: &Path, extra: &[&str], uid: Option<u32>) -> Result<AgentProc> {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if let Some(uid) = uid {
+            std::fs::create_dir_all(state_dir)?;
+            std::os::unix::fs::chown(state_dir, Some(uid), Some(uid))?;
+            args.push(format!("--as-uid={uid}"));
+        }
         Self::spawn(state_dir, args)
     }
 
     fn spawn(state_dir: &Path, args: Vec<String>) -> Result<AgentProc> {
         std::fs::create_dir_all(state_dir)?;
+        // `--as-uid` is ours, not the agent's: it becomes setpriv in front.
+        let as_uid = args.iter().find_map(|a| a.strip_prefix("--as-uid=").map(str::to_string));
+        let agent_args: Vec<String> = args.iter().filter(|a| !a.starts_with("--as-uid=")).cloned().collect();
         let url_file = state_dir.join("agent.url");
         let _ = std::fs::remove_file(&url_file);
         let log = state_dir.with_extension("log");
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        let child = Command::new(BIN)
+        let mut cmd = match &as_uid {
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into(), BIN.into()]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--state-dir")
             .arg(state_dir)
             .args(["--listen", "127.0.0.1:0", "--node-name", "test-node"])
-            .args(&args)
+            .args(&agent_args)
             .env("SODA_SYNCER_LOG", "info,soda_syncer=debug")
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
