@@ -1,6 +1,8 @@
-//! The command-line client: talks to a running agent over HTTP. Exit codes:
-//! 0 ok, 1 failed, 2 bad usage, 3 partial (a run that saved a snapshot but
-//! not everything, or one that looks suspicious).
+//! The command-line client. Most commands talk to a running agent over
+//! HTTP; `snapshots --repo` and `restore --repo` talk to restic directly, for
+//! when the node, the agent and its database are gone. Exit codes: 0 ok,
+//! 1 failed, 2 bad usage, 3 partial (a run that saved a snapshot but not
+//! everything, or one that looks suspicious).
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -34,18 +36,22 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// Bearer token for the agent's API.
+    #[arg(long, global = true, env = "SODA_SYNCER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage backup policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -56,6 +62,35 @@ pub enum Command {
         /// Wait for the run to end, showing its progress; the exit code is the run's.
         #[arg(long, short = 'f')]
         follow: bool,
+    },
+    /// List a policy's snapshots (from the agent), or a repository's (with --repo, no agent needed).
+    Snapshots(SnapshotsArgs),
+    /// Restore a snapshot: through the agent (a policy), or straight from a repository (--repo).
+    Restore(Box<RestoreArgs>),
+    /// Repository maintenance for a policy's repository: forget, prune, check.
+    Maintenance {
+        /// Policy id or name.
+        policy: String,
+        /// Apply the policy's retention now.
+        #[arg(long)]
+        forget: bool,
+        /// Remove unreferenced data.
+        #[arg(long)]
+        prune: bool,
+        /// Verify the repository.
+        #[arg(long)]
+        check: bool,
+        /// With --check: also read this much data (5%, 1/10, 500M).
+        #[arg(long, requires = "check")]
+        read_data_subset: Option<String>,
+        /// Wait for the run to end.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// List runs, newest first.
     Runs {
@@ -81,12 +116,97 @@ pub enum PolicyCommand {
     Get { policy: String },
     /// Create a policy from flags, or from a JSON file with --file.
     Create(Box<CreateArgs>),
+    /// Change a policy: flags for common fields, or --file with a JSON merge patch.
+    Edit(Box<EditArgs>),
     /// Delete a policy (its snapshots stay in the repository).
     Delete { policy: String },
     /// Stop scheduling a policy's backups.
     Pause { policy: String },
     /// Schedule a paused policy again.
     Resume { policy: String },
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotsArgs {
+    /// Policy id or name (through the agent).
+    #[arg(required_unless_present = "repo")]
+    pub policy: Option<String>,
+    #[command(flatten)]
+    pub direct: DirectRepo,
+}
+
+/// Reading a repository without the agent.
+#[derive(Debug, Clone, Args)]
+pub struct DirectRepo {
+    /// The restic repository URL; credentials (AWS_*, ...) come from your environment.
+    #[arg(long, conflicts_with = "policy")]
+    pub repo: Option<String>,
+    /// File holding the repository password [default: $RESTIC_PASSWORD].
+    #[arg(long, requires = "repo")]
+    pub password_file: Option<PathBuf>,
+    /// Only snapshots of this node (restic --host).
+    #[arg(long, requires = "repo")]
+    pub host: Option<String>,
+    /// Only snapshots of this volume (the tag volume=PV the agent writes).
+    #[arg(long, requires = "repo")]
+    pub volume: Option<String>,
+    /// Only snapshots of this policy id (the tag policy=ID).
+    #[arg(long = "policy-id", requires = "repo")]
+    pub policy_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Policy id or name (through the agent).
+    #[arg(required_unless_present = "repo")]
+    pub policy: Option<String>,
+    #[command(flatten)]
+    pub direct: DirectRepo,
+    /// `latest` or a snapshot id.
+    #[arg(long, default_value = "latest")]
+    pub snapshot: String,
+    /// An empty or new directory [through the agent, default: under its state directory].
+    #[arg(long)]
+    pub target: Option<PathBuf>,
+    /// Only these sub-paths of the volume (repeatable).
+    #[arg(long)]
+    pub include: Vec<String>,
+    /// Restore over the live source (through the agent only).
+    #[arg(long, conflicts_with_all = ["target", "repo"])]
+    pub in_place: bool,
+    /// Read restored files back and compare them with the repository.
+    #[arg(long)]
+    pub verify: bool,
+    /// Wait for the agent's restore run to end, showing progress.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EditArgs {
+    pub policy: String,
+    /// A JSON merge patch (RFC 7396); "-" reads standard input.
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+    #[arg(long, conflicts_with = "cron")]
+    pub interval: Option<u64>,
+    #[arg(long)]
+    pub cron: Option<String>,
+    #[arg(long, requires = "cron")]
+    pub timezone: Option<String>,
+    #[arg(long)]
+    pub jitter: Option<u64>,
+    #[arg(long)]
+    pub keep_last: Option<u32>,
+    #[arg(long)]
+    pub keep_daily: Option<u32>,
+    #[arg(long)]
+    pub keep_weekly: Option<u32>,
+    #[arg(long)]
+    pub keep_monthly: Option<u32>,
+    /// A new source directory.
+    #[arg(long)]
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +264,7 @@ pub struct CreateArgs {
 
 struct Client {
     base: String,
+    token: Option<String>,
     http: reqwest::Client,
 }
 
@@ -156,12 +277,19 @@ impl Client {
                 .unwrap_or_else(|_| "http://127.0.0.1:50030".into())
         });
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("HTTP client");
-        Client { base: base.trim_end_matches('/').to_string(), http }
+        Client { base: base.trim_end_matches('/').to_string(), token: args.token.clone(), http }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let url = format!("{}{}", self.base, path);
-        let mut req = self.http.request(method, &url);
+        let mut req = self.request(method, path);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -183,6 +311,11 @@ impl Client {
 }
 
 pub fn run_client(args: &ClientArgs, cmd: Command) -> i32 {
+    if let Command::Completions { shell } = cmd {
+        use clap::CommandFactory;
+        clap_complete::generate(shell, &mut Cli::command(), "soda-syncer", &mut std::io::stdout());
+        return 0;
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let client = Client::new(args);
     match rt.block_on(dispatch(&client, args.output, cmd)) {
@@ -247,16 +380,53 @@ async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> 
         }
         Command::Run { policy, follow } => {
             let run = c.call(Method::POST, &format!("/v1/policies/{}/run", enc(&policy)), None).await?;
-            let id = run["id"].as_str().unwrap_or_default().to_string();
-            if !follow {
-                print_value(out, &run, |v| {
-                    println!("queued run {} of policy {policy}", v["id"].as_str().unwrap_or(""))
+            return finish_run(c, out, run, follow).await;
+        }
+        Command::Completions { .. } => unreachable!("handled before"),
+        Command::Policy(PolicyCommand::Edit(a)) => {
+            let patch = edit_patch(&a)?;
+            let v = c.call(Method::PATCH, &format!("/v1/policies/{}", enc(&a.policy)), Some(patch)).await?;
+            print_value(out, &v, |v| println!("updated policy {}", v["name"].as_str().unwrap_or("")));
+        }
+        Command::Snapshots(a) => {
+            let v = match (&a.policy, &a.direct.repo) {
+                (_, Some(_)) => crate::direct::snapshots(&a.direct).await?,
+                (Some(p), None) => c.call(Method::GET, &format!("/v1/policies/{}/snapshots", enc(p)), None).await?,
+                (None, None) => bail!("name a policy, or a repository with --repo"),
+            };
+            print_value(out, &v, print_snapshots);
+        }
+        Command::Restore(a) => {
+            if a.direct.repo.is_some() {
+                let target = a.target.clone().ok_or_else(|| anyhow!("--repo needs --target DIR"))?;
+                let v = crate::direct::restore(&a.direct, &a.snapshot, &target, &a.include, a.verify).await?;
+                print_value(out, &v, |v| {
+                    println!(
+                        "restored snapshot {} ({} files, {} bytes) into {}",
+                        s(&v["snapshotId"]).chars().take(8).collect::<String>(),
+                        s(&v["files"]),
+                        s(&v["bytes"]),
+                        target.display()
+                    )
                 });
                 return Ok(0);
             }
-            let end = follow_run(c, &id, out == Output::Table).await?;
-            print_value(out, &end, |v| print_runs(&json!({ "runs": [v] })));
-            return Ok(exit_code_for(end["state"].as_str().unwrap_or("")));
+            let policy = a.policy.clone().ok_or_else(|| anyhow!("name a policy, or a repository with --repo"))?;
+            let mut body =
+                json!({ "snapshot": a.snapshot, "include": a.include, "inPlace": a.in_place, "verify": a.verify });
+            if let Some(t) = &a.target {
+                body["target"] = json!(t);
+            }
+            let run = c.call(Method::POST, &format!("/v1/policies/{}/restore", enc(&policy)), Some(body)).await?;
+            return finish_run(c, out, run, a.follow).await;
+        }
+        Command::Maintenance { policy, forget, prune, check, read_data_subset, follow } => {
+            if !(forget || prune || check) {
+                bail!("choose at least one of --forget, --prune, --check");
+            }
+            let body = json!({ "forget": forget, "prune": prune, "check": check, "readDataSubset": read_data_subset });
+            let run = c.call(Method::POST, &format!("/v1/policies/{}/maintenance", enc(&policy)), Some(body)).await?;
+            return finish_run(c, out, run, follow).await;
         }
         Command::Runs { policy, state, kind, limit } => {
             let mut q = vec![format!("limit={limit}")];
@@ -285,29 +455,116 @@ pub fn exit_code_for(state: &str) -> i32 {
     }
 }
 
-async fn follow_run(c: &Client, id: &str, show: bool) -> anyhow::Result<Value> {
-    loop {
-        let run = c.call(reqwest::Method::GET, &format!("/v1/runs/{}", enc(id)), None).await?;
-        let state = run["state"].as_str().unwrap_or("");
-        if !matches!(state, "queued" | "running") {
-            if show {
-                eprintln!();
-            }
-            return Ok(run);
-        }
-        if show {
-            let p = &run["progress"];
-            eprint!(
-                "\r{state:<8} {:>5.1}%  files {}/{}  bytes {}/{}   ",
-                p["percentDone"].as_f64().unwrap_or(0.0) * 100.0,
-                p["filesDone"].as_u64().unwrap_or(0),
-                p["totalFiles"].as_u64().unwrap_or(0),
-                p["bytesDone"].as_u64().unwrap_or(0),
-                p["totalBytes"].as_u64().unwrap_or(0)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+/// Print a queued run, or follow it to its end; the exit code is the run's.
+async fn finish_run(c: &Client, out: Output, run: Value, follow: bool) -> anyhow::Result<i32> {
+    if !follow {
+        print_value(out, &run, |v| println!("queued {} run {}", s(&v["kind"]), s(&v["id"])));
+        return Ok(0);
     }
+    let id = run["id"].as_str().unwrap_or_default().to_string();
+    let end = follow_run(c, &id).await?;
+    print_value(out, &end, |v| print_runs(&json!({ "runs": [v] })));
+    if let Some(e) = end["error"]["message"].as_str() {
+        eprintln!("error: {e}");
+    }
+    if let Some(w) = end["warning"].as_str() {
+        eprintln!("warning: {w}");
+    }
+    Ok(exit_code_for(end["state"].as_str().unwrap_or("")))
+}
+
+/// Follow `GET /v1/runs/{id}/events` (server-sent events) until the `end`
+/// event, drawing a progress bar on a terminal (nothing otherwise).
+async fn follow_run(c: &Client, id: &str) -> anyhow::Result<Value> {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg:10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    let mut resp = c.request(reqwest::Method::GET, &format!("/v1/runs/{}/events", enc(id))).send().await?;
+    if !resp.status().is_success() {
+        bail!("cannot follow run {id}: HTTP {}", resp.status().as_u16());
+    }
+    let mut buf = String::new();
+    let mut last: Option<Value> = None;
+    while let Some(chunk) = resp.chunk().await? {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            let event =
+                frame.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim).unwrap_or("message").to_string();
+            let data: String = frame.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim).collect();
+            let Ok(run) = serde_json::from_str::<Value>(&data) else { continue };
+            let p = &run["progress"];
+            bar.set_length(p["totalBytes"].as_u64().unwrap_or(0));
+            bar.set_position(p["bytesDone"].as_u64().unwrap_or(0));
+            bar.set_message(format!(
+                "{} {}/{}",
+                s(&run["state"]),
+                p["filesDone"].as_u64().unwrap_or(0),
+                p["totalFiles"].as_u64().unwrap_or(0)
+            ));
+            bar.tick();
+            if event == "end" {
+                bar.finish_and_clear();
+                return Ok(run);
+            }
+            last = Some(run);
+        }
+    }
+    bar.finish_and_clear();
+    // The stream ended early (agent restarted?): ask once more.
+    match c.call(reqwest::Method::GET, &format!("/v1/runs/{}", enc(id)), None).await {
+        Ok(v) => Ok(v),
+        Err(e) => last.ok_or(e),
+    }
+}
+
+fn edit_patch(a: &EditArgs) -> anyhow::Result<Value> {
+    if let Some(f) = &a.file {
+        let text = if f.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())?
+        } else {
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
+        };
+        return serde_json::from_str(&text).with_context(|| format!("{} is not JSON", f.display()));
+    }
+    let mut patch = serde_json::Map::new();
+    match (a.interval, &a.cron) {
+        (Some(i), _) => {
+            patch.insert("schedule".into(), json!({ "intervalSeconds": i, "cron": null, "timezone": null }));
+        }
+        (None, Some(c)) => {
+            patch.insert("schedule".into(), json!({ "intervalSeconds": null, "cron": c, "timezone": a.timezone }));
+        }
+        _ => {}
+    }
+    if let Some(j) = a.jitter {
+        patch.insert("jitterSeconds".into(), json!(j));
+    }
+    let mut retention = serde_json::Map::new();
+    for (k, v) in [
+        ("keepLast", a.keep_last),
+        ("keepDaily", a.keep_daily),
+        ("keepWeekly", a.keep_weekly),
+        ("keepMonthly", a.keep_monthly),
+    ] {
+        if let Some(v) = v {
+            retention.insert(k.into(), json!(v));
+        }
+    }
+    if !retention.is_empty() {
+        patch.insert("retention".into(), Value::Object(retention));
+    }
+    if let Some(src) = &a.source {
+        patch.insert("source".into(), json!({ "path": src }));
+    }
+    if patch.is_empty() {
+        bail!("nothing to change: give --file or a flag such as --interval");
+    }
+    Ok(Value::Object(patch))
 }
 
 fn create_body(a: &CreateArgs) -> anyhow::Result<Value> {
@@ -389,8 +646,69 @@ fn create_body(a: &CreateArgs) -> anyhow::Result<Value> {
 fn print_value(out: Output, v: &Value, table: impl FnOnce(&Value)) {
     match out {
         Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        Output::Yaml => print!("{}", to_yaml(v)),
         Output::Table => table(v),
     }
+}
+
+/// YAML for a JSON value (block style; strings quoted as JSON, which is valid YAML).
+pub fn to_yaml(v: &Value) -> String {
+    fn scalar(v: &Value) -> String {
+        match v {
+            Value::String(s) => serde_json::to_string(s).unwrap_or_default(),
+            Value::Null => "null".into(),
+            other => other.to_string(),
+        }
+    }
+    fn walk(v: &Value, indent: usize, out: &mut String) {
+        let pad = "  ".repeat(indent);
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, v) in m {
+                    let key = serde_json::to_string(k).unwrap_or_default();
+                    match v {
+                        Value::Object(c) if !c.is_empty() => {
+                            out.push_str(&format!("{pad}{key}:\n"));
+                            walk(v, indent + 1, out);
+                        }
+                        Value::Array(a) if !a.is_empty() => {
+                            out.push_str(&format!("{pad}{key}:\n"));
+                            walk(v, indent, out);
+                        }
+                        _ => out.push_str(&format!("{pad}{key}: {}\n", inline(v))),
+                    }
+                }
+            }
+            Value::Array(a) if !a.is_empty() => {
+                for item in a {
+                    match item {
+                        Value::Object(c) if !c.is_empty() => {
+                            let mut inner = String::new();
+                            walk(item, indent + 1, &mut inner);
+                            let trimmed = inner.trim_start().to_string();
+                            out.push_str(&format!("{pad}- {trimmed}"));
+                        }
+                        Value::Array(c) if !c.is_empty() => {
+                            out.push_str(&format!("{pad}-\n"));
+                            walk(item, indent + 1, out);
+                        }
+                        _ => out.push_str(&format!("{pad}- {}\n", inline(item))),
+                    }
+                }
+            }
+            other => out.push_str(&format!("{pad}{}\n", inline(other))),
+        }
+    }
+    fn inline(v: &Value) -> String {
+        match v {
+            Value::Object(_) => "{}".into(),
+            Value::Array(_) => "[]".into(),
+            other => scalar(other),
+        }
+    }
+    let mut out = String::new();
+    walk(v, 0, &mut out);
+    out
 }
 
 fn s(v: &Value) -> String {
@@ -449,6 +767,30 @@ fn print_policies(out: Output, v: &Value) {
         })
         .unwrap_or_default();
     table(&["ID", "NAME", "ORIGIN", "SOURCE", "SCHEDULE", "STATE", "NEXT RUN", "LAST RUN"], rows);
+}
+
+fn print_snapshots(v: &Value) {
+    let rows = v["snapshots"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|sn| {
+                    let tags: Vec<String> =
+                        sn["tags"].as_array().map(|t| t.iter().map(s).collect()).unwrap_or_default();
+                    let paths: Vec<String> =
+                        sn["paths"].as_array().map(|t| t.iter().map(s).collect()).unwrap_or_default();
+                    vec![
+                        s(&sn["shortId"]),
+                        s(&sn["time"]).chars().take(19).collect(),
+                        s(&sn["hostname"]),
+                        paths.join(","),
+                        tags.join(","),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(&["ID", "TIME", "HOST", "PATHS", "TAGS"], rows);
 }
 
 fn print_runs(v: &Value) {

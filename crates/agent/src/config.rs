@@ -47,6 +47,21 @@ pub struct ServeArgs {
     /// Stop a run whose repository restic has kept retrying for this long [default: 300].
     #[arg(long, env = "SODA_SYNCER_REPOSITORY_TIMEOUT_SECONDS")]
     pub repository_timeout_seconds: Option<u64>,
+    /// Prune each repository this often [default: 604800, weekly].
+    #[arg(long, env = "SODA_SYNCER_PRUNE_EVERY_SECONDS")]
+    pub prune_every_seconds: Option<u64>,
+    /// Check each repository this often [default: 604800, weekly].
+    #[arg(long, env = "SODA_SYNCER_CHECK_EVERY_SECONDS")]
+    pub check_every_seconds: Option<u64>,
+    /// Scheduled checks also read this much data (e.g. 5%, 1/10, 500M) [default: structure only].
+    #[arg(long, env = "SODA_SYNCER_CHECK_READ_DATA_SUBSET")]
+    pub check_read_data_subset: Option<String>,
+    /// Spread each repository's maintenance by up to this many seconds [default: 3600].
+    #[arg(long, env = "SODA_SYNCER_MAINTENANCE_JITTER_SECONDS")]
+    pub maintenance_jitter_seconds: Option<u64>,
+    /// Keep this many finished runs per policy in the database [default: 1000].
+    #[arg(long, env = "SODA_SYNCER_KEEP_RUNS")]
+    pub keep_runs: Option<usize>,
     /// Log lines as JSON instead of text.
     #[arg(long, env = "SODA_SYNCER_LOG_JSON")]
     pub log_json: bool,
@@ -67,6 +82,11 @@ struct FileConfig {
     default_repository: Option<String>,
     run_timeout_seconds: Option<u64>,
     repository_timeout_seconds: Option<u64>,
+    prune_every_seconds: Option<u64>,
+    check_every_seconds: Option<u64>,
+    check_read_data_subset: Option<String>,
+    maintenance_jitter_seconds: Option<u64>,
+    keep_runs: Option<usize>,
 }
 
 /// The resolved configuration the daemon runs with. Tests build it directly.
@@ -84,6 +104,12 @@ pub struct Config {
     pub run_timeout: Duration,
     /// How long restic may keep retrying an unreachable repository.
     pub repository_timeout: Duration,
+    pub prune_every: Duration,
+    pub check_every: Duration,
+    pub check_read_data_subset: Option<String>,
+    pub maintenance_jitter: Duration,
+    /// Finished runs kept per policy.
+    pub keep_runs: usize,
     /// A backup whose file count or size falls by more than this fraction
     /// against the last good one is `suspicious`.
     pub suspicious_drop_fraction: f64,
@@ -119,6 +145,11 @@ impl Config {
             default_repository: None,
             run_timeout: Duration::from_secs(86400),
             repository_timeout: Duration::from_secs(300),
+            prune_every: Duration::from_secs(7 * 86400),
+            check_every: Duration::from_secs(7 * 86400),
+            check_read_data_subset: None,
+            maintenance_jitter: Duration::from_secs(3600),
+            keep_runs: 1000,
             suspicious_drop_fraction: 0.5,
             shutdown_grace: Duration::from_secs(10),
             require_mountpoints: true,
@@ -167,6 +198,19 @@ impl Config {
         if let Some(v) = args.repository_timeout_seconds.or(file.repository_timeout_seconds) {
             c.repository_timeout = Duration::from_secs(v);
         }
+        if let Some(v) = args.prune_every_seconds.or(file.prune_every_seconds) {
+            c.prune_every = Duration::from_secs(v);
+        }
+        if let Some(v) = args.check_every_seconds.or(file.check_every_seconds) {
+            c.check_every = Duration::from_secs(v);
+        }
+        c.check_read_data_subset = args.check_read_data_subset.clone().or(file.check_read_data_subset);
+        if let Some(v) = args.maintenance_jitter_seconds.or(file.maintenance_jitter_seconds) {
+            c.maintenance_jitter = Duration::from_secs(v);
+        }
+        if let Some(v) = args.keep_runs.or(file.keep_runs) {
+            c.keep_runs = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -177,6 +221,14 @@ impl Config {
                 "--max-concurrent-runs must be between 1 and 64; got {}",
                 self.max_concurrent_runs
             )));
+        }
+        if self.keep_runs == 0 {
+            return Err(ConfigError::Invalid("--keep-runs must be at least 1".into()));
+        }
+        if self.prune_every.is_zero() || self.check_every.is_zero() {
+            return Err(ConfigError::Invalid(
+                "--prune-every-seconds and --check-every-seconds must be at least 1".into(),
+            ));
         }
         if self.rescan_interval.is_zero() {
             return Err(ConfigError::Invalid("--rescan-seconds must be at least 1".into()));
@@ -208,6 +260,10 @@ impl Config {
     }
     pub fn local_repository_password_file(&self) -> PathBuf {
         self.state_dir.join("repository.password")
+    }
+    /// Where restores go when a request names no target.
+    pub fn restore_dir(&self) -> PathBuf {
+        self.state_dir.join("restores")
     }
     /// Where a running agent writes the URL it serves on, for the CLI.
     pub fn url_file(&self) -> PathBuf {

@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod direct;
 pub mod http;
 pub mod ids;
 pub mod kubelet;

@@ -4,7 +4,7 @@ use soda_syncer::cli::{Cli, Command};
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         other => soda_syncer::cli::run_client(&cli.client, other),
     };
     std::process::exit(code);

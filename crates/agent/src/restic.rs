@@ -529,6 +529,105 @@ impl Restic {
     }
 }
 
+/// One restore: a snapshot (by full or short id) into `target`.
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    pub snapshot_id: String,
+    pub target: PathBuf,
+    /// Absolute paths inside the snapshot to restore (all when empty).
+    pub include: Vec<String>,
+    pub verify: bool,
+}
+
+impl Restic {
+    /// The newest snapshot carrying `tag` (and `host`, when given).
+    pub async fn latest_snapshot(
+        &self,
+        repo: &Repo,
+        tag: Option<&str>,
+        host: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Snapshot>, ResticError> {
+        let mut snaps = self.snapshots(repo, tag, host, &[], cancel).await?;
+        snaps.sort_by(|a, b| a.time.cmp(&b.time));
+        Ok(snaps.pop())
+    }
+
+    /// Size and file count a restore of the snapshot writes (`stats --mode restore-size`).
+    pub async fn restore_size(
+        &self,
+        repo: &Repo,
+        snapshot_id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(u64, u64), ResticError> {
+        let out = self
+            .simple(
+                repo,
+                vec!["stats".into(), "--json".into(), "--mode".into(), "restore-size".into(), snapshot_id.into()],
+                cancel,
+            )
+            .await?;
+        let v: serde_json::Value =
+            out.lines().find(|l| l.starts_with('{')).and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default();
+        Ok((v["total_size"].as_u64().unwrap_or(0), v["total_file_count"].as_u64().unwrap_or(0)))
+    }
+
+    /// `restic restore`. restic 0.14 prints no progress for restores; the
+    /// caller measures what has been written instead.
+    pub async fn restore(
+        &self,
+        repo: &Repo,
+        req: &RestoreRequest,
+        cancel: &CancellationToken,
+    ) -> Result<(), ResticError> {
+        let mut args: Vec<OsString> =
+            vec!["restore".into(), req.snapshot_id.clone().into(), "--target".into(), req.target.clone().into()];
+        for i in &req.include {
+            args.push("--include".into());
+            args.push(i.into());
+        }
+        if req.verify {
+            args.push("--verify".into());
+        }
+        self.simple(repo, args, cancel).await.map(|_| ())
+    }
+
+    /// `restic prune`, after removing stale locks if the repository is locked.
+    pub async fn prune(&self, repo: &Repo, cancel: &CancellationToken) -> Result<String, ResticError> {
+        self.exclusive(repo, vec!["prune".into()], cancel).await
+    }
+
+    /// `restic check`, optionally reading a subset of the data (`5%`, `1/10`, `100M`).
+    pub async fn check(
+        &self,
+        repo: &Repo,
+        read_data_subset: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> Result<String, ResticError> {
+        let mut args: Vec<OsString> = vec!["check".into()];
+        if let Some(s) = read_data_subset {
+            args.push(format!("--read-data-subset={s}").into());
+        }
+        self.exclusive(repo, args, cancel).await
+    }
+
+    async fn exclusive(
+        &self,
+        repo: &Repo,
+        args: Vec<OsString>,
+        cancel: &CancellationToken,
+    ) -> Result<String, ResticError> {
+        let command = args[0].to_string_lossy().into_owned();
+        match self.simple(repo, args.clone(), cancel).await {
+            Err(ResticError::RepositoryLocked { .. }) => {
+                self.recover_lock(repo, &command, cancel).await?;
+                self.simple(repo, args, cancel).await
+            }
+            other => other,
+        }
+    }
+}
+
 /// The parts of the agent's environment restic may see: the search path,
 /// temp dir, proxies and CA settings. Never a secret of the agent's own.
 fn passthrough_env() -> Vec<(String, String)> {

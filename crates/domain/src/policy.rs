@@ -24,7 +24,7 @@ impl FieldError {
 }
 
 /// Who made a policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
     Api,
@@ -45,32 +45,45 @@ impl Origin {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// What to back up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceSpec {
+    /// An existing directory on this node, below one of the agent's allowed roots.
+    #[schema(example = "/var/lib/data")]
     pub path: String,
 }
 
 /// Where backups go. `url` absent means the agent's default local
 /// repository. Secrets are accepted here and never shown again.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RepositorySpec {
+    /// Any restic repository URL (`s3:host/bucket/prefix`, `rest:http://...`,
+    /// `/local/path`); absent means the agent's default repository.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// The repository password; write-only. Left out on PUT/PATCH: kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(write_only, value_type = Option<String>, format = Password)]
     pub password: Option<Secret>,
+    /// Storage credentials passed to restic (AWS_*, B2_*, AZURE_*, GOOGLE_*,
+    /// OS_*, ST_*); write-only. A null value on PUT keeps the stored one.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(write_only, value_type = BTreeMap<String, Option<String>>)]
     pub env: BTreeMap<String, Option<Secret>>,
     /// Read-only in responses; tolerated (and ignored) on input so that a
     /// GET can be edited and PUT back.
     #[serde(default, skip_serializing)]
+    #[schema(ignore)]
     pub password_set: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
+    #[schema(ignore)]
     pub env_set: Option<IgnoredAny>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// How the agent makes the source consistent before restic reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ConsistencyMode {
     #[default]
@@ -83,7 +96,8 @@ pub enum ConsistencyMode {
     Lvm,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Commands run before and after the backup, each an argv array (no shell).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Hooks {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -96,7 +110,7 @@ fn default_max_freeze_ms() -> u64 {
     2000
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConsistencySpec {
     #[serde(default)]
@@ -104,6 +118,7 @@ pub struct ConsistencySpec {
     #[serde(default)]
     pub hooks: Hooks,
     #[serde(default = "default_max_freeze_ms")]
+    #[schema(minimum = 1, maximum = 600000, default = 2000)]
     pub max_freeze_ms: u64,
     /// Fail the run instead of backing up the live volume when no
     /// point-in-time method applies.
@@ -125,14 +140,19 @@ impl Default for ConsistencySpec {
 /// A policy as written by a caller (POST/PUT body, or a PATCH merged into
 /// the stored one). Unknown fields are refused; the read-only fields of a
 /// response are tolerated and ignored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicySpec {
+    /// Unique on this agent: 1 to 63 letters, digits, `-`, `_` or `.`,
+    /// starting and ending with a letter or digit.
+    #[schema(max_length = 63, pattern = "^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$", example = "orders-db")]
     pub name: String,
     pub source: SourceSpec,
     #[serde(default)]
     pub repository: RepositorySpec,
     pub schedule: ScheduleSpec,
+    /// Each run starts up to this many seconds after its slot (the same
+    /// offset for the same policy and slot); at most the time between two runs.
     #[serde(default)]
     pub jitter_seconds: u64,
     #[serde(default)]
@@ -141,30 +161,42 @@ pub struct PolicySpec {
     pub consistency: ConsistencySpec,
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// Extra restic tags: letters, digits and `- _ . = : /`; the prefixes
+    /// `soda-syncer`, `policy=` and `volume=` are the agent's own.
     #[serde(default)]
     pub tags: Vec<String>,
     #[serde(default)]
     pub paused: bool,
     // Read-only response fields, ignored on input.
     #[serde(default, skip_serializing)]
+    #[schema(ignore)]
     pub id: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
+    #[schema(ignore)]
     pub origin: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
+    #[schema(ignore)]
     pub created_at: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
+    #[schema(ignore)]
     pub updated_at: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
+    #[schema(ignore)]
     pub next_run_at: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
+    #[schema(ignore)]
     pub last_run: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
+    #[schema(ignore)]
     pub status: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
+    #[schema(ignore)]
     pub volume: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
+    #[schema(ignore)]
     pub paused_by_user: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
+    #[schema(ignore)]
     pub consecutive_failures: Option<IgnoredAny>,
 }
 

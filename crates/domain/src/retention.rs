@@ -7,23 +7,30 @@ use crate::policy::FieldError;
 /// Which snapshots of one policy to keep (restic's `--keep-*` rules). All
 /// rules absent means keep everything: a backup agent never deletes data
 /// nobody asked it to delete.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Retention {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 100000)]
     pub keep_last: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 100000)]
     pub keep_hourly: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 100000)]
     pub keep_daily: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 100000)]
     pub keep_weekly: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 100000)]
     pub keep_monthly: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 100000)]
     pub keep_yearly: Option<u32>,
     /// A restic duration such as `48h` or `1y2m3d`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 32, pattern = "^([0-9]+[ymdh])+$", example = "48h")]
     pub keep_within: Option<String>,
 }
 

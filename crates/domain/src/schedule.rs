@@ -15,14 +15,20 @@ pub const MAX_INTERVAL_SECONDS: u64 = 31 * 24 * 3600;
 /// The schedule as the API carries it (`schedule` in a policy): either
 /// `intervalSeconds`, or `cron` with an optional IANA `timezone` (UTC when
 /// absent).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScheduleSpec {
+    /// Run every this many seconds (1 s to 31 days). Give either this or `cron`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 2678400, example = 3600)]
     pub interval_seconds: Option<u64>,
+    /// Five fields: minute hour day-of-month month day-of-week.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "0 */6 * * *")]
     pub cron: Option<String>,
+    /// IANA name for `cron` (UTC when absent); only with `cron`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "UTC")]
     pub timezone: Option<String>,
 }
 

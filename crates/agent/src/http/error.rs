@@ -9,11 +9,31 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::restic::ResticError;
 use crate::scheduler::policies::PolicyError;
 use crate::store::StoreError;
+
+/// Every error the API sends, whatever the status.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, snake_case; also the metric label.
+    #[schema(example = "invalid_field")]
+    pub code: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+    /// The field at fault, when it is one field, e.g. `schedule.cron`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub field: Option<String>,
+}
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -63,11 +83,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut err = json!({ "code": self.code, "message": self.message });
-        if let Some(f) = self.field {
-            err["field"] = json!(f);
-        }
-        (self.status, Json(json!({ "error": err }))).into_response()
+        let body = ErrorBody { error: ErrorDetail { code: self.code, message: self.message, field: self.field } };
+        (self.status, Json(body)).into_response()
     }
 }
 
@@ -85,6 +102,22 @@ impl From<StoreError> for ApiError {
                     "the agent's state database failed; the agent's log has the details",
                 )
             }
+        }
+    }
+}
+
+impl From<crate::scheduler::RunRequestError> for ApiError {
+    fn from(e: crate::scheduler::RunRequestError) -> ApiError {
+        use crate::scheduler::RunRequestError as E;
+        match e {
+            E::Busy { policy, run, state } => ApiError::new(
+                StatusCode::CONFLICT,
+                "run_in_progress",
+                format!("policy {policy} already has run {run} {state}; wait for it (GET /v1/runs/{run}) or cancel it (POST /v1/runs/{run}/cancel)"),
+            ),
+            E::Invalid(f) => ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", &f.field, f.message),
+            E::TargetNotEmpty(m) => ApiError::field(StatusCode::CONFLICT, "target_not_empty", "target", m),
+            E::Store(s) => s.into(),
         }
     }
 }

@@ -1,8 +1,11 @@
 //! The HTTP API: the legacy `POST /snapshot`, `/v1` policies and runs, and
 //! the operations endpoints. [`router`] builds it without binding a socket,
 //! so tests call it in-process; errors all leave through [`ApiError`].
+//! Each handler carries its `#[utoipa::path]`, from which [`openapi`]
+//! builds `GET /openapi.json`.
 
 mod error;
+pub mod openapi;
 mod views;
 
 use axum::body::Bytes;
@@ -14,17 +17,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
 use soda_syncer_domain::{PolicySpec, RunKind, RunState, RunTrigger};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use utoipa::IntoParams;
 
 pub use error::ApiError;
-use error::{parse_json, ApiJson};
-use views::{policy_view, run_view};
+use error::{parse_json, ApiJson, ErrorBody};
+use openapi::{PolicyPatch, RunEvent};
+use views::{
+    policy_view, run_view, CancelRunResponse, DatabaseState, HealthResponse, PolicyList, PolicyView, ReadyResponse,
+    ResticState, RunList, RunView, SchedulerState, SnapshotList,
+};
 
-use crate::scheduler::legacy::LegacySnapshotRequest;
-use crate::scheduler::{repo_of, RunRequestError, Scheduler};
+use crate::scheduler::legacy::{LegacySnapshotRequest, LegacySnapshotResponse};
+use crate::scheduler::{MaintenanceParams, RestoreParams, Scheduler};
 use crate::store::{PolicyRecord, RunFilter, StoreError};
 
 /// Bodies above this are refused with 413.
@@ -48,8 +55,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/policies/{id}/resume", post(resume_policy))
         .route("/v1/policies/{id}/run", post(run_policy))
         .route("/v1/policies/{id}/snapshots", get(policy_snapshots))
-        .route("/v1/policies/{id}/restore", post(not_yet))
-        .route("/v1/policies/{id}/maintenance", post(not_yet))
+        .route("/v1/policies/{id}/restore", post(restore_policy))
+        .route("/v1/policies/{id}/maintenance", post(maintain_policy))
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/runs/{id}/cancel", post(cancel_run))
@@ -57,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route; see GET /openapi.json for the API")
         })
@@ -87,6 +95,29 @@ fn find_policy(state: &AppState, id_or_name: &str) -> Result<PolicyRecord, ApiEr
     }
 }
 
+/// Schedule backups (the upstream route soda-proxy calls).
+///
+/// Backs up one path, or every CSI volume on this node (now and later) when
+/// `resticSourceRepo` is empty. Answers at once; never waits for a volume or
+/// a backup. The same repository and source again update the interval. The
+/// content type may be left out; if sent, it must be JSON.
+#[utoipa::path(
+    post,
+    path = "/snapshot",
+    tag = "legacy",
+    request_body(content = LegacySnapshotRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "At least one policy was created", body = LegacySnapshotResponse),
+        (status = 200, description = "Existing policies were updated", body = LegacySnapshotResponse),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 409, description = "A policy of another origin has the generated name", body = ErrorBody),
+        (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "A content type other than JSON", body = ErrorBody),
+        (status = 422, description = "The body does not fit, or a field is invalid", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 507, description = "The agent's disk is full", body = ErrorBody),
+    )
+)]
 async fn legacy_snapshot(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -106,14 +137,43 @@ async fn legacy_snapshot(
     Ok((status, Json(resp)).into_response())
 }
 
+/// List the policies.
+#[utoipa::path(
+    get,
+    path = "/v1/policies",
+    tag = "policies",
+    responses(
+        (status = 200, description = "Every policy on this agent", body = PolicyList),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+    )
+)]
 async fn list_policies(State(state): State<AppState>) -> Result<Response, ApiError> {
     let store = state.sched.store();
     let policies = store.list_policies()?;
     let last = store.last_runs()?;
-    let views: Vec<_> = policies.iter().map(|p| policy_view(p, last.get(&p.id))).collect();
-    Ok(Json(json!({ "policies": views })).into_response())
+    let policies = policies.iter().map(|p| policy_view(p, last.get(&p.id))).collect();
+    Ok(Json(PolicyList { policies }).into_response())
 }
 
+/// Create a policy.
+///
+/// Its first run is due at once (plus jitter).
+#[utoipa::path(
+    post,
+    path = "/v1/policies",
+    tag = "policies",
+    request_body(content = PolicySpec, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created", body = PolicyView),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 409, description = "A policy with this name exists", body = ErrorBody),
+        (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "No JSON content type", body = ErrorBody),
+        (status = 422, description = "The body does not fit, or a field is invalid (`field` names it)", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 507, description = "The agent's disk is full", body = ErrorBody),
+    )
+)]
 async fn create_policy(
     State(state): State<AppState>,
     ApiJson(spec): ApiJson<PolicySpec>,
@@ -122,12 +182,46 @@ async fn create_policy(
     Ok((StatusCode::CREATED, Json(policy_view(&p, None))).into_response())
 }
 
+/// Get a policy.
+#[utoipa::path(
+    get,
+    path = "/v1/policies/{id}",
+    tag = "policies",
+    params(("id" = String, Path, description = "The policy's id or name")),
+    responses(
+        (status = 200, description = "The policy", body = PolicyView),
+        (status = 404, description = "No such policy", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+    )
+)]
 async fn get_policy(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let p = find_policy(&state, &id)?;
     let last = state.sched.store().last_run_of(&p.id)?;
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }
 
+/// Replace a policy.
+///
+/// Secrets left out (or null) keep their stored values, so the body of a
+/// GET can be edited and sent back.
+#[utoipa::path(
+    put,
+    path = "/v1/policies/{id}",
+    tag = "policies",
+    params(("id" = String, Path, description = "The policy's id or name")),
+    request_body(content = PolicySpec, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Replaced", body = PolicyView),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 404, description = "No such policy", body = ErrorBody),
+        (status = 409, description = "Another policy has this name", body = ErrorBody),
+        (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "No JSON content type", body = ErrorBody),
+        (status = 422, description = "The body does not fit, or a field is invalid (`field` names it)", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 507, description = "The agent's disk is full", body = ErrorBody),
+    )
+)]
 async fn put_policy(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -139,6 +233,30 @@ async fn put_policy(
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }
 
+/// Change some fields of a policy (RFC 7396 JSON merge patch).
+///
+/// The merged policy is checked like a PUT body.
+#[utoipa::path(
+    patch,
+    path = "/v1/policies/{id}",
+    tag = "policies",
+    params(("id" = String, Path, description = "The policy's id or name")),
+    request_body(content(
+        (PolicyPatch = "application/merge-patch+json"),
+        (PolicyPatch = "application/json"),
+    )),
+    responses(
+        (status = 200, description = "Changed", body = PolicyView),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 404, description = "No such policy", body = ErrorBody),
+        (status = 409, description = "Another policy has this name", body = ErrorBody),
+        (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "No JSON content type", body = ErrorBody),
+        (status = 422, description = "Not an object, or the patched policy does not fit or is invalid", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 507, description = "The agent's disk is full", body = ErrorBody),
+    )
+)]
 async fn patch_policy(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -157,6 +275,22 @@ async fn patch_policy(
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }
 
+/// Delete a policy.
+///
+/// Its queued and running runs are cancelled; its snapshots stay in the
+/// repository.
+#[utoipa::path(
+    delete,
+    path = "/v1/policies/{id}",
+    tag = "policies",
+    params(("id" = String, Path, description = "The policy's id or name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such policy", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 507, description = "The agent's disk is full", body = ErrorBody),
+    )
+)]
 async fn delete_policy(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let p = find_policy(&state, &id)?;
     state.sched.delete_policy(&p.id)?;
@@ -170,59 +304,186 @@ async fn set_paused(state: AppState, id: String, paused: bool) -> Result<Respons
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }
 
+/// Pause a policy.
+///
+/// No more scheduled runs; a queued run is cancelled, a running one finishes.
+#[utoipa::path(
+    post,
+    path = "/v1/policies/{id}/pause",
+    tag = "policies",
+    params(("id" = String, Path, description = "The policy's id or name")),
+    responses(
+        (status = 200, description = "Paused (or already paused)", body = PolicyView),
+        (status = 404, description = "No such policy", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 507, description = "The agent's disk is full", body = ErrorBody),
+    )
+)]
 async fn pause_policy(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     set_paused(state, id, true).await
 }
 
+/// Resume a paused policy.
+#[utoipa::path(
+    post,
+    path = "/v1/policies/{id}/resume",
+    tag = "policies",
+    params(("id" = String, Path, description = "The policy's id or name")),
+    responses(
+        (status = 200, description = "Resumed (or not paused)", body = PolicyView),
+        (status = 404, description = "No such policy", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 507, description = "The agent's disk is full", body = ErrorBody),
+    )
+)]
 async fn resume_policy(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     set_paused(state, id, false).await
 }
 
+/// Back up now.
+///
+/// Queues a manual backup run; one run per policy at a time.
+#[utoipa::path(
+    post,
+    path = "/v1/policies/{id}/run",
+    tag = "policies",
+    params(("id" = String, Path, description = "The policy's id or name")),
+    responses(
+        (status = 202, description = "Queued", body = RunView),
+        (status = 404, description = "No such policy", body = ErrorBody),
+        (status = 409, description = "The policy already has a queued or running run", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 507, description = "The agent's disk is full", body = ErrorBody),
+    )
+)]
 async fn run_policy(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let p = find_policy(&state, &id)?;
-    match state.sched.request_run(&p, RunKind::Backup, RunTrigger::Manual) {
-        Ok(run) => Ok((StatusCode::ACCEPTED, Json(run_view(&run, None))).into_response()),
-        Err(RunRequestError::Busy { policy, run, state: st }) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "run_in_progress",
-            format!("policy {policy} already has run {run} {st}; wait for it (GET /v1/runs/{run}) or cancel it (POST /v1/runs/{run}/cancel)"),
-        )),
-        Err(RunRequestError::Store(e)) => Err(e.into()),
-    }
+    let run = state.sched.request_run(&p, RunKind::Backup, RunTrigger::Manual)?;
+    Ok((StatusCode::ACCEPTED, Json(run_view(&run, None))).into_response())
 }
 
+/// List the policy's snapshots.
+///
+/// Read from its repository; empty before the first backup created it.
+#[utoipa::path(
+    get,
+    path = "/v1/policies/{id}/snapshots",
+    tag = "policies",
+    params(("id" = String, Path, description = "The policy's id or name")),
+    responses(
+        (status = 200, description = "Newest first", body = SnapshotList),
+        (status = 404, description = "No such policy", body = ErrorBody),
+        (status = 422, description = "The repository refuses the policy's password or credentials", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 502, description = "restic failed", body = ErrorBody),
+        (status = 503, description = "restic is missing, or the repository is unreachable or locked", body = ErrorBody),
+        (status = 507, description = "A disk restic writes to is full", body = ErrorBody),
+    )
+)]
 async fn policy_snapshots(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let p = find_policy(&state, &id)?;
-    let tag = format!("policy={}", p.id);
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let snaps = match state.sched.restic().snapshots(&repo_of(&p), Some(&tag), None, &[], &cancel).await {
-        Ok(s) => s,
-        // No repository yet: nothing was backed up, which is not an error here.
-        Err(crate::restic::ResticError::RepositoryNotFound { .. }) => Vec::new(),
-        Err(e) => return Err(ApiError::from_restic(&e)),
-    };
-    let views: Vec<_> = snaps.iter().rev().map(views::snapshot_view).collect();
-    Ok(Json(json!({ "snapshots": views })).into_response())
+    let snaps = state.sched.policy_snapshots(&p).await.map_err(|e| ApiError::from_restic(&e))?;
+    let snapshots = snaps.iter().rev().map(views::snapshot_view).collect();
+    Ok(Json(SnapshotList { snapshots }).into_response())
 }
 
-async fn not_yet() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "restore and maintenance runs are not implemented in this version of the agent yet (see the README's 'Not done yet')",
+/// Restore a snapshot.
+///
+/// Queues a run of kind `restore`: `latest` or a snapshot id, into a new or
+/// empty directory (the volume's content at its root), limited to sub-paths
+/// with `include`, or over the live source with `inPlace`.
+#[utoipa::path(
+    post,
+    path = "/v1/policies/{id}/restore",
+    tag = "policies",
+    params(("id" = String, Path, description = "The policy's id or name")),
+    request_body(content = RestoreParams, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Queued", body = RunView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 404, description = "No such policy", body = ErrorBody),
+        (status = 409, description = "The target is not empty, or the policy has a run in flight", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "Invalid request (the field is named)", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 507, description = "The agent's disk is full", body = ErrorBody),
     )
+)]
+async fn restore_policy(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<RestoreParams>,
+) -> Result<Response, ApiError> {
+    let p = find_policy(&state, &id)?;
+    let run = state.sched.request_restore(&p, req)?;
+    Ok((StatusCode::ACCEPTED, Json(run_view(&run, None))).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// Forget, prune or check the policy's repository.
+///
+/// Queues one run doing the steps asked for, in that order, alone on the
+/// repository (the agent's other runs on it wait).
+#[utoipa::path(
+    post,
+    path = "/v1/policies/{id}/maintenance",
+    tag = "policies",
+    params(("id" = String, Path, description = "The policy's id or name")),
+    request_body(content = MaintenanceParams, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Queued", body = RunView),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 404, description = "No such policy", body = ErrorBody),
+        (status = 409, description = "The policy has a run in flight", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "Invalid request (the field is named)", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 507, description = "The agent's disk is full", body = ErrorBody),
+    )
+)]
+async fn maintain_policy(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<MaintenanceParams>,
+) -> Result<Response, ApiError> {
+    let p = find_policy(&state, &id)?;
+    let run = state.sched.request_maintenance(&p, req)?;
+    Ok((StatusCode::ACCEPTED, Json(run_view(&run, None))).into_response())
+}
+
+/// Filters of `GET /v1/runs`; an empty value is no filter. Other
+/// parameters are refused.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct RunsQuery {
+    /// Only the runs of this policy (id or name).
     policy: Option<String>,
+    #[param(schema_with = openapi::run_state_filter)]
     state: Option<String>,
+    #[param(schema_with = openapi::run_kind_filter)]
     kind: Option<String>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 1000, default = 50)]
     limit: Option<usize>,
+    /// Only runs older than this run id (the previous page's `next`).
     before: Option<String>,
 }
 
+/// List runs, newest first, in pages.
+#[utoipa::path(
+    get,
+    path = "/v1/runs",
+    tag = "runs",
+    params(RunsQuery),
+    responses(
+        (status = 200, description = "A page of runs", body = RunList),
+        (status = 400, description = "An unknown parameter or an invalid value (`field` names it)", body = ErrorBody),
+        (status = 404, description = "No such policy", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+    )
+)]
 async fn list_runs(
     State(state): State<AppState>,
     q: Result<Query<RunsQuery>, QueryRejection>,
@@ -272,8 +533,8 @@ async fn list_runs(
     }
     let runs = state.sched.store().list_runs(&RunFilter { policy_id, state: st, kind, before: q.before, limit })?;
     let next = if runs.len() == limit { runs.last().map(|r| r.id.clone()) } else { None };
-    let views: Vec<_> = runs.iter().map(|r| run_view(r, state.sched.live_progress(&r.id))).collect();
-    Ok(Json(json!({ "runs": views, "next": next })).into_response())
+    let runs = runs.iter().map(|r| run_view(r, state.sched.live_progress(&r.id))).collect();
+    Ok(Json(RunList { runs, next }).into_response())
 }
 
 fn find_run(state: &AppState, id: &str) -> Result<crate::store::RunRecord, ApiError> {
@@ -287,11 +548,36 @@ fn find_run(state: &AppState, id: &str) -> Result<crate::store::RunRecord, ApiEr
     })
 }
 
+/// Get a run.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "The run, with live progress while it runs", body = RunView),
+        (status = 404, description = "No such run", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+    )
+)]
 async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let run = find_run(&state, &id)?;
     Ok(Json(run_view(&run, state.sched.live_progress(&run.id))).into_response())
 }
 
+/// Cancel a queued or running run.
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/cancel",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 202, description = "Cancelling", body = CancelRunResponse),
+        (status = 404, description = "No such run", body = ErrorBody),
+        (status = 409, description = "The run has already ended", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+    )
+)]
 async fn cancel_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let run = find_run(&state, &id)?;
     if run.state.is_terminal() {
@@ -302,11 +588,30 @@ async fn cancel_run(State(state): State<AppState>, Path(id): Path<String>) -> Re
         ));
     }
     state.sched.cancel_run(&run);
-    Ok((StatusCode::ACCEPTED, Json(json!({ "id": run.id, "cancelRequested": true }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(CancelRunResponse { id: run.id, cancel_requested: true })).into_response())
 }
 
-/// Server-sent events: a `progress` event about twice a second while the
-/// run is queued or running, then one `end` event with the whole run.
+/// The `event` names of `GET /v1/runs/{id}/events`.
+const EVENT_PROGRESS: &str = "progress";
+const EVENT_END: &str = "end";
+
+/// Follow a run as server-sent events.
+///
+/// A `progress` event about twice a second while the run is queued or
+/// running, then one `end` event with the whole run.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}/events",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 200, content_type = "text/event-stream", body = RunEvent,
+            description = "`event: progress` (about twice a second while queued or running) and a last `event: end`, \
+                each with the run as JSON `data`; the schema is that of one event"),
+        (status = 404, description = "No such run", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+    )
+)]
 async fn run_events(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     find_run(&state, &id)?;
     let stream = futures_util::stream::unfold((state, id, false), |(state, id, done)| async move {
@@ -315,21 +620,38 @@ async fn run_events(State(state): State<AppState>, Path(id): Path<String>) -> Re
         }
         let run = state.sched.store().get_run(&id).ok()?;
         if run.state.is_terminal() {
-            let ev = Event::default().event("end").json_data(run_view(&run, None)).ok()?;
+            let ev = Event::default().event(EVENT_END).json_data(run_view(&run, None)).ok()?;
             return Some((Ok::<_, std::convert::Infallible>(ev), (state, id, true)));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let live = state.sched.live_progress(&id);
-        let ev = Event::default().event("progress").json_data(run_view(&run, live)).ok()?;
+        let ev = Event::default().event(EVENT_PROGRESS).json_data(run_view(&run, live)).ok()?;
         Some((Ok(ev), (state, id, false)))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 
+/// Liveness.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process is alive", body = HealthResponse))
+)]
 async fn healthz() -> Response {
-    Json(json!({ "status": "ok" })).into_response()
+    Json(HealthResponse { status: "ok" }).into_response()
 }
 
+/// Readiness: database open, scheduler running, restic usable.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = ReadyResponse),
+        (status = 503, description = "Not ready: the body says what is missing", body = ReadyResponse),
+    )
+)]
 async fn readyz(State(state): State<AppState>) -> Response {
     let needs_check = state.restic_version.lock().unwrap_or_else(|p| p.into_inner()).is_err();
     if needs_check {
@@ -340,19 +662,43 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let db_ok = state.sched.store().count_policies().is_ok();
     let sched_ok = state.sched.is_running();
     let ready = db_ok && sched_ok && restic.is_ok();
-    let body = json!({
-        "ready": ready,
-        "node": state.sched.config().node_name,
-        "database": if db_ok { "ok" } else { "unavailable" },
-        "scheduler": if sched_ok { "running" } else { "stopped" },
-        "restic": match &restic { Ok(v) => json!({"version": v}), Err(e) => json!({"error": e}) },
-        "uptimeSeconds": state.started.elapsed().as_secs(),
-    });
+    let body = ReadyResponse {
+        ready,
+        node: state.sched.config().node_name.clone(),
+        database: if db_ok { DatabaseState::Ok } else { DatabaseState::Unavailable },
+        scheduler: if sched_ok { SchedulerState::Running } else { SchedulerState::Stopped },
+        restic: match restic {
+            Ok(version) => ResticState::Usable { version },
+            Err(error) => ResticState::Unusable { error },
+        },
+        uptime_seconds: state.started.elapsed().as_secs(),
+    };
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }
 
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+    )
+)]
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let text = views::metrics_text(&state.sched)?;
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+/// This OpenAPI document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 description of this API", body = Object))
+)]
+async fn openapi_json() -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], openapi::json()).into_response()
 }

@@ -1,88 +1,328 @@
 //! What the API shows: policies without their secrets, runs with live
-//! progress, snapshots, and the Prometheus text.
+//! progress, snapshots, the operations endpoints' bodies and the Prometheus
+//! text. Each body is a typed struct, so `GET /openapi.json` describes
+//! exactly what is sent.
+//!
+//! Keys whose value is unknown are sent as `null`, never left out (no
+//! `skip_serializing_if` here), and documented as required and nullable.
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use soda_syncer_domain::policy::{ConsistencySpec, Origin, SourceSpec};
 use soda_syncer_domain::restic_json::Snapshot;
-use soda_syncer_domain::run::Progress;
+use soda_syncer_domain::run::{Progress, RunError, RunSummary};
+use soda_syncer_domain::schedule::ScheduleSpec;
 use soda_syncer_domain::secret::redact_url;
+use soda_syncer_domain::{Retention, RunKind, RunState, RunTrigger};
+use std::collections::BTreeMap;
 use std::fmt::Write;
+use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, Type};
+use utoipa::ToSchema;
 
 use crate::ids::fmt_time;
 use crate::scheduler::Scheduler;
 use crate::store::{PolicyRecord, PolicyStatus, RunRecord, StoreError};
 
-pub fn policy_view(p: &PolicyRecord, last: Option<&RunRecord>) -> Value {
+/// A policy as the API shows it: its spec without secrets, plus what the
+/// agent knows about it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyView {
+    /// Server-assigned, stable, URL-safe.
+    pub id: String,
+    pub name: String,
+    pub origin: Origin,
+    pub source: SourceSpec,
+    pub repository: RepositoryView,
+    pub schedule: ScheduleSpec,
+    pub jitter_seconds: u64,
+    pub retention: Retention,
+    pub consistency: ConsistencySpec,
+    pub exclude: Vec<String>,
+    pub tags: Vec<String>,
+    /// Paused by a user (`pausedByUser`) or by the agent (`status`).
+    pub paused: bool,
+    pub paused_by_user: bool,
+    pub status: PolicyStatusView,
+    /// The volume (PV name) a discovered policy backs up.
+    #[schema(required = true)]
+    pub volume: Option<String>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub updated_at: String,
+    /// Null while the policy is paused.
+    #[schema(required = true, format = DateTime)]
+    pub next_run_at: Option<String>,
+    pub consecutive_failures: u32,
+    /// The newest run of this policy, if any.
+    #[schema(required = true)]
+    pub last_run: Option<LastRunView>,
+}
+
+/// The repository without its secrets: `password` and each `env` value are
+/// always null; `passwordSet` and `envSet` say whether one is stored.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RepositoryView {
+    /// With any password in it replaced by `***`.
+    #[schema(required = true)]
+    pub url: Option<String>,
+    #[schema(schema_with = always_null)]
+    pub password: (),
+    pub password_set: bool,
+    #[schema(schema_with = map_of_nulls)]
+    pub env: BTreeMap<String, ()>,
+    pub env_set: BTreeMap<String, bool>,
+}
+
+/// The agent's own view of a policy's health, beside the user's `paused`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PolicyStatusView {
+    pub state: PolicyState,
+    /// Why the policy is not active.
+    #[schema(required = true)]
+    pub message: Option<String>,
+}
+
+/// `volumeGone`: a discovered volume is no longer mounted on this node, so
+/// the agent paused the policy until it comes back.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum PolicyState {
+    Active,
+    VolumeGone,
+}
+
+impl From<PolicyStatus> for PolicyState {
+    fn from(s: PolicyStatus) -> Self {
+        match s {
+            PolicyStatus::Active => PolicyState::Active,
+            PolicyStatus::VolumeGone => PolicyState::VolumeGone,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastRunView {
+    pub id: String,
+    pub kind: RunKind,
+    pub state: RunState,
+    #[schema(required = true, format = DateTime)]
+    pub finished_at: Option<String>,
+    #[schema(required = true)]
+    pub snapshot_id: Option<String>,
+}
+
+/// One run: a backup, restore or maintenance job of one policy.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunView {
+    pub id: String,
+    pub policy_id: String,
+    pub kind: RunKind,
+    pub trigger: RunTrigger,
+    pub state: RunState,
+    #[schema(format = DateTime)]
+    pub queued_at: String,
+    /// When the scheduler meant it to start (its slot plus jitter, or a retry time).
+    #[schema(required = true, format = DateTime)]
+    pub due_at: Option<String>,
+    #[schema(required = true, format = DateTime)]
+    pub started_at: Option<String>,
+    #[schema(required = true, format = DateTime)]
+    pub finished_at: Option<String>,
+    /// Live while the run is running; the last known numbers afterwards.
+    #[schema(required = true)]
+    pub progress: Option<Progress>,
+    /// The full restic snapshot id.
+    #[schema(required = true)]
+    pub snapshot_id: Option<String>,
+    #[schema(required = true)]
+    pub summary: Option<RunSummary>,
+    /// How the source was made consistent (method, freezeMs, pointInTime).
+    #[schema(required = true, value_type = Option<Object>)]
+    pub consistency: Option<serde_json::Value>,
+    /// Why the run did not succeed.
+    #[schema(required = true)]
+    pub error: Option<RunError>,
+    /// Why a partial or suspicious run is not clean.
+    #[schema(required = true)]
+    pub warning: Option<String>,
+}
+
+/// One restic snapshot of a policy.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotView {
+    /// restic's full id.
+    pub id: String,
+    pub short_id: String,
+    /// As restic reports it (RFC 3339).
+    pub time: String,
+    pub paths: Vec<String>,
+    pub hostname: String,
+    pub tags: Vec<String>,
+    /// The volume (PV name) the snapshot is of, for discovered volumes.
+    #[schema(required = true)]
+    pub volume: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PolicyList {
+    pub policies: Vec<PolicyView>,
+}
+
+/// Newest first. `next` is the `before` of the next page, null on the last.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunList {
+    pub runs: Vec<RunView>,
+    #[schema(required = true)]
+    pub next: Option<String>,
+}
+
+/// Newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SnapshotList {
+    pub snapshots: Vec<SnapshotView>,
+}
+
+/// A cancel was asked for: a queued run is cancelled at once, a running
+/// one stops shortly (poll `GET /v1/runs/{id}`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelRunResponse {
+    pub id: String,
+    pub cancel_requested: bool,
+}
+
+/// The process is alive.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthResponse {
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
+/// Ready means: the database is open, the scheduler runs and restic works.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadyResponse {
+    pub ready: bool,
+    pub node: String,
+    pub database: DatabaseState,
+    pub scheduler: SchedulerState,
+    pub restic: ResticState,
+    pub uptime_seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseState {
+    Ok,
+    Unavailable,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulerState {
+    Running,
+    Stopped,
+}
+
+/// restic's version, or why it cannot be used.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum ResticState {
+    Usable { version: String },
+    Unusable { error: String },
+}
+
+fn always_null() -> Schema {
+    ObjectBuilder::new().schema_type(Type::Null).description(Some("Write-only: always null.")).into()
+}
+
+fn map_of_nulls() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .additional_properties(Some(AdditionalProperties::RefOr(ObjectBuilder::new().schema_type(Type::Null).into())))
+        .description(Some("The names of the stored variables; values are write-only, so always null."))
+        .into()
+}
+
+pub fn policy_view(p: &PolicyRecord, last: Option<&RunRecord>) -> PolicyView {
     let s = &p.spec;
-    let env: serde_json::Map<String, Value> = s.repository.env.keys().map(|k| (k.clone(), Value::Null)).collect();
-    let env_set: serde_json::Map<String, Value> =
-        s.repository.env.iter().map(|(k, v)| (k.clone(), json!(v.as_ref().is_some_and(|v| !v.is_empty())))).collect();
     let paused = s.paused || p.status != PolicyStatus::Active;
-    json!({
-        "id": p.id,
-        "name": s.name,
-        "origin": p.origin,
-        "source": s.source,
-        "repository": {
-            "url": s.repository.url.as_deref().map(redact_url),
-            "password": Value::Null,
-            "passwordSet": s.repository.password.as_ref().is_some_and(|p| !p.is_empty()),
-            "env": env,
-            "envSet": env_set,
+    PolicyView {
+        id: p.id.clone(),
+        name: s.name.clone(),
+        origin: p.origin,
+        source: s.source.clone(),
+        repository: RepositoryView {
+            url: s.repository.url.as_deref().map(redact_url),
+            password: (),
+            password_set: s.repository.password.as_ref().is_some_and(|p| !p.is_empty()),
+            env: s.repository.env.keys().map(|k| (k.clone(), ())).collect(),
+            env_set: s
+                .repository
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_ref().is_some_and(|v| !v.is_empty())))
+                .collect(),
         },
-        "schedule": s.schedule,
-        "jitterSeconds": s.jitter_seconds,
-        "retention": s.retention,
-        "consistency": s.consistency,
-        "exclude": s.exclude,
-        "tags": s.tags,
-        "paused": paused,
-        "pausedByUser": s.paused,
-        "status": { "state": p.status, "message": p.status_message },
-        "volume": p.volume,
-        "createdAt": fmt_time(p.created_at),
-        "updatedAt": fmt_time(p.updated_at),
-        "nextRunAt": if paused { None } else { p.next_run_at.map(fmt_time) },
-        "consecutiveFailures": p.consecutive_failures,
-        "lastRun": last.map(|r| json!({
-            "id": r.id,
-            "kind": r.kind,
-            "state": r.state,
-            "finishedAt": r.finished_at.map(fmt_time),
-            "snapshotId": r.snapshot_id,
-        })),
-    })
+        schedule: s.schedule.clone(),
+        jitter_seconds: s.jitter_seconds,
+        retention: s.retention.clone(),
+        consistency: s.consistency.clone(),
+        exclude: s.exclude.clone(),
+        tags: s.tags.clone(),
+        paused,
+        paused_by_user: s.paused,
+        status: PolicyStatusView { state: p.status.into(), message: p.status_message.clone() },
+        volume: p.volume.clone(),
+        created_at: fmt_time(p.created_at),
+        updated_at: fmt_time(p.updated_at),
+        next_run_at: if paused { None } else { p.next_run_at.map(fmt_time) },
+        consecutive_failures: p.consecutive_failures,
+        last_run: last.map(|r| LastRunView {
+            id: r.id.clone(),
+            kind: r.kind,
+            state: r.state,
+            finished_at: r.finished_at.map(fmt_time),
+            snapshot_id: r.snapshot_id.clone(),
+        }),
+    }
 }
 
-pub fn run_view(r: &RunRecord, live: Option<Progress>) -> Value {
-    json!({
-        "id": r.id,
-        "policyId": r.policy_id,
-        "kind": r.kind,
-        "trigger": r.trigger,
-        "state": r.state,
-        "queuedAt": fmt_time(r.queued_at),
-        "dueAt": r.due_at.map(fmt_time),
-        "startedAt": r.started_at.map(fmt_time),
-        "finishedAt": r.finished_at.map(fmt_time),
-        "progress": live.or_else(|| r.progress.clone()),
-        "snapshotId": r.snapshot_id,
-        "summary": r.summary,
-        "consistency": r.consistency,
-        "error": r.error,
-        "warning": r.warning,
-    })
+pub fn run_view(r: &RunRecord, live: Option<Progress>) -> RunView {
+    RunView {
+        id: r.id.clone(),
+        policy_id: r.policy_id.clone(),
+        kind: r.kind,
+        trigger: r.trigger,
+        state: r.state,
+        queued_at: fmt_time(r.queued_at),
+        due_at: r.due_at.map(fmt_time),
+        started_at: r.started_at.map(fmt_time),
+        finished_at: r.finished_at.map(fmt_time),
+        progress: live.or_else(|| r.progress.clone()),
+        snapshot_id: r.snapshot_id.clone(),
+        summary: r.summary.clone(),
+        consistency: r.consistency.clone(),
+        error: r.error.clone(),
+        warning: r.warning.clone(),
+    }
 }
 
-pub fn snapshot_view(s: &Snapshot) -> Value {
-    json!({
-        "id": s.id,
-        "shortId": s.short_id,
-        "time": s.time,
-        "paths": s.paths,
-        "hostname": s.hostname,
-        "tags": s.tags.clone().unwrap_or_default(),
-        "volume": s.tag_value("volume"),
-    })
+pub fn snapshot_view(s: &Snapshot) -> SnapshotView {
+    SnapshotView {
+        id: s.id.clone(),
+        short_id: s.short_id.clone(),
+        time: s.time.clone(),
+        paths: s.paths.clone(),
+        hostname: s.hostname.clone(),
+        tags: s.tags.clone().unwrap_or_default(),
+        volume: s.tag_value("volume").map(str::to_string),
+    }
 }
 
 fn label(v: &str) -> String {
@@ -112,6 +352,11 @@ pub fn metrics_text(sched: &Scheduler) -> Result<String, StoreError> {
     let _ = writeln!(out, "soda_syncer_queue_depth {}", sched.queue_depth());
     let _ = writeln!(out, "# HELP soda_syncer_running_runs Runs executing now.\n# TYPE soda_syncer_running_runs gauge");
     let _ = writeln!(out, "soda_syncer_running_runs {}", sched.running_count());
+    let _ = writeln!(
+        out,
+        "# HELP soda_syncer_stale_lock_recoveries_total Repository locks met and cleared of stale entries since start.\n# TYPE soda_syncer_stale_lock_recoveries_total counter"
+    );
+    let _ = writeln!(out, "soda_syncer_stale_lock_recoveries_total {}", sched.restic().lock_recoveries());
     let _ = writeln!(out, "# HELP soda_syncer_run_errors_total Failed runs by error code since start.\n# TYPE soda_syncer_run_errors_total counter");
     for (code, n) in sched.counters().restic_errors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         let _ = writeln!(out, "soda_syncer_run_errors_total{{code=\"{code}\"}} {n}");

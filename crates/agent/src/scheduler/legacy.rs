@@ -20,24 +20,33 @@ use crate::kubelet::{scan_csi_volumes, CsiVolume};
 use crate::store::{PolicyStatus, Subscription};
 
 /// The upstream body, field names exactly as soda-proxy sends them.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LegacySnapshotRequest {
     #[serde(rename = "AWS_ACCESS_KEY_ID", default)]
+    #[schema(write_only, value_type = Option<String>, format = Password)]
     pub aws_access_key_id: Option<Secret>,
     #[serde(rename = "AWS_SECRET_ACCESS_KEY", default)]
+    #[schema(write_only, value_type = Option<String>, format = Password)]
     pub aws_secret_access_key: Option<Secret>,
+    /// A restic repository URL; empty or absent means the agent's default repository.
     #[serde(rename = "RESTIC_REPOSITORY", default)]
     pub restic_repository: Option<String>,
+    /// Required with `RESTIC_REPOSITORY`.
     #[serde(rename = "RESTIC_PASSWORD", default)]
+    #[schema(write_only, value_type = Option<String>, format = Password)]
     pub restic_password: Option<Secret>,
+    /// Seconds between backups (1 s to 31 days).
     #[serde(rename = "timeInterval")]
+    #[schema(minimum = 1, maximum = 2678400)]
     pub time_interval: i64,
+    /// An absolute path on this node; empty or absent means every CSI volume
+    /// mounted on this node, now and later.
     #[serde(rename = "resticSourceRepo", default)]
     pub restic_source_repo: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LegacyPolicyRef {
     pub id: String,
@@ -46,10 +55,11 @@ pub struct LegacyPolicyRef {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
     /// "created" or "updated".
+    #[schema(value_type = String, example = "created")]
     pub action: &'static str,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LegacySnapshotResponse {
     pub message: String,

@@ -6,15 +6,18 @@
 //! crash loses nothing but the run in flight (marked `interrupted` at the
 //! next start).
 
+pub(crate) mod jobs;
 pub mod legacy;
 pub mod policies;
 
+pub use jobs::{MaintenanceParams, RestoreParams};
+
 use chrono::{DateTime, Utc};
-use soda_syncer_domain::run::{judge_backup, Progress, RunError, RunSummary};
+use soda_syncer_domain::restic_json::Snapshot;
+use soda_syncer_domain::run::{Progress, RunError};
 use soda_syncer_domain::schedule::{next_due, Schedule};
 use soda_syncer_domain::{RunKind, RunState, RunTrigger};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +28,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::ids::new_id;
-use crate::restic::{BackupRequest, Repo, Restic, ResticError};
+use crate::restic::{Repo, Restic, ResticError};
 use crate::store::{PolicyRecord, RunRecord, Store, StoreError};
 
 /// Why a run could not be started.
@@ -33,6 +36,10 @@ use crate::store::{PolicyRecord, RunRecord, Store, StoreError};
 pub enum RunRequestError {
     #[error("policy {policy} already has run {run} {state}; wait for it or cancel it")]
     Busy { policy: String, run: String, state: &'static str },
+    #[error("{0}")]
+    Invalid(soda_syncer_domain::policy::FieldError),
+    #[error("{0}")]
+    TargetNotEmpty(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -67,7 +74,15 @@ struct Inner {
     running: AtomicBool,
     cancel: CancellationToken,
     counters: Counters,
+    /// This agent's lock per repository (see `jobs`).
+    repo_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    /// Snapshot listings per policy, kept briefly so a busy dashboard does
+    /// not hammer the object store.
+    snapshot_cache: Mutex<HashMap<String, (std::time::Instant, Vec<Snapshot>)>>,
 }
+
+/// How long a policy's snapshot listing is served from memory.
+const SNAPSHOT_CACHE_TTL: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 pub struct Scheduler {
@@ -87,6 +102,8 @@ impl Scheduler {
                 running: AtomicBool::new(false),
                 cancel,
                 counters: Counters::default(),
+                repo_locks: Mutex::default(),
+                snapshot_cache: Mutex::default(),
             }),
         }
     }
@@ -125,6 +142,34 @@ impl Scheduler {
         self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).get(run_id).cloned()
     }
 
+    /// A policy's snapshots, from the repository or a listing younger than
+    /// 15 s. Newest last, as restic lists them.
+    pub async fn policy_snapshots(&self, policy: &PolicyRecord) -> Result<Vec<Snapshot>, ResticError> {
+        if let Some((at, snaps)) = self.inner.snapshot_cache.lock().unwrap_or_else(|p| p.into_inner()).get(&policy.id) {
+            if at.elapsed() < SNAPSHOT_CACHE_TTL {
+                return Ok(snaps.clone());
+            }
+        }
+        let tag = format!("policy={}", policy.id);
+        let snaps = match self.inner.restic.snapshots(&repo_of(policy), Some(&tag), None, &[], &self.inner.cancel).await
+        {
+            Ok(s) => s,
+            // No repository yet: nothing was backed up, which is no error here.
+            Err(ResticError::RepositoryNotFound { .. }) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        self.inner
+            .snapshot_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(policy.id.clone(), (std::time::Instant::now(), snaps.clone()));
+        Ok(snaps)
+    }
+
+    fn forget_cached_snapshots(&self, policy_id: &str) {
+        self.inner.snapshot_cache.lock().unwrap_or_else(|p| p.into_inner()).remove(policy_id);
+    }
+
     /// Wake the loop: a policy was created, changed or resumed.
     pub fn poke(&self) {
         self.inner.wake.notify_one();
@@ -149,6 +194,7 @@ impl Scheduler {
         // Policies whose run was in flight have next_run_at NULL; give any
         // other such policy a due time too, so none is forgotten.
         for mut p in self.inner.store.list_policies()? {
+            self.ensure_repository(&p)?;
             if p.next_run_at.is_none() {
                 p.next_slot = Some(now);
                 p.next_run_at = Some(now);
@@ -166,6 +212,17 @@ impl Scheduler {
         kind: RunKind,
         trigger: RunTrigger,
     ) -> Result<RunRecord, RunRequestError> {
+        self.request_run_with(policy, kind, trigger, None)
+    }
+
+    /// As `request_run`, with the request's parameters (restore, maintenance).
+    pub fn request_run_with(
+        &self,
+        policy: &PolicyRecord,
+        kind: RunKind,
+        trigger: RunTrigger,
+        params: Option<serde_json::Value>,
+    ) -> Result<RunRecord, RunRequestError> {
         let now = Utc::now();
         let mut slots = self.slots();
         if let Some(run) = slots.queued.get(&policy.id) {
@@ -176,6 +233,7 @@ impl Scheduler {
         }
         let mut run = RunRecord::new(new_id(), &policy.id, kind, trigger, now);
         run.due_at = Some(now);
+        run.params = params;
         self.inner.store.save_run(&run)?;
         slots.queue.push_back(run.id.clone());
         slots.queued.insert(policy.id.clone(), run.id.clone());
@@ -254,7 +312,67 @@ impl Scheduler {
             p.next_run_at = None;
         }
         self.inner.store.set_policy_schedule(p)?;
+        self.ensure_repository(p)?;
         self.poke();
+        Ok(())
+    }
+
+    /// Give the policy's repository a maintenance schedule if it has none:
+    /// the first prune and check one period (plus a per-repository jitter)
+    /// from now.
+    fn ensure_repository(&self, p: &PolicyRecord) -> Result<(), StoreError> {
+        let url = p.spec.repository_url();
+        let key = crate::ids::short_hash(&[url]);
+        let now = Utc::now();
+        let c = &self.inner.config;
+        let jitter = soda_syncer_domain::schedule::jitter_offset(&key, now, c.maintenance_jitter.as_secs());
+        let prune = now + chrono::Duration::from_std(c.prune_every).unwrap_or_default() + jitter;
+        let check = now + chrono::Duration::from_std(c.check_every).unwrap_or_default() + jitter;
+        self.inner.store.ensure_repository(&key, prune, check)
+    }
+
+    /// Queue a maintenance run for each repository whose prune or check is
+    /// due, under the oldest schedulable policy that uses it (whose
+    /// credentials it borrows).
+    fn enqueue_maintenance(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let due = self.inner.store.due_repositories(now)?;
+        if due.is_empty() {
+            return Ok(());
+        }
+        let mut policies = self.inner.store.list_policies()?;
+        policies.sort_by_key(|p| p.created_at);
+        let c = &self.inner.config;
+        for mut m in due {
+            let Some(policy) = policies
+                .iter()
+                .find(|p| p.schedulable() && crate::ids::short_hash(&[p.spec.repository_url()]) == m.key)
+            else {
+                continue;
+            };
+            let prune = m.next_prune_at.is_some_and(|t| t <= now);
+            let check = m.next_check_at.is_some_and(|t| t <= now);
+            let params =
+                MaintenanceParams { forget: false, prune, check, read_data_subset: c.check_read_data_subset.clone() };
+            let kind = params.kind();
+            match self.request_run_with(policy, kind, RunTrigger::Schedule, serde_json::to_value(&params).ok()) {
+                Ok(_) => {
+                    let jitter =
+                        soda_syncer_domain::schedule::jitter_offset(&m.key, now, c.maintenance_jitter.as_secs());
+                    if prune {
+                        m.next_prune_at =
+                            Some(now + chrono::Duration::from_std(c.prune_every).unwrap_or_default() + jitter);
+                    }
+                    if check {
+                        m.next_check_at =
+                            Some(now + chrono::Duration::from_std(c.check_every).unwrap_or_default() + jitter);
+                    }
+                    self.inner.store.save_repository_maintenance(&m)?;
+                    tracing::info!(policy = %policy.id, prune, check, "repository maintenance queued");
+                }
+                Err(RunRequestError::Store(e)) => return Err(e),
+                Err(_) => {} // busy: it is queued after the policy's current run ends
+            }
+        }
         Ok(())
     }
 
@@ -316,6 +434,7 @@ impl Scheduler {
 
     /// Turn due policies into queued runs.
     fn enqueue_due(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.enqueue_maintenance(now)?;
         let due = self.inner.store.due_policy_ids(now, 10_000)?;
         for id in due {
             let mut slots = self.slots();
@@ -336,6 +455,14 @@ impl Scheduler {
             };
             let mut run = RunRecord::new(new_id(), &p.id, RunKind::Backup, trigger, now);
             run.slot = p.next_slot.or(p.next_run_at);
+            // Later than a whole period (the agent was down): this run is the
+            // one catch-up for every missed slot, and the schedule counts on
+            // from now, not from the first slot missed.
+            if let (Some(slot), Ok(schedule)) = (run.slot, Schedule::parse(&p.spec.schedule)) {
+                if schedule.fire_after(slot).is_some_and(|next| next <= now) {
+                    run.slot = Some(now);
+                }
+            }
             run.due_at = p.next_run_at;
             self.inner.store.save_run(&run)?;
             p.last_slot = run.slot;
@@ -396,6 +523,8 @@ impl Scheduler {
 
         let result = match run.kind {
             RunKind::Backup => self.backup(&policy, &mut run, &token).await,
+            RunKind::Restore => self.restore(&policy, &mut run, &token).await,
+            RunKind::Prune | RunKind::Check | RunKind::Forget => self.maintenance(&policy, &mut run, &token).await,
             other => Err(RunError {
                 code: "unsupported".into(),
                 message: format!("{} runs are not supported by this agent yet", other.as_str()),
@@ -443,8 +572,9 @@ impl Scheduler {
         if let Err(e) = self.inner.store.save_run(&run) {
             tracing::error!(error = %e, "cannot record the run's end");
         }
-        // Schedule bookkeeping, for runs the scheduler started.
-        if run.trigger != RunTrigger::Manual && run.state != RunState::Interrupted {
+        // Schedule bookkeeping, for backups the scheduler started.
+        let scheduled_backup = run.kind == RunKind::Backup && run.trigger != RunTrigger::Manual;
+        if scheduled_backup && run.state != RunState::Interrupted {
             if let Ok(mut p) = self.inner.store.get_policy(&policy_id) {
                 if run.state.counts_as_failure() {
                     p.consecutive_failures += 1;
@@ -460,92 +590,17 @@ impl Scheduler {
                 }
             }
         }
-    }
-
-    async fn backup(
-        &self,
-        policy: &PolicyRecord,
-        run: &mut RunRecord,
-        token: &CancellationToken,
-    ) -> Result<RunState, RunError> {
-        let spec = &policy.spec;
-        let path = PathBuf::from(&spec.source.path);
-        policies::check_allowed(&self.inner.config, &path)
-            .map_err(|e| RunError { code: "source_not_allowed".into(), message: e.message })?;
-        let repo = repo_of(policy);
-        let policy_tag = format!("policy={}", policy.id);
-        let mut tags = vec!["soda-syncer".to_string(), policy_tag.clone()];
-        if let Some(v) = &policy.volume {
-            tags.push(format!("volume={v}"));
+        if matches!(run.kind, RunKind::Prune | RunKind::Check | RunKind::Forget) {
+            self.maintenance_done(&policy, &run);
         }
-        tags.extend(spec.tags.iter().cloned());
-        let req = BackupRequest { path, tags, exclude: spec.exclude.clone() };
-        let live = &self.inner.live;
-        let run_id = run.id.clone();
-        let mut on_progress = |s: &soda_syncer_domain::restic_json::BackupStatus| {
-            live.lock().unwrap_or_else(|p| p.into_inner()).insert(run_id.clone(), Progress::from(s));
-        };
-        let outcome = self.inner.restic.backup(&repo, &req, token, &mut on_progress).await.map_err(run_error)?;
-
-        let mut summary = RunSummary::from(&outcome.summary);
-        summary.unreadable = outcome.unreadable.clone();
-        let previous = self
-            .inner
-            .store
-            .last_clean_backup(&policy.id)
-            .ok()
-            .flatten()
-            .and_then(|r| r.summary)
-            .map(|s| (s.total_files_processed, s.total_bytes_processed));
-        let (state, warning) = judge_backup(
-            outcome.partial,
-            outcome.summary.total_files_processed,
-            outcome.summary.total_bytes_processed,
-            previous,
-            self.inner.config.suspicious_drop_fraction,
-        );
-        run.warning = warning;
-        let short_id = outcome.summary.snapshot_id.clone();
-        run.snapshot_id = Some(short_id.clone());
-
-        // Retention: forget this policy's old snapshots. A suspicious
-        // snapshot must not push a good one out, so retention waits for a
-        // clean backup.
-        let keep = spec.retention.forget_args();
-        let mut full_id = None;
-        if !keep.is_empty() && state == RunState::Succeeded {
-            match self.inner.restic.forget(&repo, &policy_tag, &keep, token).await {
-                Ok(groups) => {
-                    summary.snapshots_forgotten = groups.iter().map(|g| g.removed().len() as u64).sum();
-                    full_id = groups
-                        .iter()
-                        .flat_map(|g| g.kept())
-                        .find(|s| s.short_id == short_id || s.id.starts_with(&short_id))
-                        .map(|s| s.id.clone());
-                }
-                Err(e) => {
-                    run.summary = Some(summary);
-                    return Err(RunError {
-                        code: "retention_failed".into(),
-                        message: format!("the snapshot {short_id} was written, but applying retention failed: {e}"),
-                    });
-                }
-            }
+        self.forget_cached_snapshots(&policy_id);
+        if let Err(e) = self.inner.store.trim_runs(&policy_id, self.inner.config.keep_runs) {
+            tracing::warn!(error = %e, "cannot trim the run history");
         }
-        if full_id.is_none() {
-            if let Ok(snaps) = self.inner.restic.snapshots(&repo, None, None, &[&short_id], token).await {
-                full_id = snaps.into_iter().next().map(|s| s.id);
-            }
-        }
-        if let Some(id) = full_id {
-            run.snapshot_id = Some(id);
-        }
-        run.summary = Some(summary);
-        Ok(state)
     }
 }
 
-fn run_error(e: ResticError) -> RunError {
+pub(crate) fn run_error(e: ResticError) -> RunError {
     RunError { code: e.kind().into(), message: e.to_string() }
 }
 

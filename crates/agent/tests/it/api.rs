@@ -362,3 +362,316 @@ async fn the_legacy_route_validates_the_upstream_body() {
     assert_eq!(ps[0]["origin"], "legacy");
     assert_eq!(ps[0]["schedule"]["intervalSeconds"], 120);
 }
+
+/// Every operation the router serves, as `GET /openapi.json` must list it.
+const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/snapshot"),
+    ("GET", "/v1/policies"),
+    ("POST", "/v1/policies"),
+    ("GET", "/v1/policies/{id}"),
+    ("PUT", "/v1/policies/{id}"),
+    ("PATCH", "/v1/policies/{id}"),
+    ("DELETE", "/v1/policies/{id}"),
+    ("POST", "/v1/policies/{id}/pause"),
+    ("POST", "/v1/policies/{id}/resume"),
+    ("POST", "/v1/policies/{id}/run"),
+    ("GET", "/v1/policies/{id}/snapshots"),
+    ("POST", "/v1/policies/{id}/restore"),
+    ("POST", "/v1/policies/{id}/maintenance"),
+    ("GET", "/v1/runs"),
+    ("GET", "/v1/runs/{id}"),
+    ("POST", "/v1/runs/{id}/cancel"),
+    ("GET", "/v1/runs/{id}/events"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+];
+
+const METHODS: [&str; 5] = ["GET", "PUT", "POST", "PATCH", "DELETE"];
+
+async fn openapi(app: &axum::Router) -> Value {
+    let (st, doc) = send(app, "GET", "/openapi.json", None, Body::empty()).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.1")), "{doc}");
+    doc
+}
+
+/// Whether `value` fits `schema` (a schema of `doc`): types, `required`,
+/// `enum`, `oneOf`, `additionalProperties`, RFC 3339 `date-time`, recursively.
+/// A small check, not a full JSON Schema validator; enough to see a
+/// response drift from what the document promises.
+fn schema_errors(doc: &Value, schema: &Value, value: &Value, at: &str, errors: &mut Vec<String>) {
+    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("{at}: non-local $ref {r}"));
+        let target = &doc["components"]["schemas"][name];
+        assert!(target.is_object(), "{at}: $ref to a missing schema {r}");
+        return schema_errors(doc, target, value, at, errors);
+    }
+    if let Some(alternatives) = schema.get("oneOf").and_then(Value::as_array) {
+        let fitting = alternatives
+            .iter()
+            .filter(|alt| {
+                let mut e = Vec::new();
+                schema_errors(doc, alt, value, at, &mut e);
+                e.is_empty()
+            })
+            .count();
+        if fitting != 1 {
+            errors.push(format!("{at}: {value} fits {fitting} of oneOf {}", Value::from(alternatives.clone())));
+        }
+        return;
+    }
+    if let Some(t) = schema.get("type") {
+        let types: Vec<&str> = match t {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let fits = types.iter().any(|t| match *t {
+            "null" => value.is_null(),
+            "boolean" => value.is_boolean(),
+            "string" => value.is_string(),
+            "integer" => value.is_i64() || value.is_u64(),
+            "number" => value.is_number(),
+            "array" => value.is_array(),
+            "object" => value.is_object(),
+            _ => false,
+        });
+        if !fits {
+            errors.push(format!("{at}: {value} is not of type {t}"));
+            return;
+        }
+    }
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
+        if !allowed.contains(value) {
+            errors.push(format!("{at}: {value} is not one of {}", Value::from(allowed.clone())));
+        }
+    }
+    if let (Some("date-time"), Some(s)) = (schema["format"].as_str(), value.as_str()) {
+        if chrono::DateTime::parse_from_rfc3339(s).is_err() {
+            errors.push(format!("{at}: {s:?} is not an RFC 3339 date-time"));
+        }
+    }
+    if let Some(object) = value.as_object() {
+        for required in schema["required"].as_array().into_iter().flatten() {
+            if !object.contains_key(required.as_str().unwrap()) {
+                errors.push(format!("{at}: required property {required} is missing"));
+            }
+        }
+        for (key, v) in object {
+            let at = format!("{at}.{key}");
+            match (schema["properties"].get(key), schema.get("additionalProperties")) {
+                (Some(s), _) => schema_errors(doc, s, v, &at, errors),
+                (None, Some(Value::Bool(false))) => errors.push(format!("{at}: not a documented property")),
+                (None, Some(s)) if s.is_object() => schema_errors(doc, s, v, &at, errors),
+                _ => {}
+            }
+        }
+    }
+    if let (Some(items), Some(array)) = (schema.get("items"), value.as_array()) {
+        for (i, v) in array.iter().enumerate() {
+            schema_errors(doc, items, v, &format!("{at}[{i}]"), errors);
+        }
+    }
+}
+
+fn assert_fits(doc: &Value, schema: &Value, value: &Value, what: &str) {
+    let mut errors = Vec::new();
+    schema_errors(doc, schema, value, "$", &mut errors);
+    assert!(errors.is_empty(), "{what} does not fit its documented schema:\n{}\n{value:#}", errors.join("\n"));
+}
+
+/// The documented path template `uri` is an instance of.
+fn route_of(doc: &Value, uri: &str) -> String {
+    let path: Vec<&str> = uri.split('?').next().unwrap().split('/').collect();
+    let fits = |template: &str| {
+        let t: Vec<&str> = template.split('/').collect();
+        t.len() == path.len() && t.iter().zip(&path).all(|(t, p)| t == p || t.starts_with('{'))
+    };
+    let found: Vec<&String> = doc["paths"].as_object().unwrap().keys().filter(|t| fits(t)).collect();
+    assert_eq!(found.len(), 1, "{uri} is an instance of {found:?}");
+    found[0].clone()
+}
+
+/// Call `method uri` and check that the status is documented for it and
+/// the JSON body fits the documented schema; also that a JSON request body
+/// fits the documented one (when its content type is documented: a test of
+/// a 415 sends one that is not).
+async fn documented_call(
+    app: &axum::Router,
+    doc: &Value,
+    method: &str,
+    uri: &str,
+    body: Option<(&str, Value)>,
+) -> (StatusCode, Value) {
+    let route = route_of(doc, uri);
+    let op = &doc["paths"][&route][method.to_ascii_lowercase()];
+    assert!(op.is_object(), "{method} {route} is not documented");
+    let what = format!("{method} {uri}");
+    let (st, v) = match body {
+        Some((ct, body)) => {
+            let schema = &op["requestBody"]["content"][ct]["schema"];
+            if schema.is_object() {
+                assert_fits(doc, schema, &body, &format!("the request body of {what}"));
+            }
+            send(app, method, uri, Some(ct), body.to_string()).await
+        }
+        None => send(app, method, uri, None, Body::empty()).await,
+    };
+    let what = format!("{what} -> {st}");
+    let response = &op["responses"][st.as_str()];
+    assert!(response.is_object(), "{what}: status not documented ({v})");
+    let schema = &response["content"]["application/json"]["schema"];
+    if schema.is_null() {
+        assert!(v.is_null(), "{what}: a JSON body where none is documented: {v}");
+    } else {
+        assert_fits(doc, schema, &v, &what);
+    }
+    (st, v)
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_exactly_the_routes_the_router_serves() {
+    let h = harness();
+    let doc = openapi(&h.app).await;
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            documented.insert((method.to_ascii_uppercase(), path.clone()));
+        }
+    }
+    let expected: std::collections::BTreeSet<_> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    assert_eq!(documented, expected);
+
+    // The router answers each documented method of each path (never 405 or
+    // an unknown route), and refuses the others with 405.
+    for path in doc["paths"].as_object().unwrap().keys() {
+        let uri = path.replace("{id}", "no-such-id");
+        for method in METHODS {
+            let (st, v) = send(&h.app, method, &uri, None, Body::empty()).await;
+            if expected.contains(&(method.to_string(), path.clone())) {
+                assert_ne!(st, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri}: {v}");
+                assert_ne!(v["error"]["code"], "route_not_found", "{method} {uri}: {v}");
+            } else {
+                assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED, "{method} {uri} is served but not documented: {v}");
+            }
+        }
+    }
+
+    // Limits written as literals in schema attributes match the code's.
+    let schemas = &doc["components"]["schemas"];
+    let max_interval = soda_syncer_domain::schedule::MAX_INTERVAL_SECONDS;
+    assert_eq!(schemas["ScheduleSpec"]["properties"]["intervalSeconds"]["maximum"], max_interval);
+    assert_eq!(schemas["LegacySnapshotRequest"]["properties"]["timeInterval"]["maximum"], max_interval);
+    assert_eq!(schemas["PolicySpec"]["properties"]["name"]["maxLength"], soda_syncer_domain::policy::MAX_NAME_LEN);
+    for (name, rule) in schemas["Retention"]["properties"].as_object().unwrap() {
+        if name != "keepWithin" {
+            assert_eq!(rule["maximum"], soda_syncer_domain::retention::MAX_KEEP, "{name}");
+        }
+    }
+    // Read-only response fields are tolerated on input but not advertised.
+    let spec_fields = schemas["PolicySpec"]["properties"].as_object().unwrap();
+    for read_only in ["id", "origin", "createdAt", "status", "lastRun", "passwordSet"] {
+        assert!(!spec_fields.contains_key(read_only), "{read_only}");
+    }
+    assert!(!schemas["RepositorySpec"]["properties"].as_object().unwrap().contains_key("passwordSet"));
+    assert_eq!(schemas["RepositorySpec"]["properties"]["password"]["writeOnly"], true);
+    assert_eq!(schemas["RepositoryView"]["properties"]["password"]["type"], "null");
+}
+
+#[tokio::test]
+async fn real_responses_fit_the_documented_schemas() {
+    let h = harness();
+    let doc = openapi(&h.app).await;
+    let call = |method: &'static str, uri: String, body: Option<(&'static str, Value)>| {
+        let (app, doc) = (h.app.clone(), doc.clone());
+        async move { documented_call(&app, &doc, method, &uri, body).await }
+    };
+    let json = |v: Value| Some(("application/json", v));
+
+    let (st, created) = call("POST", "/v1/policies".into(), json(policy(&h, "orders-db"))).await;
+    assert_eq!(st, StatusCode::CREATED, "{created}");
+    let one = format!("/v1/policies/{}", created["id"].as_str().unwrap());
+    assert_eq!(call("GET", "/v1/policies".into(), None).await.0, StatusCode::OK);
+    assert_eq!(call("GET", one.clone(), None).await.0, StatusCode::OK);
+    let patch = json!({"schedule": {"intervalSeconds": null, "cron": "0 */6 * * *"}, "tags": ["team-a"]});
+    let (st, v) = call("PATCH", one.clone(), Some(("application/merge-patch+json", patch))).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let mut again = policy(&h, "orders-db");
+    again["repository"] = json!({"url": "rest:http://user:***@127.0.0.1:1/r/", "env": {"AWS_SECRET_ACCESS_KEY": null}});
+    let (st, v) = call("PUT", one.clone(), json(again)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(call("POST", format!("{one}/pause"), None).await.0, StatusCode::OK);
+    assert_eq!(call("POST", format!("{one}/resume"), None).await.0, StatusCode::OK);
+
+    // A run: queued (the scheduler loop is not running here), listed, cancelled.
+    let (st, run) = call("POST", format!("{one}/run"), None).await;
+    assert_eq!(st, StatusCode::ACCEPTED, "{run}");
+    assert_eq!(call("POST", format!("{one}/run"), None).await.0, StatusCode::CONFLICT);
+    let run_uri = format!("/v1/runs/{}", run["id"].as_str().unwrap());
+    let (st, page) = call("GET", "/v1/runs?limit=1&state=".into(), None).await;
+    assert_eq!((st, &page["next"]), (StatusCode::OK, &run["id"]), "a full page names the next one");
+    assert_eq!(call("POST", format!("{run_uri}/cancel"), None).await.0, StatusCode::ACCEPTED);
+    let (st, ended) = call("GET", run_uri.clone(), None).await;
+    assert_eq!((st, &ended["state"]), (StatusCode::OK, &json!("cancelled")));
+    assert_eq!(call("POST", format!("{run_uri}/cancel"), None).await.0, StatusCode::CONFLICT);
+    let (st, page) = call("GET", format!("/v1/runs?policy={}", created["id"].as_str().unwrap()), None).await;
+    assert_eq!((st, &page["next"]), (StatusCode::OK, &Value::Null));
+
+    // Errors, each with its documented status and the one error shape.
+    let missing_source = json!({"name": "x", "source": {"path": "/nonexistent"}, "schedule": {"intervalSeconds": 60}});
+    let cases = [
+        ("POST", "/v1/policies".to_string(), json(policy(&h, "orders-db")), StatusCode::CONFLICT),
+        ("POST", "/v1/policies".into(), Some(("text/plain", json!({}))), StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        ("POST", "/v1/policies".into(), json(missing_source), StatusCode::UNPROCESSABLE_ENTITY),
+        ("GET", "/v1/policies/nope".into(), None, StatusCode::NOT_FOUND),
+        ("GET", "/v1/runs?state=sleeping".into(), None, StatusCode::BAD_REQUEST),
+        ("GET", "/v1/runs?policy=nope".into(), None, StatusCode::NOT_FOUND),
+        ("GET", "/v1/runs/nope/events".into(), None, StatusCode::NOT_FOUND),
+        ("POST", "/snapshot".into(), json(json!({"timeInterval": 0})), StatusCode::UNPROCESSABLE_ENTITY),
+    ];
+    for (method, uri, body, status) in cases {
+        let (st, v) = call(method, uri.clone(), body).await;
+        assert_eq!(st, status, "{method} {uri}: {v}");
+        assert_error_shape(&v);
+    }
+
+    let legacy = json!({"RESTIC_REPOSITORY": "/tmp/r", "RESTIC_PASSWORD": "pw", "timeInterval": 60,
+                        "resticSourceRepo": h.data.display().to_string()});
+    let (st, v) = call("POST", "/snapshot".into(), json(legacy)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(call("GET", "/healthz".into(), None).await.0, StatusCode::OK);
+    // The scheduler loop is not running in this harness: not ready.
+    let (st, ready) = call("GET", "/readyz".into(), None).await;
+    assert_eq!((st, &ready["scheduler"]), (StatusCode::SERVICE_UNAVAILABLE, &json!("stopped")));
+
+    // The non-JSON responses have the documented content types.
+    for uri in ["/metrics".to_string(), format!("{run_uri}/events")] {
+        let resp = h.app.clone().oneshot(Request::get(&uri).body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{uri}");
+        let documented = doc["paths"][route_of(&doc, &uri)]["get"]["responses"]["200"]["content"].as_object().unwrap();
+        let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+        let mime = ct.split(';').next().unwrap().trim();
+        assert!(documented.contains_key(mime), "{uri}: {ct} is not documented ({documented:?})");
+        let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        assert!(!text.is_empty(), "{uri}");
+        if mime == "text/event-stream" {
+            // Before OpenAPI 3.2 the schema describes one event; `data` holds JSON.
+            let schema = &documented[mime]["schema"];
+            let events: Vec<&str> = text.split("\n\n").filter(|e| e.contains("data:")).collect();
+            assert!(!events.is_empty(), "{text}");
+            for event in events {
+                let field = |name: &str| {
+                    event.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim_start().to_string()).unwrap()
+                };
+                let name = Value::from(field("event:"));
+                let data: Value = serde_json::from_str(&field("data:")).unwrap();
+                assert_fits(&doc, &schema["properties"]["event"], &name, "an event name");
+                assert_fits(&doc, &schema["properties"]["data"]["contentSchema"], &data, "an event's data");
+            }
+        }
+    }
+
+    assert_eq!(call("DELETE", one, None).await.0, StatusCode::NO_CONTENT);
+}

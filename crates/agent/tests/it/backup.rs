@@ -126,7 +126,6 @@ async fn an_unreachable_store_fails_loudly_then_recovers() {
     assert!(!failed["error"]["message"].as_str().unwrap().contains(rest.pass()), "the URL's password is scrubbed");
     let policy = agent.get(&format!("/v1/policies/{id}")).await;
     assert!(policy["consecutiveFailures"].as_u64().unwrap() >= 1);
-    assert_eq!(policy["lastRun"]["state"], "failed");
     let metrics = reqwest::get(format!("{}/metrics", agent.url)).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("soda_syncer_run_errors_total{code=\"repository_unreachable\"}"), "{metrics}");
     rest.restart().unwrap();

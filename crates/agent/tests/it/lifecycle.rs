@@ -25,7 +25,9 @@ async fn sigterm_during_a_run_interrupts_it_and_exits_cleanly() {
     let data = tmp.path().join("data");
     fill(&data, 300, 512 * 1024);
     let mut agent = AgentProc::start(&tmp.path().join("state"), &[]).unwrap();
-    let p = agent.create_policy(json!({"name": "big", "source": {"path": data}, "schedule": {"intervalSeconds": 3600}})).await;
+    let p = agent
+        .create_policy(json!({"name": "big", "source": {"path": data}, "schedule": {"intervalSeconds": 3600}}))
+        .await;
     let id = p["id"].as_str().unwrap().to_string();
     wait_running_restic(&agent).await;
     let restic_pids = children_named(agent.pid(), "restic");
@@ -39,7 +41,8 @@ async fn sigterm_during_a_run_interrupts_it_and_exits_cleanly() {
     let log = agent.log_text();
     assert!(log.contains("scheduler stopped") && log.contains("stopped"), "{log}");
     agent.restart().unwrap();
-    let runs = agent.wait_runs(&id, 60, "the interrupted run and a new one", |r| count_state(r, "succeeded") == 1).await;
+    let runs =
+        agent.wait_runs(&id, 60, "the interrupted run and a new one", |r| count_state(r, "succeeded") == 1).await;
     let first = runs.last().unwrap();
     assert_eq!(first["state"], "interrupted", "{first}");
     assert_eq!(first["error"]["code"], "agent_stopped");
@@ -51,16 +54,22 @@ async fn a_missed_schedule_runs_once_after_downtime() {
     let data = tmp.path().join("data");
     fill(&data, 3, 100);
     let mut agent = AgentProc::start(&tmp.path().join("state"), &[]).unwrap();
-    let p = agent.create_policy(json!({"name": "often", "source": {"path": data}, "schedule": {"intervalSeconds": 2}})).await;
+    let p = agent
+        .create_policy(json!({"name": "often", "source": {"path": data}, "schedule": {"intervalSeconds": 2}}))
+        .await;
     let id = p["id"].as_str().unwrap().to_string();
-    agent.wait_runs(&id, 60, "a first backup", |r| count_state(r, "succeeded") >= 1 && r[0]["state"] == "succeeded").await;
+    agent
+        .wait_runs(&id, 60, "a first backup", |r| count_state(r, "succeeded") >= 1 && r[0]["state"] == "succeeded")
+        .await;
     assert!(agent.terminate().success());
     // Down for about four intervals.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let restarted = chrono::Utc::now();
     agent.restart().unwrap();
     let runs = agent
-        .wait_runs(&id, 60, "a run after the restart", |r| r.iter().any(|r| time(&r["queuedAt"]) >= restarted && r["state"] == "succeeded"))
+        .wait_runs(&id, 60, "a run after the restart", |r| {
+            r.iter().any(|r| time(&r["queuedAt"]) >= restarted && r["state"] == "succeeded")
+        })
         .await;
     let catch_up: Vec<&Value> = runs
         .iter()
@@ -84,7 +93,8 @@ async fn a_missing_restic_keeps_the_agent_up_but_not_ready() {
     assert_eq!(st, 503, "{ready}");
     assert_eq!(ready["ready"], false);
     assert!(ready["restic"]["error"].as_str().unwrap().contains("apt-get install restic"), "{ready}");
-    let p = agent.create_policy(json!({"name": "x", "source": {"path": data}, "schedule": {"intervalSeconds": 60}})).await;
+    let p =
+        agent.create_policy(json!({"name": "x", "source": {"path": data}, "schedule": {"intervalSeconds": 60}})).await;
     let runs = agent.wait_runs(p["id"].as_str().unwrap(), 30, "a failed run", |r| count_state(r, "failed") == 1).await;
     assert_eq!(runs[0]["error"]["code"], "restic_missing");
 }
@@ -97,7 +107,11 @@ async fn runs_respect_the_concurrency_limit_and_queue_in_order() {
     for i in 0..4 {
         let data = tmp.path().join(format!("data{i}"));
         fill(&data, 2, 100);
-        let p = agent.create_policy(json!({"name": format!("p{i}"), "source": {"path": data}, "schedule": {"intervalSeconds": 2}})).await;
+        let p = agent
+            .create_policy(
+                json!({"name": format!("p{i}"), "source": {"path": data}, "schedule": {"intervalSeconds": 2}}),
+            )
+            .await;
         ids.push(p["id"].as_str().unwrap().to_string());
     }
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -106,7 +120,9 @@ async fn runs_respect_the_concurrency_limit_and_queue_in_order() {
         let v = agent.get("/v1/runs?limit=1000").await;
         let runs = v["runs"].as_array().cloned().unwrap();
         saw_queued |= runs.iter().any(|r| r["state"] == "queued");
-        let done = ids.iter().all(|id| runs.iter().filter(|r| r["policyId"] == id.as_str() && r["state"] == "succeeded").count() >= 2);
+        let done = ids
+            .iter()
+            .all(|id| runs.iter().filter(|r| r["policyId"] == id.as_str() && r["state"] == "succeeded").count() >= 2);
         if done {
             break runs;
         }
@@ -131,7 +147,9 @@ async fn deleting_a_policy_cancels_its_running_backup() {
     let data = tmp.path().join("data");
     fill(&data, 300, 512 * 1024);
     let agent = AgentProc::start(&tmp.path().join("state"), &[]).unwrap();
-    let p = agent.create_policy(json!({"name": "doomed", "source": {"path": data}, "schedule": {"intervalSeconds": 3600}})).await;
+    let p = agent
+        .create_policy(json!({"name": "doomed", "source": {"path": data}, "schedule": {"intervalSeconds": 3600}}))
+        .await;
     let id = p["id"].as_str().unwrap().to_string();
     wait_running_restic(&agent).await;
     let pids = children_named(agent.pid(), "restic");
@@ -154,8 +172,14 @@ async fn an_empty_source_is_suspicious_not_succeeded() {
     let data = tmp.path().join("empty");
     std::fs::create_dir_all(&data).unwrap();
     let agent = AgentProc::start(&tmp.path().join("state"), &[]).unwrap();
-    let p = agent.create_policy(json!({"name": "empty", "source": {"path": data}, "schedule": {"intervalSeconds": 3600}})).await;
-    let runs = agent.wait_runs(p["id"].as_str().unwrap(), 60, "the backup", |r| r.first().is_some_and(|r| r["state"] != "queued" && r["state"] != "running")).await;
+    let p = agent
+        .create_policy(json!({"name": "empty", "source": {"path": data}, "schedule": {"intervalSeconds": 3600}}))
+        .await;
+    let runs = agent
+        .wait_runs(p["id"].as_str().unwrap(), 60, "the backup", |r| {
+            r.first().is_some_and(|r| r["state"] != "queued" && r["state"] != "running")
+        })
+        .await;
     assert_eq!(runs[0]["state"], "suspicious", "{}", runs[0]);
     assert!(runs[0]["warning"].as_str().unwrap().contains("no files"));
     assert!(runs[0]["snapshotId"].is_string(), "the snapshot is kept and named");
@@ -173,8 +197,14 @@ async fn an_unreadable_file_makes_a_partial_backup_that_names_it() {
     std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let agent = AgentProc::start_as(&tmp.path().join("state"), &[], Some(65534)).unwrap();
-    let p = agent.create_policy(json!({"name": "partial", "source": {"path": data}, "schedule": {"intervalSeconds": 3600}})).await;
-    let runs = agent.wait_runs(p["id"].as_str().unwrap(), 60, "the backup", |r| r.first().is_some_and(|r| r["state"] != "queued" && r["state"] != "running")).await;
+    let p = agent
+        .create_policy(json!({"name": "partial", "source": {"path": data}, "schedule": {"intervalSeconds": 3600}}))
+        .await;
+    let runs = agent
+        .wait_runs(p["id"].as_str().unwrap(), 60, "the backup", |r| {
+            r.first().is_some_and(|r| r["state"] != "queued" && r["state"] != "running")
+        })
+        .await;
     let run = &runs[0];
     assert_eq!(run["state"], "partial", "{run}");
     assert_eq!(run["summary"]["unreadable"], json!([secret.display().to_string()]));
@@ -210,5 +240,6 @@ async fn a_stale_lock_from_a_killed_restic_is_removed_automatically() {
     agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
     agent.wait_runs(&id, 120, "a run that recovers the lock", |r| count_state(r, "succeeded") == 2).await;
     assert!(agent.log_text().contains("removing stale locks"), "the recovery is logged");
-
+    let metrics = reqwest::get(format!("{}/metrics", agent.url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("soda_syncer_stale_lock_recoveries_total 1"), "{metrics}");
 }

@@ -4,7 +4,9 @@
 
 mod api;
 mod backup;
+mod help;
 mod legacy;
 mod lifecycle;
+mod restore;
 mod servers;
 mod support;

@@ -1,0 +1,137 @@
+//! Repository-only access for the CLI: list and restore the agent's
+//! snapshots with nothing but the repository and its password, for when
+//! the node, the agent and its database are gone. Uses the same restic
+//! adapter as the agent, so secrets travel the same way (the child's
+//! environment only).
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::{json, Value};
+use soda_syncer_domain::policy::ALLOWED_ENV_PREFIXES;
+use soda_syncer_domain::restic_json::Snapshot;
+use soda_syncer_domain::Secret;
+use std::path::Path;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::DirectRepo;
+use crate::restic::{Repo, Restic, RestoreRequest};
+
+fn open(d: &DirectRepo) -> anyhow::Result<(Restic, Repo, tempfile_dir::TempDir)> {
+    let url = d.repo.clone().ok_or_else(|| anyhow!("--repo is required"))?;
+    let password = match &d.password_file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the password file {}", f.display()))?
+            .trim_end_matches(['\n', '\r'])
+            .to_string(),
+        None => {
+            std::env::var("RESTIC_PASSWORD").map_err(|_| anyhow!("give --password-file FILE or set RESTIC_PASSWORD"))?
+        }
+    };
+    let env = std::env::vars()
+        .filter(|(k, _)| ALLOWED_ENV_PREFIXES.iter().any(|p| k.starts_with(p)))
+        .map(|(k, v)| (k, Secret::new(v)))
+        .collect();
+    let cache = tempfile_dir::TempDir::new()?;
+    let host = d.host.clone().unwrap_or_default();
+    let restic = Restic::new("restic".into(), cache.path().to_path_buf(), host, Duration::from_secs(7 * 86400));
+    Ok((restic, Repo { url, password: Secret::new(password), env }, cache))
+}
+
+/// The agent's snapshots in the repository, narrowed by host, volume or policy.
+async fn find(d: &DirectRepo, restic: &Restic, repo: &Repo) -> anyhow::Result<Vec<Snapshot>> {
+    let cancel = CancellationToken::new();
+    let tag = match (&d.volume, &d.policy_id) {
+        (Some(v), _) => format!("volume={v}"),
+        (None, Some(p)) => format!("policy={p}"),
+        (None, None) => "soda-syncer".to_string(),
+    };
+    let mut snaps = restic.snapshots(repo, Some(&tag), d.host.as_deref(), &[], &cancel).await?;
+    snaps.sort_by(|a, b| a.time.cmp(&b.time));
+    Ok(snaps)
+}
+
+pub async fn snapshots(d: &DirectRepo) -> anyhow::Result<Value> {
+    let (restic, repo, _cache) = open(d)?;
+    let snaps = find(d, &restic, &repo).await?;
+    let views: Vec<Value> = snaps
+        .iter()
+        .rev()
+        .map(|s| {
+            json!({"id": s.id, "shortId": s.short_id, "time": s.time, "paths": s.paths, "hostname": s.hostname,
+                   "tags": s.tags.clone().unwrap_or_default(), "volume": s.tag_value("volume"), "policy": s.tag_value("policy")})
+        })
+        .collect();
+    Ok(json!({ "snapshots": views }))
+}
+
+pub async fn restore(
+    d: &DirectRepo,
+    snapshot: &str,
+    target: &Path,
+    include: &[String],
+    verify: bool,
+) -> anyhow::Result<Value> {
+    let (restic, repo, _cache) = open(d)?;
+    let snaps = find(d, &restic, &repo).await?;
+    let snap = if snapshot == "latest" {
+        if d.volume.is_none() && d.policy_id.is_none() {
+            let volumes: std::collections::BTreeSet<&str> =
+                snaps.iter().filter_map(|s| s.tag_value("volume").or(s.tag_value("policy"))).collect();
+            if volumes.len() > 1 {
+                bail!(
+                    "the repository holds several volumes ({}); say which with --volume or --policy-id",
+                    volumes.into_iter().collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+        snaps.last().cloned()
+    } else {
+        snaps.iter().find(|s| s.id.starts_with(snapshot) || s.short_id == snapshot).cloned()
+    };
+    let snap = snap
+        .ok_or_else(|| anyhow!("no snapshot {snapshot:?} of the agent in {} (with these filters)", repo.display()))?;
+    if target.exists() && std::fs::read_dir(target)?.next().is_some() {
+        bail!("{} exists and is not empty: choose a new or empty directory", target.display());
+    }
+    std::fs::create_dir_all(target)?;
+    let staging = target.join(".soda-syncer-restore");
+    let root = snap.paths.first().cloned().unwrap_or_default();
+    let include: Vec<String> =
+        include.iter().map(|i| format!("{}/{}", root.trim_end_matches('/'), i.trim_matches('/'))).collect();
+    let cancel = CancellationToken::new();
+    let (bytes, files) = restic.restore_size(&repo, &snap.id, &cancel).await.unwrap_or((0, 0));
+    let req = RestoreRequest { snapshot_id: snap.id.clone(), target: staging.clone(), include, verify };
+    let result = restic.restore(&repo, &req, &cancel).await;
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e.into());
+    }
+    let moved = crate::scheduler::jobs::merge_into(&staging.join(root.trim_start_matches('/')), target);
+    let _ = std::fs::remove_dir_all(&staging);
+    moved.with_context(|| format!("cannot move the restored files into {}", target.display()))?;
+    Ok(json!({ "snapshotId": snap.id, "paths": snap.paths, "target": target, "bytes": bytes, "files": files }))
+}
+
+/// A temporary directory removed on drop (std only).
+mod tempfile_dir {
+    use std::path::{Path, PathBuf};
+
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new() -> std::io::Result<TempDir> {
+            let p = std::env::temp_dir().join(format!("soda-syncer-{}", crate::ids::random_hex(8)));
+            std::fs::create_dir_all(&p)?;
+            Ok(TempDir(p))
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

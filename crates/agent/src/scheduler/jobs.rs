@@ -1,0 +1,560 @@
+//! What each kind of run does: backup (with retention), restore, and
+//! repository maintenance (forget, prune, check). Runs that share a
+//! repository coordinate through a per-repository lock: backups and
+//! restores share it, forget/prune/check take it alone, so a prune waits
+//! for backups in flight and queued backups wait for the prune, instead of
+//! failing on restic's own lock.
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use soda_syncer_domain::run::{judge_backup, Progress, RunError, RunSummary};
+use soda_syncer_domain::{RunKind, RunState};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use super::{repo_of, run_error, RunRequestError, Scheduler};
+use crate::restic::{BackupRequest, Repo, ResticError, RestoreRequest};
+use crate::store::{PolicyRecord, RunRecord};
+use soda_syncer_domain::policy::{validate_abs_path, FieldError};
+use soda_syncer_domain::RunTrigger;
+
+/// `POST /v1/policies/{id}/restore`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestoreParams {
+    /// `latest` (the policy's newest snapshot) or a snapshot id (full or short).
+    #[serde(default = "latest")]
+    pub snapshot: String,
+    /// An absolute directory that does not exist or is empty; default: a new
+    /// directory under the agent's state directory. Ignored with `inPlace`.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Sub-paths of the volume to restore (relative to the volume's root).
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Restore over the live source directory (changed files are replaced).
+    #[serde(default)]
+    pub in_place: bool,
+    /// Read every restored file back and compare it with the repository.
+    #[serde(default)]
+    pub verify: bool,
+}
+
+fn latest() -> String {
+    "latest".into()
+}
+
+/// `POST /v1/policies/{id}/maintenance`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MaintenanceParams {
+    /// Apply the policy's retention (`forget`) now.
+    #[serde(default)]
+    pub forget: bool,
+    /// Remove unreferenced data from the repository (`prune`).
+    #[serde(default)]
+    pub prune: bool,
+    /// Verify the repository's structure (`check`).
+    #[serde(default)]
+    pub check: bool,
+    /// With `check`: also read this part of the data (`5%`, `1/10`, `500M`).
+    #[serde(default)]
+    pub read_data_subset: Option<String>,
+}
+
+impl MaintenanceParams {
+    pub fn kind(&self) -> RunKind {
+        if self.prune {
+            RunKind::Prune
+        } else if self.check {
+            RunKind::Check
+        } else {
+            RunKind::Forget
+        }
+    }
+}
+
+/// Holds a repository lock for as long as it lives.
+pub(crate) enum RepoGuard {
+    Shared(#[allow(dead_code)] tokio::sync::OwnedRwLockReadGuard<()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::OwnedRwLockWriteGuard<()>),
+}
+
+fn cancelled() -> RunError {
+    RunError { code: "cancelled".into(), message: "the run was cancelled".into() }
+}
+
+fn params<T: serde::de::DeserializeOwned>(run: &RunRecord) -> Result<T, RunError> {
+    serde_json::from_value(run.params.clone().unwrap_or_default()).map_err(|e| RunError {
+        code: "invalid_request".into(),
+        message: format!("the run's parameters are unreadable: {e}"),
+    })
+}
+
+fn valid_snapshot_ref(s: &str) -> bool {
+    s == "latest" || ((8..=64).contains(&s.len()) && s.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+fn valid_subset(s: &str) -> bool {
+    let num = |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.');
+    if let Some(p) = s.strip_suffix('%') {
+        return num(p);
+    }
+    if let Some((a, b)) = s.split_once('/') {
+        return num(a) && num(b);
+    }
+    let body = s.trim_end_matches(['k', 'K', 'm', 'M', 'g', 'G', 't', 'T']);
+    num(body) && s.len() - body.len() <= 1
+}
+
+impl Scheduler {
+    /// Check a restore request and queue it. A target that exists and is
+    /// not empty is refused (unless in place), and so is an in-place
+    /// restore while the policy has a run in flight.
+    pub fn request_restore(&self, policy: &PolicyRecord, mut p: RestoreParams) -> Result<RunRecord, RunRequestError> {
+        let invalid = |f: &str, m: String| RunRequestError::Invalid(FieldError::new(f, m));
+        if !valid_snapshot_ref(&p.snapshot) {
+            return Err(invalid(
+                "snapshot",
+                format!("{:?} is neither \"latest\" nor a snapshot id (8 to 64 hex digits)", p.snapshot),
+            ));
+        }
+        for (i, inc) in p.include.iter().enumerate() {
+            let bad = inc.is_empty()
+                || inc.starts_with('/')
+                || inc.split('/').any(|c| c == ".." || c == ".")
+                || inc.contains('\0');
+            if bad {
+                return Err(invalid(
+                    &format!("include[{i}]"),
+                    format!("{inc:?} must be a path inside the volume, relative to its root, without '..'"),
+                ));
+            }
+        }
+        if p.in_place {
+            if p.target.as_deref().is_some_and(|t| t != policy.spec.source.path) {
+                return Err(invalid(
+                    "target",
+                    "an in-place restore goes to the policy's source; leave target out".into(),
+                ));
+            }
+            p.target = Some(policy.spec.source.path.clone());
+        } else {
+            let target = p.target.clone().unwrap_or_else(|| {
+                let stamp = Utc::now().format("%Y%m%dT%H%M%SZ");
+                self.config().restore_dir().join(format!("{}-{stamp}", policy.spec.name)).display().to_string()
+            });
+            validate_abs_path("target", &target).map_err(RunRequestError::Invalid)?;
+            let path = Path::new(&target);
+            if path.exists() {
+                let empty = std::fs::read_dir(path).map(|mut d| d.next().is_none()).unwrap_or(false);
+                if !empty {
+                    return Err(RunRequestError::TargetNotEmpty(format!(
+                        "{target} exists and is not empty: choose a new or empty directory, or restore in place with inPlace: true"
+                    )));
+                }
+            }
+            if !path.starts_with(self.config().restore_dir()) {
+                let existing = path.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+                super::policies::check_allowed(self.config(), existing).map_err(|e| invalid("target", e.message))?;
+            }
+            p.target = Some(target);
+        }
+        let params = serde_json::to_value(&p).ok();
+        self.request_run_with(policy, RunKind::Restore, RunTrigger::Manual, params)
+    }
+
+    /// Check a maintenance request and queue it.
+    pub fn request_maintenance(
+        &self,
+        policy: &PolicyRecord,
+        p: MaintenanceParams,
+    ) -> Result<RunRecord, RunRequestError> {
+        if !(p.forget || p.prune || p.check) {
+            return Err(RunRequestError::Invalid(FieldError::new(
+                "forget",
+                "ask for at least one of forget, prune, check",
+            )));
+        }
+        if let Some(s) = &p.read_data_subset {
+            if !p.check || !valid_subset(s) {
+                return Err(RunRequestError::Invalid(FieldError::new(
+                    "readDataSubset",
+                    format!("{s:?}: goes with check: true, as a percentage (5%), a part (1/10) or a size (500M)"),
+                )));
+            }
+        }
+        let params = serde_json::to_value(&p).ok();
+        self.request_run_with(policy, p.kind(), RunTrigger::Manual, params)
+    }
+
+    /// Wait (cancellably) for this agent's lock on a repository.
+    pub(crate) async fn repo_lock(
+        &self,
+        repo: &Repo,
+        exclusive: bool,
+        token: &CancellationToken,
+    ) -> Result<RepoGuard, RunError> {
+        let lock = {
+            let mut locks = self.inner.repo_locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks
+                .entry(crate::ids::short_hash(&[&repo.url]))
+                .or_insert_with(|| Arc::new(tokio::sync::RwLock::new(())))
+                .clone()
+        };
+        tokio::select! {
+            g = async {
+                if exclusive { RepoGuard::Exclusive(lock.write_owned().await) } else { RepoGuard::Shared(lock.read_owned().await) }
+            } => Ok(g),
+            _ = token.cancelled() => Err(cancelled()),
+        }
+    }
+
+    pub(crate) async fn backup(
+        &self,
+        policy: &PolicyRecord,
+        run: &mut RunRecord,
+        token: &CancellationToken,
+    ) -> Result<RunState, RunError> {
+        let spec = &policy.spec;
+        let path = PathBuf::from(&spec.source.path);
+        super::policies::check_allowed(&self.inner.config, &path)
+            .map_err(|e| RunError { code: "source_not_allowed".into(), message: e.message })?;
+        let repo = repo_of(policy);
+        let policy_tag = format!("policy={}", policy.id);
+        let mut tags = vec!["soda-syncer".to_string(), policy_tag.clone()];
+        if let Some(v) = &policy.volume {
+            tags.push(format!("volume={v}"));
+        }
+        tags.extend(spec.tags.iter().cloned());
+        let mut exclude = spec.exclude.clone();
+        exclude.push(format!("{RESTORE_STAGING_PREFIX}*"));
+        let req = BackupRequest { path, tags, exclude };
+        let live = &self.inner.live;
+        let run_id = run.id.clone();
+        let mut on_progress = |s: &soda_syncer_domain::restic_json::BackupStatus| {
+            live.lock().unwrap_or_else(|p| p.into_inner()).insert(run_id.clone(), Progress::from(s));
+        };
+        let shared = self.repo_lock(&repo, false, token).await?;
+        let outcome = self.inner.restic.backup(&repo, &req, token, &mut on_progress).await.map_err(run_error)?;
+        drop(shared);
+
+        let mut summary = RunSummary::from(&outcome.summary);
+        summary.unreadable = outcome.unreadable.clone();
+        let previous = self
+            .inner
+            .store
+            .last_clean_backup(&policy.id)
+            .ok()
+            .flatten()
+            .and_then(|r| r.summary)
+            .map(|s| (s.total_files_processed, s.total_bytes_processed));
+        let (state, warning) = judge_backup(
+            outcome.partial,
+            outcome.summary.total_files_processed,
+            outcome.summary.total_bytes_processed,
+            previous,
+            self.inner.config.suspicious_drop_fraction,
+        );
+        run.warning = warning;
+        let short_id = outcome.summary.snapshot_id.clone();
+        run.snapshot_id = Some(short_id.clone());
+
+        // Retention: forget this policy's old snapshots. A suspicious
+        // snapshot must not push a good one out, so retention waits for a
+        // clean backup.
+        let keep = spec.retention.forget_args();
+        let mut full_id = None;
+        if !keep.is_empty() && state == RunState::Succeeded {
+            // forget takes restic's exclusive lock: wait for this agent's other
+            // runs on the repository instead of colliding with them.
+            let _exclusive = self.repo_lock(&repo, true, token).await?;
+            match self.inner.restic.forget(&repo, &policy_tag, &keep, token).await {
+                Ok(groups) => {
+                    summary.snapshots_forgotten = groups.iter().map(|g| g.removed().len() as u64).sum();
+                    full_id = groups
+                        .iter()
+                        .flat_map(|g| g.kept())
+                        .find(|s| s.short_id == short_id || s.id.starts_with(&short_id))
+                        .map(|s| s.id.clone());
+                }
+                Err(e) => {
+                    run.summary = Some(summary);
+                    return Err(RunError {
+                        code: "retention_failed".into(),
+                        message: format!("the snapshot {short_id} was written, but applying retention failed: {e}"),
+                    });
+                }
+            }
+        }
+        if full_id.is_none() {
+            if let Ok(snaps) = self.inner.restic.snapshots(&repo, None, None, &[&short_id], token).await {
+                full_id = snaps.into_iter().next().map(|s| s.id);
+            }
+        }
+        if let Some(id) = full_id {
+            run.snapshot_id = Some(id);
+        }
+        run.summary = Some(summary);
+        Ok(state)
+    }
+
+    /// Restore a snapshot of the policy: into a new or empty directory (the
+    /// volume's content lands at the directory's root), or in place over the
+    /// source. Progress is measured from what has been written, against the
+    /// snapshot's restore size.
+    pub(crate) async fn restore(
+        &self,
+        policy: &PolicyRecord,
+        run: &mut RunRecord,
+        token: &CancellationToken,
+    ) -> Result<RunState, RunError> {
+        let p: RestoreParams = params(run)?;
+        let repo = repo_of(policy);
+        let tag = format!("policy={}", policy.id);
+        let _shared = self.repo_lock(&repo, false, token).await?;
+        let snap = if p.snapshot == "latest" {
+            self.inner.restic.latest_snapshot(&repo, Some(&tag), None, token).await.map_err(run_error)?
+        } else {
+            self.inner
+                .restic
+                .snapshots(&repo, Some(&tag), None, &[&p.snapshot], token)
+                .await
+                .map_err(run_error)?
+                .into_iter()
+                .next()
+        };
+        let snap = snap.ok_or_else(|| RunError {
+            code: "snapshot_not_found".into(),
+            message: format!("policy {} has no snapshot {:?} in its repository", policy.spec.name, p.snapshot),
+        })?;
+        run.snapshot_id = Some(snap.id.clone());
+        let root = snap.paths.first().cloned().unwrap_or_else(|| policy.spec.source.path.clone());
+        let include: Vec<String> =
+            p.include.iter().map(|i| format!("{}/{}", root.trim_end_matches('/'), i.trim_matches('/'))).collect();
+        let (total_bytes, total_files) = self.inner.restic.restore_size(&repo, &snap.id, token).await.unwrap_or((0, 0));
+        let started = std::time::Instant::now();
+
+        // restic restores under the snapshot's absolute path and will not
+        // overwrite symlinks, so it restores into a staging directory on the
+        // target's filesystem (inside the target), and the files are then
+        // moved into place with renames.
+        let target = PathBuf::from(p.target.clone().unwrap_or_default());
+        let staging = target.join(format!("{RESTORE_STAGING_PREFIX}{}", run.id));
+        std::fs::create_dir_all(&staging).map_err(|e| io_error("cannot create the restore directory", &staging, e))?;
+        let req = RestoreRequest { snapshot_id: snap.id.clone(), target: staging.clone(), include, verify: p.verify };
+        let result = {
+            let watch = self.watch_restore_progress(&run.id, staging.clone(), total_bytes, total_files);
+            let r = self.inner.restic.restore(&repo, &req, token).await;
+            watch.abort();
+            r
+        };
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(run_error(e));
+        }
+        let moved = merge_into(&staging.join(root.trim_start_matches('/')), &target);
+        let _ = std::fs::remove_dir_all(&staging);
+        moved.map_err(|e| io_error("cannot move the restored files into place", &target, e))?;
+        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            run.id.clone(),
+            Progress {
+                percent_done: 1.0,
+                files_done: total_files,
+                total_files,
+                bytes_done: total_bytes,
+                total_bytes,
+                seconds_remaining: Some(0),
+            },
+        );
+        run.summary = Some(RunSummary {
+            total_files_processed: total_files,
+            total_bytes_processed: total_bytes,
+            total_duration: started.elapsed().as_secs_f64(),
+            ..Default::default()
+        });
+        Ok(RunState::Succeeded)
+    }
+
+    /// Report restore progress by adding up what has been written so far
+    /// (restic 0.14 prints nothing while it restores).
+    fn watch_restore_progress(
+        &self,
+        run_id: &str,
+        dir: PathBuf,
+        total_bytes: u64,
+        total_files: u64,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        let run_id = run_id.to_string();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let d = dir.clone();
+                let (bytes, files) = tokio::task::spawn_blocking(move || tree_size(&d)).await.unwrap_or((0, 0));
+                let fraction = if total_bytes > 0 { (bytes as f64 / total_bytes as f64).min(1.0) } else { 0.0 };
+                let secs = started.elapsed().as_secs_f64();
+                let remaining = (fraction > 0.0).then(|| (secs / fraction - secs).max(0.0) as u64);
+                this.inner.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                    run_id.clone(),
+                    Progress {
+                        percent_done: fraction,
+                        files_done: files,
+                        total_files,
+                        bytes_done: bytes,
+                        total_bytes,
+                        seconds_remaining: remaining,
+                    },
+                );
+            }
+        })
+    }
+
+    /// Forget (the policy's retention), prune, check: whichever were asked
+    /// for, in that order, alone on the repository.
+    pub(crate) async fn maintenance(
+        &self,
+        policy: &PolicyRecord,
+        run: &mut RunRecord,
+        token: &CancellationToken,
+    ) -> Result<RunState, RunError> {
+        let p: MaintenanceParams = params(run)?;
+        let repo = repo_of(policy);
+        let _exclusive = self.repo_lock(&repo, true, token).await?;
+        let mut summary = RunSummary::default();
+        let started = std::time::Instant::now();
+        if p.forget {
+            let keep = policy.spec.retention.forget_args();
+            if keep.is_empty() {
+                run.warning = Some("the policy has no retention rules, so forget removed nothing".into());
+            } else {
+                let groups = self
+                    .inner
+                    .restic
+                    .forget(&repo, &format!("policy={}", policy.id), &keep, token)
+                    .await
+                    .map_err(|e| RunError { code: "retention_failed".into(), message: e.to_string() })?;
+                summary.snapshots_forgotten = groups.iter().map(|g| g.removed().len() as u64).sum();
+            }
+        }
+        if p.prune {
+            self.inner.restic.prune(&repo, token).await.map_err(run_error)?;
+        }
+        if p.check {
+            self.inner.restic.check(&repo, p.read_data_subset.as_deref(), token).await.map_err(|e| match e {
+                ResticError::Failed { stderr, .. }
+                    if stderr.contains("contains errors") || stderr.contains("error") =>
+                {
+                    RunError {
+                        code: "repository_damaged".into(),
+                        message: format!("restic check found errors in the repository: {stderr}"),
+                    }
+                }
+                other => run_error(other),
+            })?;
+        }
+        summary.total_duration = started.elapsed().as_secs_f64();
+        run.summary = Some(summary);
+        Ok(RunState::Succeeded)
+    }
+
+    /// After a maintenance run: record it in the repository's bookkeeping,
+    /// and retry a failed scheduled one in an hour rather than a week.
+    pub(crate) fn maintenance_done(&self, policy: &PolicyRecord, run: &RunRecord) {
+        let Ok(p) = params::<MaintenanceParams>(run) else { return };
+        let key = crate::ids::short_hash(&[policy.spec.repository_url()]);
+        let Ok(Some(mut m)) = self.inner.store.repository_maintenance(&key) else { return };
+        let now = Utc::now();
+        let ok = run.state == RunState::Succeeded;
+        if p.prune {
+            if ok {
+                m.last_prune_at = Some(now);
+            } else {
+                m.next_prune_at = Some(now + chrono::Duration::hours(1));
+            }
+        }
+        if p.check {
+            if ok {
+                m.last_check_at = Some(now);
+            } else {
+                m.next_check_at = Some(now + chrono::Duration::hours(1));
+            }
+        }
+        if let Err(e) = self.inner.store.save_repository_maintenance(&m) {
+            tracing::warn!(error = %e, "cannot record the repository's maintenance");
+        }
+    }
+}
+
+/// Restores stage their files in a directory of this name inside the
+/// target; backups exclude it, in case a crash left one behind.
+pub const RESTORE_STAGING_PREFIX: &str = ".soda-syncer-restore-";
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> RunError {
+    let code = if e.raw_os_error() == Some(libc::ENOSPC) { "disk_full" } else { "restore_target_failed" };
+    RunError { code: code.into(), message: format!("{what} {}: {e}", path.display()) }
+}
+
+/// Total size and count of the regular files below `dir`.
+fn tree_size(dir: &Path) -> (u64, u64) {
+    let mut bytes = 0;
+    let mut files = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                bytes += m.len();
+                files += 1;
+            }
+        }
+    }
+    (bytes, files)
+}
+
+/// Move everything inside `from` into `to` (same filesystem: renames),
+/// replacing what is there: a file or symlink is replaced atomically, a
+/// directory is merged, a directory in the way of a file is removed. Then
+/// `to` gets the owner, mode and times of `from`. Used to put a restore in
+/// place, so restic never has to overwrite (it refuses existing symlinks).
+pub(crate) fn merge_into(from: &Path, to: &Path) -> std::io::Result<()> {
+    if !from.exists() {
+        return Ok(()); // an include that matched nothing
+    }
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let src = e.path();
+        let dest = to.join(e.file_name());
+        let src_is_dir = e.file_type()?.is_dir();
+        let dest_meta = dest.symlink_metadata().ok();
+        let dest_is_dir = dest_meta.as_ref().is_some_and(|m| m.is_dir());
+        if src_is_dir && dest_is_dir {
+            merge_into(&src, &dest)?;
+            continue;
+        }
+        if dest_is_dir {
+            std::fs::remove_dir_all(&dest)?;
+        } else if src_is_dir && dest_meta.is_some() {
+            std::fs::remove_file(&dest)?;
+        }
+        std::fs::rename(&src, &dest)?;
+    }
+    copy_dir_metadata(from, to)
+}
+
+fn copy_dir_metadata(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(from)?;
+    std::os::unix::fs::chown(to, Some(m.uid()), Some(m.gid()))?;
+    std::fs::set_permissions(to, m.permissions())?;
+    let times = std::fs::FileTimes::new().set_accessed(m.accessed()?).set_modified(m.modified()?);
+    std::fs::File::open(to)?.set_times(times)?;
+    Ok(())
+}
