@@ -277,7 +277,14 @@ impl Client {
                 .unwrap_or_else(|_| "http://127.0.0.1:50030".into())
         });
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("HTTP client");
-        Client { base: base.trim_end_matches('/').to_string(), token: args.token.clone(), http }
+        // No --token: the token a local agent generated, when readable.
+        let token = args.token.clone().or_else(|| {
+            let dir = args.agent_state_dir.clone().unwrap_or_else(crate::config::default_state_dir);
+            std::fs::read_to_string(crate::config::token_file(&dir))
+                .ok()
+                .and_then(|t| t.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).map(String::from))
+        });
+        Client { base: base.trim_end_matches('/').to_string(), token, http }
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {

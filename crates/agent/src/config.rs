@@ -62,6 +62,15 @@ pub struct ServeArgs {
     /// Keep this many finished runs per policy in the database [default: 1000].
     #[arg(long, env = "SODA_SYNCER_KEEP_RUNS")]
     pub keep_runs: Option<usize>,
+    /// Bearer tokens for /v1, one per line, re-read when the file changes [default: <state-dir>/token, created at first start].
+    #[arg(long, env = "SODA_SYNCER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// How the legacy POST /snapshot is guarded: from allowed networks only, with the token, or not at all [default: network].
+    #[arg(long, env = "SODA_SYNCER_LEGACY", value_enum)]
+    pub legacy: Option<crate::http::auth::LegacyMode>,
+    /// Networks allowed to call the legacy route (repeat, or comma-separated) [default: 127.0.0.0/8, ::1/128].
+    #[arg(long = "legacy-allow-cidr", env = "SODA_SYNCER_LEGACY_ALLOW_CIDRS", value_delimiter = ',')]
+    pub legacy_allow_cidrs: Vec<String>,
     /// Log lines as JSON instead of text.
     #[arg(long, env = "SODA_SYNCER_LOG_JSON")]
     pub log_json: bool,
@@ -87,6 +96,9 @@ struct FileConfig {
     check_read_data_subset: Option<String>,
     maintenance_jitter_seconds: Option<u64>,
     keep_runs: Option<usize>,
+    token_file: Option<PathBuf>,
+    legacy: Option<crate::http::auth::LegacyMode>,
+    legacy_allow_cidrs: Option<Vec<String>>,
 }
 
 /// The resolved configuration the daemon runs with. Tests build it directly.
@@ -110,6 +122,9 @@ pub struct Config {
     pub maintenance_jitter: Duration,
     /// Finished runs kept per policy.
     pub keep_runs: usize,
+    pub token_file: Option<PathBuf>,
+    pub legacy: crate::http::auth::LegacyMode,
+    pub legacy_allow_cidrs: Vec<crate::http::auth::Cidr>,
     /// A backup whose file count or size falls by more than this fraction
     /// against the last good one is `suspicious`.
     pub suspicious_drop_fraction: f64,
@@ -150,6 +165,9 @@ impl Config {
             check_read_data_subset: None,
             maintenance_jitter: Duration::from_secs(3600),
             keep_runs: 1000,
+            token_file: None,
+            legacy: crate::http::auth::LegacyMode::Network,
+            legacy_allow_cidrs: vec!["127.0.0.0/8".parse().expect("static"), "::1/128".parse().expect("static")],
             suspicious_drop_fraction: 0.5,
             shutdown_grace: Duration::from_secs(10),
             require_mountpoints: true,
@@ -211,6 +229,23 @@ impl Config {
         if let Some(v) = args.keep_runs.or(file.keep_runs) {
             c.keep_runs = v;
         }
+        c.token_file = args.token_file.clone().or(file.token_file);
+        if let Some(v) = args.legacy.clone().or(file.legacy) {
+            c.legacy = v;
+        }
+        let cidrs = if args.legacy_allow_cidrs.is_empty() {
+            file.legacy_allow_cidrs
+        } else {
+            Some(args.legacy_allow_cidrs.clone())
+        };
+        if let Some(list) = cidrs {
+            c.legacy_allow_cidrs = list
+                .iter()
+                .map(|s| {
+                    s.trim().parse().map_err(|e: String| ConfigError::Invalid(format!("--legacy-allow-cidr: {e}")))
+                })
+                .collect::<Result<_, _>>()?;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -261,6 +296,10 @@ impl Config {
     pub fn local_repository_password_file(&self) -> PathBuf {
         self.state_dir.join("repository.password")
     }
+    /// The bearer token file.
+    pub fn token_path(&self) -> PathBuf {
+        self.token_file.clone().unwrap_or_else(|| token_file(&self.state_dir))
+    }
     /// Where restores go when a request names no target.
     pub fn restore_dir(&self) -> PathBuf {
         self.state_dir.join("restores")
@@ -269,6 +308,11 @@ impl Config {
     pub fn url_file(&self) -> PathBuf {
         url_file(&self.state_dir)
     }
+}
+
+/// Where the agent keeps its generated API token.
+pub fn token_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("token")
 }
 
 pub fn url_file(state_dir: &Path) -> PathBuf {

@@ -82,7 +82,7 @@ impl Agent {
         })?;
         let addr = listener.local_addr()?;
         if !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "listening on a non-loopback address over plain HTTP without authentication: anyone who can reach this port can manage backups");
+            tracing::warn!(%addr, "listening on a non-loopback address over plain HTTP: tokens and repository secrets in requests cross the network unencrypted; put the agent behind TLS or listen on loopback");
         }
         let url = format!(
             "http://{}",
@@ -91,9 +91,20 @@ impl Agent {
         std::fs::write(config.url_file(), &url)?;
         tracing::info!(%addr, node = %config.node_name, state_dir = %config.state_dir.display(), "soda-syncer listening");
 
-        let state =
-            AppState { sched: sched.clone(), restic_version: Arc::new(Mutex::new(version)), started: Instant::now() };
-        let app = router(state);
+        let token_path = config.token_path();
+        if crate::http::auth::Auth::ensure_token_file(&token_path)
+            .with_context(|| format!("cannot create the token file {}", token_path.display()))?
+        {
+            tracing::info!(file = %token_path.display(), "generated an API token; the CLI on this node reads it from there");
+        }
+        let auth = crate::http::auth::Auth::new(token_path, config.legacy.clone(), config.legacy_allow_cidrs.clone());
+        let state = AppState {
+            sched: sched.clone(),
+            restic_version: Arc::new(Mutex::new(version)),
+            started: Instant::now(),
+            auth: Arc::new(auth),
+        };
+        let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
         let http_stop = CancellationToken::new();
         let http_stop2 = http_stop.clone();
         let http = tokio::spawn(async move {

@@ -4,6 +4,7 @@
 //! Each handler carries its `#[utoipa::path]`, from which [`openapi`]
 //! builds `GET /openapi.json`.
 
+pub mod auth;
 mod error;
 pub mod openapi;
 mod views;
@@ -44,6 +45,7 @@ pub struct AppState {
     /// while it is missing.
     pub restic_version: Arc<Mutex<Result<String, String>>>,
     pub started: Instant,
+    pub auth: Arc<auth::Auth>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -76,6 +78,7 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard))
         .with_state(state)
 }
 
@@ -688,7 +691,20 @@ async fn readyz(State(state): State<AppState>) -> Response {
     )
 )]
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let text = views::metrics_text(&state.sched)?;
+    let mut text = views::metrics_text(&state.sched)?;
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let _ = writeln!(
+        text,
+        "# HELP soda_syncer_auth_refused_total Requests refused: a missing or wrong token on /v1, or a legacy caller from outside the allowed networks.\n# TYPE soda_syncer_auth_refused_total counter"
+    );
+    let _ =
+        writeln!(text, "soda_syncer_auth_refused_total{{route=\"v1\"}} {}", state.auth.refused_tokens.load(Relaxed));
+    let _ = writeln!(
+        text,
+        "soda_syncer_auth_refused_total{{route=\"legacy\"}} {}",
+        state.auth.refused_legacy.load(Relaxed)
+    );
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 

@@ -21,6 +21,9 @@ struct Harness {
     outside: std::path::PathBuf,
 }
 
+/// The bearer token of the in-process harness.
+const TOKEN: &str = "test-token-0123456789";
+
 fn harness() -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
@@ -36,10 +39,14 @@ fn harness() -> Harness {
     let store = Store::open(&config.db_path()).unwrap();
     let restic = Restic::new("restic".into(), config.cache_dir(), "n1".into(), std::time::Duration::from_secs(60));
     let sched = Scheduler::new(store, restic, config, tokio_util::sync::CancellationToken::new());
+    std::fs::write(state.join("token"), format!("{TOKEN}\n")).unwrap();
+    let auth =
+        soda_syncer::http::auth::Auth::new(state.join("token"), soda_syncer::http::auth::LegacyMode::Network, vec![]);
     let app = router(AppState {
         sched,
         restic_version: Arc::new(Mutex::new(Ok("0.14.0".into()))),
         started: std::time::Instant::now(),
+        auth: Arc::new(auth),
     });
     Harness { app, _dir: dir, data, outside }
 }
@@ -51,7 +58,7 @@ async fn send(
     ct: Option<&str>,
     body: impl Into<Body>,
 ) -> (StatusCode, Value) {
-    let mut req = Request::builder().method(method).uri(uri);
+    let mut req = Request::builder().method(method).uri(uri).header("authorization", format!("Bearer {TOKEN}"));
     if let Some(ct) = ct {
         req = req.header("content-type", ct);
     }
@@ -648,7 +655,12 @@ async fn real_responses_fit_the_documented_schemas() {
 
     // The non-JSON responses have the documented content types.
     for uri in ["/metrics".to_string(), format!("{run_uri}/events")] {
-        let resp = h.app.clone().oneshot(Request::get(&uri).body(Body::empty()).unwrap()).await.unwrap();
+        let resp = h
+            .app
+            .clone()
+            .oneshot(Request::get(&uri).header("authorization", format!("Bearer {TOKEN}")).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "{uri}");
         let documented = doc["paths"][route_of(&doc, &uri)]["get"]["responses"]["200"]["content"].as_object().unwrap();
         let ct = resp.headers()["content-type"].to_str().unwrap().to_string();

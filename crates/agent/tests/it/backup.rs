@@ -204,7 +204,7 @@ async fn secrets_never_reach_logs_responses_or_process_arguments() {
     let own_env = std::fs::read(format!("/proc/{}/environ", agent.pid())).unwrap_or_default();
     seen.push(String::from_utf8_lossy(&own_env).into_owned());
     for text in &seen {
-        for secret in [password, key, "wrong-pw-Kk2", rest.pass()] {
+        for secret in [password, key, "wrong-pw-Kk2", rest.pass(), agent.token.as_str()] {
             assert!(!text.contains(secret), "secret {secret:?} found in: {}", &text[..text.len().min(2000)]);
         }
     }

@@ -339,7 +339,12 @@ async fn the_cli_follows_a_run_and_prints_json_without_a_progress_bar() {
     fill(&src, 50, 100_000);
     let id = backed_up_policy(&s, "cli", &src, &s.rest.url("cli"), json!({})).await;
     let cli = |args: &[&str]| {
-        let out = Command::new(BIN).args(["--server", &s.agent.url]).args(args).output().unwrap();
+        let out = Command::new(BIN)
+            .args(["--server", &s.agent.url, "--agent-state-dir"])
+            .arg(&s.agent.state_dir)
+            .args(args)
+            .output()
+            .unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

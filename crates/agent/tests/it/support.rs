@@ -19,6 +19,8 @@ pub struct AgentProc {
     pub log: PathBuf,
     pub url: String,
     pub args: Vec<String>,
+    /// The API token the agent generated in its state directory.
+    pub token: String,
 }
 
 impl AgentProc {
@@ -67,11 +69,19 @@ impl AgentProc {
             .stderr(logf)
             .spawn()
             .context("spawning soda-syncer")?;
-        let mut agent = AgentProc { child, state_dir: state_dir.to_path_buf(), log, url: String::new(), args };
+        let mut agent = AgentProc {
+            child,
+            state_dir: state_dir.to_path_buf(),
+            log,
+            url: String::new(),
+            args,
+            token: String::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(u) = std::fs::read_to_string(&url_file) {
                 agent.url = u.trim().to_string();
+                agent.token = std::fs::read_to_string(state_dir.join("token")).unwrap_or_default().trim().to_string();
                 return Ok(agent);
             }
             if let Some(status) = agent.child.try_wait()? {
@@ -115,9 +125,23 @@ impl AgentProc {
     }
 
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.call_with_token(method, path, body, Some(&self.token.clone())).await
+    }
+
+    /// As `call`, with the given bearer token (or none).
+    pub async fn call_with_token(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
         let client = reqwest::Client::new();
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut req = client.request(m, format!("{}{}", self.url, path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }

@@ -1,0 +1,250 @@
+//! Who may call the API. `/v1` needs a bearer token from the token file
+//! (one token per line, so tokens can rotate; re-read when the file
+//! changes; compared in constant time). The legacy `POST /snapshot` cannot
+//! send credentials (soda-proxy is fixed), so it is accepted from the
+//! configured networks only, or must carry the token, or is switched off.
+//! `/healthz`, `/readyz`, `/metrics` and `/openapi.json` stay open: they
+//! carry no secrets. A refused token is counted, never logged.
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use super::{ApiError, AppState};
+
+/// How the legacy route is guarded.
+#[derive(Debug, Clone, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LegacyMode {
+    /// Refuse `POST /snapshot`.
+    Off,
+    /// Accept it from `--legacy-allow-cidr` networks only.
+    Network,
+    /// Require the bearer token, like `/v1`.
+    Token,
+}
+
+/// An IP network such as `10.244.0.0/16` or `::1/128`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = a.parse().map_err(|_| format!("{s:?} is not an address or network (e.g. 10.244.0.0/16)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() { max } else { p.parse().map_err(|_| format!("{s:?}: bad prefix length"))? };
+        if prefix > max {
+            return Err(format!("{s:?}: prefix longer than {max}"));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// The token file, re-read when its modification time changes.
+struct TokenFile {
+    path: PathBuf,
+    cache: Mutex<(Option<SystemTime>, Vec<String>)>,
+}
+
+impl TokenFile {
+    fn tokens(&self) -> Vec<String> {
+        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.0 != mtime || mtime.is_none() {
+            let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+            let tokens: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect();
+            if tokens.is_empty() {
+                tracing::error!(file = %self.path.display(), "the token file is missing or empty: every /v1 request is refused");
+            }
+            *cache = (mtime, tokens);
+        }
+        cache.1.clone()
+    }
+}
+
+/// Compare without leaking, through timing, how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+pub struct Auth {
+    tokens: TokenFile,
+    legacy: LegacyMode,
+    legacy_networks: Vec<Cidr>,
+    pub refused_tokens: AtomicU64,
+    pub refused_legacy: AtomicU64,
+}
+
+impl Auth {
+    pub fn new(token_file: PathBuf, legacy: LegacyMode, legacy_networks: Vec<Cidr>) -> Auth {
+        Auth {
+            tokens: TokenFile { path: token_file, cache: Mutex::default() },
+            legacy,
+            legacy_networks,
+            refused_tokens: AtomicU64::new(0),
+            refused_legacy: AtomicU64::new(0),
+        }
+    }
+
+    /// Create the token file with one random token (mode 0600) if it does
+    /// not exist, so the secure default costs a new user nothing: the CLI
+    /// on the same node reads it from there.
+    pub fn ensure_token_file(path: &Path) -> std::io::Result<bool> {
+        if path.exists() {
+            return Ok(false);
+        }
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+        writeln!(f, "{}", crate::ids::random_hex(32))?;
+        f.sync_all()?;
+        Ok(true)
+    }
+
+    fn token_ok(&self, header: Option<&str>) -> bool {
+        let Some(presented) = header.and_then(|h| h.strip_prefix("Bearer ")).map(str::trim) else {
+            return false;
+        };
+        // Check every token (no early exit), so timing says nothing about which matched.
+        self.tokens.tokens().iter().fold(false, |ok, t| ok | constant_time_eq(t.as_bytes(), presented.as_bytes()))
+    }
+}
+
+fn unauthorized(msg: &str) -> Response {
+    let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", msg).into_response();
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("static header"));
+    r
+}
+
+pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let auth = &state.auth;
+    let path = req.uri().path();
+    let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if path.starts_with("/v1/") || path == "/v1" {
+        if !auth.token_ok(bearer) {
+            auth.refused_tokens.fetch_add(1, Ordering::Relaxed);
+            return unauthorized(
+                "a valid bearer token is required: send Authorization: Bearer <token> (the agent's token file, by default <state-dir>/token)",
+            );
+        }
+    } else if path == "/snapshot" {
+        let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        let allowed = match auth.legacy {
+            LegacyMode::Off => false,
+            LegacyMode::Token => auth.token_ok(bearer),
+            // No peer address only happens in-process (tests): a local caller.
+            LegacyMode::Network => {
+                peer.is_none_or(|ip| auth.legacy_networks.iter().any(|n| n.contains(ip))) || auth.token_ok(bearer)
+            }
+        };
+        if !allowed {
+            auth.refused_legacy.fetch_add(1, Ordering::Relaxed);
+            let why = match auth.legacy {
+                LegacyMode::Off => "the legacy route is switched off on this agent (--legacy off)".to_string(),
+                LegacyMode::Token => "the legacy route requires the bearer token on this agent (--legacy token)".to_string(),
+                LegacyMode::Network => format!(
+                    "{} may not call the legacy route: allow its network with --legacy-allow-cidr, or send the bearer token",
+                    peer.map(|p| p.to_string()).unwrap_or_default()
+                ),
+            };
+            return ApiError::new(StatusCode::FORBIDDEN, "legacy_caller_refused", why).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_match_their_networks_only() {
+        let net: Cidr = "10.244.0.0/16".parse().unwrap();
+        assert!(net.contains("10.244.3.4".parse().unwrap()));
+        assert!(!net.contains("10.245.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.244.0.9".parse().unwrap()), "v4-mapped v6 peers");
+        let lo: Cidr = "::1/128".parse().unwrap();
+        assert!(lo.contains("::1".parse().unwrap()));
+        assert!(!lo.contains("127.0.0.1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
+        assert_eq!("192.168.1.7".parse::<Cidr>().unwrap().to_string(), "192.168.1.7/32");
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(!constant_time_eq(b"a", b""));
+    }
+
+    #[test]
+    fn the_token_file_rotates_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        assert!(Auth::ensure_token_file(&path).unwrap());
+        assert!(!Auth::ensure_token_file(&path).unwrap());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let auth = Auth::new(path.clone(), LegacyMode::Network, vec![]);
+        let first = std::fs::read_to_string(&path).unwrap().trim().to_string();
+        assert!(auth.token_ok(Some(&format!("Bearer {first}"))));
+        assert!(!auth.token_ok(Some("Bearer wrong")));
+        assert!(!auth.token_ok(None));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, "# rotated\nnew-token\nsecond-token\n").unwrap();
+        assert!(auth.token_ok(Some("Bearer new-token")));
+        assert!(auth.token_ok(Some("Bearer second-token")));
+        assert!(!auth.token_ok(Some(&format!("Bearer {first}"))));
+    }
+}
