@@ -71,6 +71,9 @@ pub struct ServeArgs {
     /// Networks allowed to call the legacy route (repeat, or comma-separated) [default: 127.0.0.0/8, ::1/128].
     #[arg(long = "legacy-allow-cidr", env = "SODA_SYNCER_LEGACY_ALLOW_CIDRS", value_delimiter = ',')]
     pub legacy_allow_cidrs: Vec<String>,
+    /// Key that seals repository secrets in the database (64 hex digits) [default: <state-dir>/secrets.key, created at first start].
+    #[arg(long, env = "SODA_SYNCER_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<PathBuf>,
     /// Log lines as JSON instead of text.
     #[arg(long, env = "SODA_SYNCER_LOG_JSON")]
     pub log_json: bool,
@@ -97,6 +100,7 @@ struct FileConfig {
     maintenance_jitter_seconds: Option<u64>,
     keep_runs: Option<usize>,
     token_file: Option<PathBuf>,
+    secrets_key_file: Option<PathBuf>,
     legacy: Option<crate::http::auth::LegacyMode>,
     legacy_allow_cidrs: Option<Vec<String>>,
 }
@@ -123,6 +127,7 @@ pub struct Config {
     /// Finished runs kept per policy.
     pub keep_runs: usize,
     pub token_file: Option<PathBuf>,
+    pub secrets_key_file: Option<PathBuf>,
     pub legacy: crate::http::auth::LegacyMode,
     pub legacy_allow_cidrs: Vec<crate::http::auth::Cidr>,
     /// A backup whose file count or size falls by more than this fraction
@@ -166,6 +171,7 @@ impl Config {
             maintenance_jitter: Duration::from_secs(3600),
             keep_runs: 1000,
             token_file: None,
+            secrets_key_file: None,
             legacy: crate::http::auth::LegacyMode::Network,
             legacy_allow_cidrs: vec!["127.0.0.0/8".parse().expect("static"), "::1/128".parse().expect("static")],
             suspicious_drop_fraction: 0.5,
@@ -230,6 +236,7 @@ impl Config {
             c.keep_runs = v;
         }
         c.token_file = args.token_file.clone().or(file.token_file);
+        c.secrets_key_file = args.secrets_key_file.clone().or(file.secrets_key_file);
         if let Some(v) = args.legacy.clone().or(file.legacy) {
             c.legacy = v;
         }
@@ -295,6 +302,10 @@ impl Config {
     }
     pub fn local_repository_password_file(&self) -> PathBuf {
         self.state_dir.join("repository.password")
+    }
+    /// The key that seals secrets in the database.
+    pub fn secrets_key_path(&self) -> PathBuf {
+        self.secrets_key_file.clone().unwrap_or_else(|| self.state_dir.join("secrets.key"))
     }
     /// The bearer token file.
     pub fn token_path(&self) -> PathBuf {

@@ -49,11 +49,34 @@ fn prepare_state_dir(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The database, with secrets sealed under the key from
+/// `SODA_SYNCER_SECRETS_KEY` (hex) or the key file.
+fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let store = Store::open(&config.db_path())?;
+    let key = match std::env::var("SODA_SYNCER_SECRETS_KEY") {
+        Ok(hex) => crate::sealed::SealKey::from_hex(&hex, "$SODA_SYNCER_SECRETS_KEY")?,
+        Err(_) => {
+            let path = config.secrets_key_path();
+            let (key, created) = crate::sealed::SealKey::load_or_create(&path)?;
+            if created {
+                tracing::info!(file = %path.display(), "generated the key that seals repository secrets in the database; without it they must be entered again");
+            }
+            key
+        }
+    };
+    let store = store.with_seal_key(key)?;
+    let locked = store.list_policies()?.iter().filter(|p| p.secrets_error.is_some()).count();
+    if locked > 0 {
+        tracing::error!(policies = locked, "secrets of some policies cannot be unsealed with this secrets key; their runs fail until their passwords are given again (PUT or PATCH)");
+    }
+    Ok(store)
+}
+
 impl Agent {
     pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Agent> {
         config.validate()?;
         prepare_state_dir(&config)?;
-        let store = Store::open(&config.db_path())?;
+        let store = open_store(&config)?;
         let restic =
             Restic::new(config.restic.clone(), config.cache_dir(), config.node_name.clone(), config.run_timeout)
                 .with_unreachable_after(config.repository_timeout);
@@ -74,6 +97,12 @@ impl Agent {
             tracing::warn!(error = %e, "first volume scan failed");
         }
 
+        let token_path = config.token_path();
+        if crate::http::auth::Auth::ensure_token_file(&token_path)
+            .with_context(|| format!("cannot create the token file {}", token_path.display()))?
+        {
+            tracing::info!(file = %token_path.display(), "generated an API token; the CLI on this node reads it from there");
+        }
         let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
             format!(
                 "cannot listen on {}: is another agent running? choose another address with --listen",
@@ -88,15 +117,12 @@ impl Agent {
             "http://{}",
             if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr }
         );
-        std::fs::write(config.url_file(), &url)?;
+        // Write-then-rename, so a reader never sees a half-written file.
+        let tmp = config.url_file().with_extension("url.tmp");
+        std::fs::write(&tmp, &url)?;
+        std::fs::rename(&tmp, config.url_file())?;
         tracing::info!(%addr, node = %config.node_name, state_dir = %config.state_dir.display(), "soda-syncer listening");
 
-        let token_path = config.token_path();
-        if crate::http::auth::Auth::ensure_token_file(&token_path)
-            .with_context(|| format!("cannot create the token file {}", token_path.display()))?
-        {
-            tracing::info!(file = %token_path.display(), "generated an API token; the CLI on this node reads it from there");
-        }
         let auth = crate::http::auth::Auth::new(token_path, config.legacy.clone(), config.legacy_allow_cidrs.clone());
         let state = AppState {
             sched: sched.clone(),

@@ -15,6 +15,7 @@ pub mod ids;
 pub mod kubelet;
 pub mod restic;
 pub mod scheduler;
+pub mod sealed;
 pub mod store;
 
 pub use config::Config;

@@ -106,6 +106,8 @@ pub struct PolicyRecord {
     pub next_run_at: Option<DateTime<Utc>>,
     pub consecutive_failures: u32,
     pub last_failed_at: Option<DateTime<Utc>>,
+    /// Why the stored secrets could not be unsealed, if they could not.
+    pub secrets_error: Option<String>,
 }
 
 impl PolicyRecord {
@@ -121,6 +123,10 @@ struct StoredSecrets {
     password: Option<Secret>,
     #[serde(default)]
     env: BTreeMap<String, Secret>,
+    /// The repository URL, when it carries a password (`rest:http://u:p@...`);
+    /// the spec column then holds it redacted.
+    #[serde(default)]
+    url: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -261,6 +267,9 @@ const MIGRATIONS: &[&str] = &[
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// Seals secrets before they are written (see `sealed`); without one
+    /// they are stored as plain JSON (only in tests).
+    seal: Option<Arc<crate::sealed::SealKey>>,
 }
 
 fn opt_time(s: Option<String>) -> Option<DateTime<Utc>> {
@@ -289,9 +298,43 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
-        let store = Store { conn: Arc::new(Mutex::new(conn)) };
+        let store = Store { conn: Arc::new(Mutex::new(conn)), seal: None };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Seal secrets with `key` from now on, and re-seal any stored in the
+    /// clear (by an older version).
+    pub fn with_seal_key(mut self, key: crate::sealed::SealKey) -> Result<Store> {
+        self.seal = Some(Arc::new(key));
+        for p in self.list_policies()? {
+            if p.secrets_error.is_none() {
+                self.update_policy(&p)?;
+            }
+        }
+        for sub in self.list_subscriptions()? {
+            self.conn().execute("DELETE FROM subscriptions WHERE id = ?1", [&sub.id])?;
+            self.upsert_subscription(&sub)?;
+        }
+        Ok(self)
+    }
+
+    fn seal_secrets(&self, s: &StoredSecrets) -> Result<String> {
+        let json = serde_json::to_string(s)?;
+        Ok(match &self.seal {
+            Some(k) => k.seal(json.as_bytes()),
+            None => json,
+        })
+    }
+
+    fn unseal_secrets(&self, text: &str) -> std::result::Result<StoredSecrets, String> {
+        let json = if crate::sealed::is_sealed(text) {
+            let key = self.seal.as_ref().ok_or_else(|| crate::sealed::SealError::NoKey.to_string())?;
+            String::from_utf8(key.open(text).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?
+        } else {
+            text.to_string()
+        };
+        serde_json::from_str(&json).map_err(|e| format!("stored secrets are unreadable: {e}"))
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -358,12 +401,18 @@ impl Store {
 
     fn split_secrets(spec: &PolicySpec) -> (PolicySpec, StoredSecrets) {
         let mut public = spec.clone();
+        let url_with_password =
+            public.repository.url.clone().filter(|u| soda_syncer_domain::secret::url_password(u).is_some());
         let secrets = StoredSecrets {
             password: public.repository.password.take(),
             env: public.repository.env.iter().filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v))).collect(),
+            url: url_with_password.map(Secret::new),
         };
         for v in public.repository.env.values_mut() {
             *v = None;
+        }
+        if secrets.url.is_some() {
+            public.repository.url = public.repository.url.as_deref().map(soda_syncer_domain::secret::redact_url);
         }
         (public, secrets)
     }
@@ -376,7 +425,7 @@ impl Store {
                 p.id,
                 p.origin.as_str(),
                 serde_json::to_string(&public)?,
-                serde_json::to_string(&secrets)?,
+                self.seal_secrets(&secrets)?,
                 p.volume,
                 p.legacy_key,
                 p.status.as_str(),
@@ -412,7 +461,7 @@ impl Store {
                 p.id,
                 p.spec.name,
                 serde_json::to_string(&public)?,
-                serde_json::to_string(&secrets)?,
+                self.seal_secrets(&secrets)?,
                 p.spec.paused,
                 p.volume,
                 p.status.as_str(),
@@ -459,7 +508,7 @@ impl Store {
         let raws = stmt.query_map(args, Self::policy_from_row)?.collect::<std::result::Result<Vec<_>, _>>()?;
         drop(stmt);
         drop(conn);
-        raws.into_iter().map(|(r,)| r.into_record()).collect()
+        raws.into_iter().map(|(r,)| r.into_record(self)).collect()
     }
 
     pub fn get_policy(&self, id: &str) -> Result<PolicyRecord> {
@@ -690,11 +739,22 @@ impl Store {
     // ---- legacy subscriptions ----
 
     pub fn upsert_subscription(&self, s: &Subscription) -> Result<()> {
-        let secrets = StoredSecrets { password: Some(s.password.clone()), env: s.env.clone() };
+        // The URL itself may carry a password: the column holds it redacted
+        // plus a hash (unique per URL), the secrets hold it whole.
+        let secrets = StoredSecrets {
+            password: Some(s.password.clone()),
+            env: s.env.clone(),
+            url: Some(Secret::new(&s.repository)),
+        };
+        let key = format!(
+            "{}#{}",
+            soda_syncer_domain::secret::redact_url(&s.repository),
+            crate::ids::short_hash(&[&s.repository])
+        );
         self.conn().execute(
             "INSERT INTO subscriptions (id, repository, secrets, interval_seconds, created_at, updated_at) VALUES (?1,?2,?3,?4,?5,?6)
              ON CONFLICT(repository) DO UPDATE SET secrets = excluded.secrets, interval_seconds = excluded.interval_seconds, updated_at = excluded.updated_at",
-            params![s.id, s.repository, serde_json::to_string(&secrets)?, s.interval_seconds as i64, fmt_time(s.created_at), fmt_time(s.updated_at)],
+            params![s.id, key, self.seal_secrets(&secrets)?, s.interval_seconds as i64, fmt_time(s.created_at), fmt_time(s.updated_at)],
         )?;
         Ok(())
     }
@@ -716,12 +776,19 @@ impl Store {
                 ))
             })?
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        rows.into_iter()
-            .map(|(id, repository, secrets, interval, c, u)| {
-                let secrets: StoredSecrets = serde_json::from_str(&secrets)?;
-                Ok(Subscription {
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, column, secrets, interval, c, u)| {
+                let secrets = match self.unseal_secrets(&secrets) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(subscription = %column, error = %e, "a legacy subscription cannot be used until soda-proxy sends it again");
+                        return None;
+                    }
+                };
+                Some(Subscription {
                     id,
-                    repository,
+                    repository: secrets.url.map(|u| u.expose().to_string()).unwrap_or(column),
                     password: secrets.password.unwrap_or_default(),
                     env: secrets.env,
                     interval_seconds: interval as u64,
@@ -729,7 +796,7 @@ impl Store {
                     updated_at: parse_time(&u).unwrap_or_default(),
                 })
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -774,14 +841,23 @@ struct PolicyRecordRaw {
 }
 
 impl PolicyRecordRaw {
-    fn into_record(self) -> Result<PolicyRecord> {
+    fn into_record(self, store: &Store) -> Result<PolicyRecord> {
         let mut spec: PolicySpec = serde_json::from_str(&self.spec)?;
-        let secrets: StoredSecrets = serde_json::from_str(&self.secrets)?;
+        // A secret that cannot be unsealed leaves the policy readable; its
+        // runs fail with the reason.
+        let (secrets, secrets_error) = match store.unseal_secrets(&self.secrets) {
+            Ok(s) => (s, None),
+            Err(e) => (StoredSecrets::default(), Some(e)),
+        };
         spec.repository.password = secrets.password;
         for (k, v) in secrets.env {
             spec.repository.env.insert(k, Some(v));
         }
+        if let Some(url) = secrets.url {
+            spec.repository.url = Some(url.expose().to_string());
+        }
         Ok(PolicyRecord {
+            secrets_error,
             origin: Origin::parse(&self.origin)
                 .ok_or_else(|| StoreError::Corrupt(format!("origin {:?}", self.origin)))?,
             id: self.id,
@@ -873,6 +949,7 @@ mod tests {
             next_run_at: Some(now),
             consecutive_failures: 0,
             last_failed_at: None,
+            secrets_error: None,
         }
     }
 

@@ -198,6 +198,9 @@ pub struct PolicySpec {
     #[serde(default, skip_serializing)]
     #[schema(ignore)]
     pub consecutive_failures: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    #[schema(ignore)]
+    pub secrets_unavailable: Option<IgnoredAny>,
 }
 
 /// The longest policy name.

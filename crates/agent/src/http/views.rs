@@ -54,6 +54,10 @@ pub struct PolicyView {
     #[schema(required = true, format = DateTime)]
     pub next_run_at: Option<String>,
     pub consecutive_failures: u32,
+    /// Set when the stored secrets cannot be unsealed (the secrets key was
+    /// lost or replaced): runs fail until the password is given again.
+    #[schema(required = true)]
+    pub secrets_unavailable: Option<String>,
     /// The newest run of this policy, if any.
     #[schema(required = true)]
     pub last_run: Option<LastRunView>,
@@ -283,6 +287,7 @@ pub fn policy_view(p: &PolicyRecord, last: Option<&RunRecord>) -> PolicyView {
         updated_at: fmt_time(p.updated_at),
         next_run_at: if paused { None } else { p.next_run_at.map(fmt_time) },
         consecutive_failures: p.consecutive_failures,
+        secrets_unavailable: p.secrets_error.clone(),
         last_run: last.map(|r| LastRunView {
             id: r.id.clone(),
             kind: r.kind,

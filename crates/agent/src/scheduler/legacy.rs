@@ -129,6 +129,7 @@ impl Scheduler {
             volume: None,
             paused_by_user: None,
             consecutive_failures: None,
+            secrets_unavailable: None,
         }
     }
 

@@ -522,6 +522,10 @@ impl Scheduler {
         tracing::info!(trigger = run.trigger.as_str(), source = %policy.spec.source.path, "run started");
 
         let result = match run.kind {
+            _ if policy.secrets_error.is_some() => Err(RunError {
+                code: "secrets_unavailable".into(),
+                message: policy.secrets_error.clone().unwrap_or_default(),
+            }),
             RunKind::Backup => self.backup(&policy, &mut run, &token).await,
             RunKind::Restore => self.restore(&policy, &mut run, &token).await,
             RunKind::Prune | RunKind::Check | RunKind::Forget => self.maintenance(&policy, &mut run, &token).await,

@@ -152,6 +152,7 @@ impl Scheduler {
             next_run_at: None,
             consecutive_failures: 0,
             last_failed_at: None,
+            secrets_error: None,
         };
         self.store().insert_policy(&p)?;
         self.reschedule(&mut p)?;
@@ -180,10 +181,28 @@ impl Scheduler {
                 *v = p.spec.repository.env.get(k).cloned().flatten();
             }
         }
+        if p.secrets_error.is_some() {
+            // The stored secrets are lost (secrets key replaced): they must come again.
+            if spec.repository.url.as_deref().is_some_and(|u| u.contains(":***@")) {
+                return Err(FieldError::new(
+                    "repository.url",
+                    "the stored secrets cannot be unsealed: give the repository URL again, with its password",
+                )
+                .into());
+            }
+            if spec.repository.password.is_none() {
+                return Err(FieldError::new(
+                    "repository.password",
+                    "the stored secrets cannot be unsealed: give the repository password again",
+                )
+                .into());
+            }
+        }
         self.apply_defaults(&mut spec)?;
         let was_paused = p.spec.paused;
         let schedule_changed = spec.schedule != p.spec.schedule || spec.jitter_seconds != p.spec.jitter_seconds;
         p.spec = spec;
+        p.secrets_error = None;
         p.updated_at = now;
         self.store().update_policy(&p)?;
         if p.spec.paused && !was_paused {

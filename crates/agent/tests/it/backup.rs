@@ -209,3 +209,58 @@ async fn secrets_never_reach_logs_responses_or_process_arguments() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_are_sealed_at_rest_and_a_lost_key_is_reported_not_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fill(&data, 3, 100);
+    let rest = RcloneRest::start(&tmp.path().join("rest")).unwrap();
+    let state = tmp.path().join("state");
+    let mut agent = AgentProc::start(&state, &[]).unwrap();
+    let password = "sealed-pw-Qr5t";
+    let p = agent
+        .create_policy(json!({
+            "name": "sealed", "source": {"path": data},
+            "repository": {"url": rest.url("s"), "password": password, "env": {"AWS_ACCESS_KEY_ID": "sealed-key-Lm3"}},
+            "schedule": {"intervalSeconds": 3600}
+        }))
+        .await;
+    let id = p["id"].as_str().unwrap().to_string();
+    agent.wait_runs(&id, 60, "a backup", |r| count_state(r, "succeeded") == 1).await;
+    assert!(agent.terminate().success());
+    let db = std::fs::read(state.join("state.db")).unwrap();
+    let wal = std::fs::read(state.join("state.db-wal")).unwrap_or_default();
+    for secret in [password, "sealed-key-Lm3", rest.pass()] {
+        let needle = secret.as_bytes();
+        assert!(!db.windows(needle.len()).any(|w| w == needle), "{secret} in state.db");
+        assert!(!wal.windows(needle.len()).any(|w| w == needle), "{secret} in the WAL");
+    }
+
+    // The key is lost: the agent starts, says so, and the policy's runs fail clearly.
+    std::fs::remove_file(state.join("secrets.key")).unwrap();
+    agent.restart().unwrap();
+    let policy = agent.get(&format!("/v1/policies/{id}")).await;
+    assert!(policy["secretsUnavailable"].as_str().unwrap().contains("cannot be unsealed"), "{policy}");
+    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    let runs = agent.wait_runs(&id, 30, "a failed run", |r| count_state(r, "failed") == 1).await;
+    assert_eq!(runs[0]["error"]["code"], "secrets_unavailable");
+    assert!(agent.log_text().contains("cannot be unsealed"));
+    // Giving the password alone is not enough: the URL carried one too.
+    let (st, v) =
+        agent.call("PATCH", &format!("/v1/policies/{id}"), Some(json!({"repository": {"password": password}}))).await;
+    assert_eq!(st, 422, "{v}");
+    assert_eq!(v["error"]["field"], "repository.url");
+    // Giving the credentials again heals it.
+    let (st, v) = agent
+        .call(
+            "PATCH",
+            &format!("/v1/policies/{id}"),
+            Some(json!({"repository": {"url": rest.url("s"), "password": password}})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["secretsUnavailable"], Value::Null);
+    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    agent.wait_runs(&id, 60, "a backup again", |r| count_state(r, "succeeded") == 2).await;
+}

@@ -79,7 +79,7 @@ impl AgentProc {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(u) = std::fs::read_to_string(&url_file) {
+            if let Some(u) = std::fs::read_to_string(&url_file).ok().filter(|u| u.starts_with("http")) {
                 agent.url = u.trim().to_string();
                 agent.token = std::fs::read_to_string(state_dir.join("token")).unwrap_or_default().trim().to_string();
                 return Ok(agent);
