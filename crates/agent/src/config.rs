@@ -29,7 +29,7 @@ pub struct ServeArgs {
     /// The kubelet's root directory, where CSI volumes are mounted [default: /var/lib/kubelet].
     #[arg(long, env = "SODA_SYNCER_KUBELET_DIR")]
     pub kubelet_dir: Option<PathBuf>,
-    /// Only back up sources below these directories (repeat, or comma-separated). Unset: any path.
+    /// Also allow sources and restore targets below these directories (repeat, or comma-separated); the kubelet directory is always allowed.
     #[arg(long = "allowed-root", env = "SODA_SYNCER_ALLOWED_ROOTS", value_delimiter = ',')]
     pub allowed_roots: Vec<PathBuf>,
     /// How many runs may execute at once; the rest wait in order [default: 2].
@@ -302,6 +302,13 @@ impl Config {
     }
     pub fn local_repository_password_file(&self) -> PathBuf {
         self.state_dir.join("repository.password")
+    }
+    /// Where sources and restore targets may lie: the kubelet directory
+    /// (where volumes are) and the roots the operator listed.
+    pub fn allowed_roots_in_effect(&self) -> Vec<PathBuf> {
+        let mut roots = vec![self.kubelet_dir.clone()];
+        roots.extend(self.allowed_roots.iter().cloned());
+        roots
     }
     /// The key that seals secrets in the database.
     pub fn secrets_key_path(&self) -> PathBuf {

@@ -31,23 +31,21 @@ impl From<FieldError> for PolicyError {
 /// Refuse a source outside `--allowed-root` (after resolving symlinks and
 /// `..`, so a link cannot smuggle another directory in).
 pub fn check_allowed(config: &Config, path: &Path) -> Result<(), FieldError> {
-    if config.allowed_roots.is_empty() {
-        return Ok(());
-    }
+    let roots = config.allowed_roots_in_effect();
     let real = std::fs::canonicalize(path)
         .map_err(|e| FieldError::new("source.path", format!("{} cannot be resolved: {e}", path.display())))?;
-    let ok = config.allowed_roots.iter().any(|root| {
+    let ok = roots.iter().any(|root| {
         let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
         real.starts_with(&root)
     });
     if ok {
         Ok(())
     } else {
-        let roots: Vec<String> = config.allowed_roots.iter().map(|r| r.display().to_string()).collect();
+        let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
         Err(FieldError::new(
             "source.path",
             format!(
-                "{} is outside the allowed roots ({}); choose a path below one of them, or start the agent with --allowed-root",
+                "{} is outside the allowed roots ({}); choose a path below one of them, or start the agent with --allowed-root DIR",
                 path.display(),
                 roots.join(", ")
             ),

@@ -61,7 +61,7 @@ impl AgentProc {
             .arg("serve")
             .arg("--state-dir")
             .arg(state_dir)
-            .args(["--listen", "127.0.0.1:0", "--node-name", "test-node"])
+            .args(["--listen", "127.0.0.1:0", "--node-name", "test-node", "--allowed-root", "/tmp"])
             .args(&agent_args)
             .env("SODA_SYNCER_LOG", "info,soda_syncer=debug")
             .stdin(Stdio::null())
