@@ -36,6 +36,9 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+    /// CA certificate (PEM) to verify an https agent with.
+    #[arg(long, global = true, env = "SODA_SYNCER_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Bearer token for the agent's API.
     #[arg(long, global = true, env = "SODA_SYNCER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -276,7 +279,18 @@ impl Client {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "http://127.0.0.1:50030".into())
         });
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("HTTP client");
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60)).use_rustls_tls();
+        if let Some(ca) = &args.ca_file {
+            match std::fs::read(ca)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string()))
+            {
+                Ok(cert) => builder = builder.add_root_certificate(cert),
+                Err(e) => eprintln!("warning: --ca-file {}: {e}", ca.display()),
+            }
+        }
+        let http = builder.build().expect("HTTP client");
         // No --token: the token a local agent generated, when readable.
         let token = args.token.clone().or_else(|| {
             let dir = args.agent_state_dir.clone().unwrap_or_else(crate::config::default_state_dir);

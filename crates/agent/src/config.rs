@@ -74,6 +74,12 @@ pub struct ServeArgs {
     /// Key that seals repository secrets in the database (64 hex digits) [default: <state-dir>/secrets.key, created at first start].
     #[arg(long, env = "SODA_SYNCER_SECRETS_KEY_FILE")]
     pub secrets_key_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM); re-read when it changes.
+    #[arg(long, env = "SODA_SYNCER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) for --tls-cert.
+    #[arg(long, env = "SODA_SYNCER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Log lines as JSON instead of text.
     #[arg(long, env = "SODA_SYNCER_LOG_JSON")]
     pub log_json: bool,
@@ -101,6 +107,8 @@ struct FileConfig {
     keep_runs: Option<usize>,
     token_file: Option<PathBuf>,
     secrets_key_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     legacy: Option<crate::http::auth::LegacyMode>,
     legacy_allow_cidrs: Option<Vec<String>>,
 }
@@ -128,6 +136,8 @@ pub struct Config {
     pub keep_runs: usize,
     pub token_file: Option<PathBuf>,
     pub secrets_key_file: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub legacy: crate::http::auth::LegacyMode,
     pub legacy_allow_cidrs: Vec<crate::http::auth::Cidr>,
     /// A backup whose file count or size falls by more than this fraction
@@ -172,6 +182,8 @@ impl Config {
             keep_runs: 1000,
             token_file: None,
             secrets_key_file: None,
+            tls_cert: None,
+            tls_key: None,
             legacy: crate::http::auth::LegacyMode::Network,
             legacy_allow_cidrs: vec!["127.0.0.0/8".parse().expect("static"), "::1/128".parse().expect("static")],
             suspicious_drop_fraction: 0.5,
@@ -237,6 +249,8 @@ impl Config {
         }
         c.token_file = args.token_file.clone().or(file.token_file);
         c.secrets_key_file = args.secrets_key_file.clone().or(file.secrets_key_file);
+        c.tls_cert = args.tls_cert.clone().or(file.tls_cert);
+        c.tls_key = args.tls_key.clone().or(file.tls_key);
         if let Some(v) = args.legacy.clone().or(file.legacy) {
             c.legacy = v;
         }
@@ -263,6 +277,9 @@ impl Config {
                 "--max-concurrent-runs must be between 1 and 64; got {}",
                 self.max_concurrent_runs
             )));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid("--tls-cert and --tls-key go together".into()));
         }
         if self.keep_runs == 0 {
             return Err(ConfigError::Invalid("--keep-runs must be at least 1".into()));

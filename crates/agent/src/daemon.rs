@@ -110,11 +110,12 @@ impl Agent {
             )
         })?;
         let addr = listener.local_addr()?;
-        if !addr.ip().is_loopback() {
+        if !addr.ip().is_loopback() && config.tls_cert.is_none() {
             tracing::warn!(%addr, "listening on a non-loopback address over plain HTTP: tokens and repository secrets in requests cross the network unencrypted; put the agent behind TLS or listen on loopback");
         }
+        let scheme = if config.tls_cert.is_some() { "https" } else { "http" };
         let url = format!(
-            "http://{}",
+            "{scheme}://{}",
             if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr }
         );
         // Write-then-rename, so a reader never sees a half-written file.
@@ -133,9 +134,24 @@ impl Agent {
         let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
         let http_stop = CancellationToken::new();
         let http_stop2 = http_stop.clone();
-        let http = tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async move { http_stop2.cancelled().await }).await
-        });
+        let http = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                let tls = crate::tls::TlsFiles::load(cert.clone(), key.clone()).await?;
+                tls.watch(http_stop.clone());
+                let std_listener = listener.into_std()?;
+                let handle = axum_server::Handle::new();
+                let h2 = handle.clone();
+                tokio::spawn(async move {
+                    http_stop2.cancelled().await;
+                    h2.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+                });
+                let server = axum_server::from_tcp_rustls(std_listener, tls.config()).handle(handle);
+                tokio::spawn(async move { server.serve(app).await })
+            }
+            _ => tokio::spawn(async move {
+                axum::serve(listener, app).with_graceful_shutdown(async move { http_stop2.cancelled().await }).await
+            }),
+        };
         let sched_task = tokio::spawn(sched.clone().run());
         let rescan_cancel = CancellationToken::new();
         let rescan = tokio::spawn(sched.clone().rescan_loop(rescan_cancel.clone()));

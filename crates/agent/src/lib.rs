@@ -17,6 +17,7 @@ pub mod restic;
 pub mod scheduler;
 pub mod sealed;
 pub mod store;
+pub mod tls;
 
 pub use config::Config;
 pub use daemon::{run, Agent};

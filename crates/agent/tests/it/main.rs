@@ -11,3 +11,4 @@ mod lifecycle;
 mod restore;
 mod servers;
 mod support;
+mod tls;
