@@ -51,6 +51,18 @@ async fn an_s3_policy_backs_up_and_lists_its_snapshots() {
     let listed: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["id"], runs[0]["snapshotId"]);
+
+    // And back: a restore from S3 gives the same bytes.
+    let target = tmp.path().join("restored");
+    let (st, run) = agent.call("POST", &format!("/v1/policies/{id}/restore"), Some(json!({"target": target}))).await;
+    assert_eq!(st, 202, "{run}");
+    let runs =
+        agent.wait_runs(id, 60, "the restore", |r| r[0]["kind"] == "restore" && r[0]["state"] == "succeeded").await;
+    assert_eq!(runs[0]["snapshotId"], listed[0]["id"]);
+    for i in 0..20 {
+        let name = format!("f{i:05}");
+        assert_eq!(std::fs::read(data.join(&name)).unwrap(), std::fs::read(target.join(&name)).unwrap(), "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

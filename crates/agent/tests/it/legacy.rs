@@ -61,7 +61,10 @@ async fn the_upstream_body_backs_up_every_csi_volume_on_the_node() {
     assert_eq!(policies(&agent).await.len(), 1);
 
     // Periodic snapshots, every 2 s.
-    agent.wait_runs(&id_a, 60, "two backups of the first volume", |r| count_state(r, "succeeded") >= 2).await;
+    let runs =
+        agent.wait_runs(&id_a, 60, "two backups of the first volume", |r| count_state(r, "succeeded") >= 2).await;
+    let ok = runs.iter().find(|r| r["state"] == "succeeded").unwrap();
+    assert_eq!(ok["snapshotId"].as_str().unwrap().len(), 64, "the full id, resolved from the REST listing: {ok}");
 
     // A volume that appears later gets its own policy and backups.
     let _vol_b = csi_volume(&kubelet, "pod-uid-2", "pvc-bbbb", &b);
@@ -93,6 +96,7 @@ async fn the_upstream_body_backs_up_every_csi_volume_on_the_node() {
     let out = restic(&repo, "legacy-pw", &[], &["snapshots", "--json"]).unwrap();
     let snaps: Vec<Value> = serde_json::from_str(&out).unwrap();
     assert!(snaps.len() >= 3);
+    assert!(snaps.iter().any(|s| s["id"] == ok["snapshotId"]), "the run names a snapshot that exists");
     for s in &snaps {
         let tags = s["tags"].to_string();
         assert!(tags.contains("volume=pvc-aaaa") || tags.contains("volume=pvc-bbbb"), "{s}");

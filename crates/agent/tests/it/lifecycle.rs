@@ -243,3 +243,28 @@ async fn a_stale_lock_from_a_killed_restic_is_removed_automatically() {
     let metrics = reqwest::get(format!("{}/metrics", agent.url)).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("soda_syncer_stale_lock_recoveries_total 1"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_run_history_keeps_the_newest_runs_per_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fill(&data, 2, 100);
+    let agent = AgentProc::start(&tmp.path().join("state"), &["--keep-runs", "2"]).unwrap();
+    let p = agent
+        .create_policy(json!({"name": "short-memory", "source": {"path": data}, "schedule": {"intervalSeconds": 1}}))
+        .await;
+    let id = p["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 5 {
+        assert!(Instant::now() < deadline, "fewer than 5 runs in a minute");
+        let v = agent.get(&format!("/v1/runs?policy={id}&limit=100")).await;
+        let runs = v["runs"].as_array().unwrap();
+        for r in runs {
+            seen.insert(r["id"].as_str().unwrap().to_string());
+        }
+        let finished = runs.iter().filter(|r| r["state"] != "queued" && r["state"] != "running").count();
+        assert!(finished <= 2, "more than --keep-runs finished runs kept: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
