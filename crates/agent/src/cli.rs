@@ -191,25 +191,104 @@ pub struct EditArgs {
     /// A JSON merge patch (RFC 7396); "-" reads standard input.
     #[arg(long, short = 'f')]
     pub file: Option<PathBuf>,
+    /// A new source directory.
+    #[arg(long)]
+    pub source: Option<String>,
+    #[command(flatten)]
+    pub schedule: ScheduleFlags,
+    #[command(flatten)]
+    pub keep: KeepFlags,
+}
+
+/// When a policy runs (create and edit).
+#[derive(Debug, Args)]
+pub struct ScheduleFlags {
+    /// Run every N seconds.
     #[arg(long, conflicts_with = "cron")]
     pub interval: Option<u64>,
+    /// Cron expression (5 fields), e.g. "0 */6 * * *".
     #[arg(long)]
     pub cron: Option<String>,
+    /// IANA timezone for --cron.
     #[arg(long, requires = "cron")]
     pub timezone: Option<String>,
+    /// Spread runs by up to this many seconds.
     #[arg(long)]
     pub jitter: Option<u64>,
+}
+
+/// Retention rules (create and edit).
+#[derive(Debug, Args)]
+pub struct KeepFlags {
     #[arg(long)]
     pub keep_last: Option<u32>,
+    #[arg(long)]
+    pub keep_hourly: Option<u32>,
     #[arg(long)]
     pub keep_daily: Option<u32>,
     #[arg(long)]
     pub keep_weekly: Option<u32>,
     #[arg(long)]
     pub keep_monthly: Option<u32>,
-    /// A new source directory.
     #[arg(long)]
-    pub source: Option<String>,
+    pub keep_yearly: Option<u32>,
+    /// A restic duration, e.g. 48h or 1y2m.
+    #[arg(long)]
+    pub keep_within: Option<String>,
+}
+
+impl ScheduleFlags {
+    /// The `schedule` object, if a schedule was given; in a merge patch
+    /// the other kind's fields are cleared.
+    fn json(&self, patch: bool) -> Option<Value> {
+        let clear = |v: &mut Value, keys: &[&str]| {
+            if patch {
+                for k in keys {
+                    v[*k] = Value::Null;
+                }
+            }
+        };
+        match (self.interval, &self.cron) {
+            (Some(i), _) => {
+                let mut v = json!({ "intervalSeconds": i });
+                clear(&mut v, &["cron", "timezone"]);
+                Some(v)
+            }
+            (None, Some(c)) => {
+                let mut v = json!({ "cron": c });
+                if let Some(tz) = &self.timezone {
+                    v["timezone"] = json!(tz);
+                } else {
+                    clear(&mut v, &["timezone"]);
+                }
+                clear(&mut v, &["intervalSeconds"]);
+                Some(v)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl KeepFlags {
+    fn json(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        for (k, v) in [
+            ("keepLast", self.keep_last),
+            ("keepHourly", self.keep_hourly),
+            ("keepDaily", self.keep_daily),
+            ("keepWeekly", self.keep_weekly),
+            ("keepMonthly", self.keep_monthly),
+            ("keepYearly", self.keep_yearly),
+        ] {
+            if let Some(v) = v {
+                m.insert(k.into(), json!(v));
+            }
+        }
+        if let Some(w) = &self.keep_within {
+            m.insert("keepWithin".into(), json!(w));
+        }
+        m
+    }
 }
 
 #[derive(Debug, Args)]
@@ -231,31 +310,10 @@ pub struct CreateArgs {
     /// Pass this variable from your environment to restic (e.g. AWS_SECRET_ACCESS_KEY); repeatable. Values never go on the command line.
     #[arg(long = "env-from")]
     pub env_from: Vec<String>,
-    /// Run every N seconds.
-    #[arg(long, conflicts_with = "cron")]
-    pub interval: Option<u64>,
-    /// Cron expression (5 fields), e.g. "0 */6 * * *".
-    #[arg(long)]
-    pub cron: Option<String>,
-    /// IANA timezone for --cron.
-    #[arg(long, requires = "cron")]
-    pub timezone: Option<String>,
-    #[arg(long)]
-    pub jitter: Option<u64>,
-    #[arg(long)]
-    pub keep_last: Option<u32>,
-    #[arg(long)]
-    pub keep_hourly: Option<u32>,
-    #[arg(long)]
-    pub keep_daily: Option<u32>,
-    #[arg(long)]
-    pub keep_weekly: Option<u32>,
-    #[arg(long)]
-    pub keep_monthly: Option<u32>,
-    #[arg(long)]
-    pub keep_yearly: Option<u32>,
-    #[arg(long)]
-    pub keep_within: Option<String>,
+    #[command(flatten)]
+    pub schedule: ScheduleFlags,
+    #[command(flatten)]
+    pub keep: KeepFlags,
     #[arg(long)]
     pub exclude: Vec<String>,
     #[arg(long)]
@@ -553,29 +611,13 @@ fn edit_patch(a: &EditArgs) -> anyhow::Result<Value> {
         return serde_json::from_str(&text).with_context(|| format!("{} is not JSON", f.display()));
     }
     let mut patch = serde_json::Map::new();
-    match (a.interval, &a.cron) {
-        (Some(i), _) => {
-            patch.insert("schedule".into(), json!({ "intervalSeconds": i, "cron": null, "timezone": null }));
-        }
-        (None, Some(c)) => {
-            patch.insert("schedule".into(), json!({ "intervalSeconds": null, "cron": c, "timezone": a.timezone }));
-        }
-        _ => {}
+    if let Some(schedule) = a.schedule.json(true) {
+        patch.insert("schedule".into(), schedule);
     }
-    if let Some(j) = a.jitter {
+    if let Some(j) = a.schedule.jitter {
         patch.insert("jitterSeconds".into(), json!(j));
     }
-    let mut retention = serde_json::Map::new();
-    for (k, v) in [
-        ("keepLast", a.keep_last),
-        ("keepDaily", a.keep_daily),
-        ("keepWeekly", a.keep_weekly),
-        ("keepMonthly", a.keep_monthly),
-    ] {
-        if let Some(v) = v {
-            retention.insert(k.into(), json!(v));
-        }
-    }
+    let retention = a.keep.json();
     if !retention.is_empty() {
         patch.insert("retention".into(), Value::Object(retention));
     }
@@ -597,17 +639,7 @@ fn create_body(a: &CreateArgs) -> anyhow::Result<Value> {
         };
         return serde_json::from_str(&text).with_context(|| format!("{} is not JSON", f.display()));
     }
-    let schedule = match (a.interval, &a.cron) {
-        (Some(i), None) => json!({ "intervalSeconds": i }),
-        (None, Some(c)) => {
-            let mut s = json!({ "cron": c });
-            if let Some(tz) = &a.timezone {
-                s["timezone"] = json!(tz);
-            }
-            s
-        }
-        _ => bail!("give --interval SECONDS or --cron EXPR"),
-    };
+    let schedule = a.schedule.json(false).ok_or_else(|| anyhow!("give --interval SECONDS or --cron EXPR"))?;
     let mut body = json!({
         "name": a.name,
         "source": { "path": a.source },
@@ -615,27 +647,11 @@ fn create_body(a: &CreateArgs) -> anyhow::Result<Value> {
         "exclude": a.exclude,
         "tags": a.tag,
         "paused": a.paused,
+        "retention": Value::Object(a.keep.json()),
     });
-    if let Some(j) = a.jitter {
+    if let Some(j) = a.schedule.jitter {
         body["jitterSeconds"] = json!(j);
     }
-    let mut retention = serde_json::Map::new();
-    for (k, v) in [
-        ("keepLast", a.keep_last),
-        ("keepHourly", a.keep_hourly),
-        ("keepDaily", a.keep_daily),
-        ("keepWeekly", a.keep_weekly),
-        ("keepMonthly", a.keep_monthly),
-        ("keepYearly", a.keep_yearly),
-    ] {
-        if let Some(v) = v {
-            retention.insert(k.into(), json!(v));
-        }
-    }
-    if let Some(w) = &a.keep_within {
-        retention.insert("keepWithin".into(), json!(w));
-    }
-    body["retention"] = Value::Object(retention);
     let mut repo = serde_json::Map::new();
     if let Some(url) = &a.repo {
         repo.insert("url".into(), json!(url));

@@ -373,6 +373,47 @@ async fn the_cli_follows_a_run_and_prints_json_without_a_progress_bar() {
     assert!(stderr.contains("policy_not_found"), "{stderr}");
     let (code, _, _) = cli(&["run"]);
     assert_eq!(code, Some(2), "bad usage");
+    let (code, stdout, stderr) = cli(&[
+        "policy",
+        "create",
+        "--name",
+        "made-by-cli",
+        "--source",
+        src.to_str().unwrap(),
+        "--interval",
+        "600",
+        "--keep-last",
+        "3",
+        "--paused",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let made: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (made["schedule"]["intervalSeconds"].as_u64(), made["retention"]["keepLast"].as_u64()),
+        (Some(600), Some(3))
+    );
+    let (code, stdout, stderr) = cli(&[
+        "policy",
+        "edit",
+        "made-by-cli",
+        "--cron",
+        "0 */6 * * *",
+        "--timezone",
+        "UTC",
+        "--keep-daily",
+        "7",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let edited: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(edited["schedule"], json!({"cron": "0 */6 * * *", "timezone": "UTC"}));
+    assert_eq!(edited["retention"], json!({"keepLast": 3, "keepDaily": 7}));
+    let (code, _, stderr) = cli(&["policy", "create", "--name", "bad", "--source", "/nonexistent", "--interval", "60"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("does not exist"), "{stderr}");
     let (code, stdout, _) = cli(&["completions", "bash"]);
     assert_eq!(code, Some(0));
     assert!(stdout.contains("soda-syncer"));
