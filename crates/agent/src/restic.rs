@@ -529,6 +529,66 @@ impl Restic {
     }
 }
 
+impl Restic {
+    /// The full id of a snapshot known by its short id (restic 0.14's
+    /// backup summary gives only that). A local or REST repository is asked
+    /// directly (a directory listing, no key derivation: it costs
+    /// milliseconds instead of restic's ~0.7 s); any other kind through
+    /// `restic snapshots`.
+    pub async fn resolve_snapshot_id(&self, repo: &Repo, short: &str, cancel: &CancellationToken) -> Option<String> {
+        let pick = |names: Vec<String>| {
+            let mut hits = names.into_iter().filter(|n| n.len() == 64 && n.starts_with(short));
+            match (hits.next(), hits.next()) {
+                (Some(one), None) => Some(one),
+                _ => None,
+            }
+        };
+        if let Some(dir) = repo.url.strip_prefix("local:").or(repo.url.starts_with('/').then_some(repo.url.as_str())) {
+            let names = std::fs::read_dir(std::path::Path::new(dir).join("snapshots"))
+                .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            if let Some(id) = pick(names) {
+                return Some(id);
+            }
+        } else if let Some(url) = repo.url.strip_prefix("rest:") {
+            if let Some(names) = rest_list_snapshots(url).await {
+                if let Some(id) = pick(names) {
+                    return Some(id);
+                }
+            }
+        }
+        self.snapshots(repo, None, None, &[short], cancel).await.ok()?.into_iter().next().map(|s| s.id)
+    }
+}
+
+/// `GET <url>/snapshots/` of the restic REST protocol (v2, then v1 shape).
+async fn rest_list_snapshots(url: &str) -> Option<Vec<String>> {
+    let base = url.trim_end_matches('/');
+    let (scheme, rest) = base.split_once("://")?;
+    let (userinfo, hostpath) = match rest.split_once('@') {
+        Some((u, h)) if !u.contains('/') => (Some(u), h),
+        _ => (None, rest),
+    };
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().ok()?;
+    let mut req =
+        client.get(format!("{scheme}://{hostpath}/snapshots/")).header("Accept", "application/vnd.x.restic.rest.v2");
+    if let Some(u) = userinfo {
+        let (user, pass) = u.split_once(':').unwrap_or((u, ""));
+        req = req.basic_auth(user, Some(pass));
+    }
+    let resp = req.send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let v: serde_json::Value = resp.json().await.ok()?;
+    Some(
+        v.as_array()?
+            .iter()
+            .filter_map(|e| e.get("name").and_then(|n| n.as_str()).or(e.as_str()).map(str::to_string))
+            .collect(),
+    )
+}
+
 /// One restore: a snapshot (by full or short id) into `target`.
 #[derive(Debug, Clone)]
 pub struct RestoreRequest {

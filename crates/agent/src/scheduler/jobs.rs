@@ -290,9 +290,7 @@ impl Scheduler {
             }
         }
         if full_id.is_none() {
-            if let Ok(snaps) = self.inner.restic.snapshots(&repo, None, None, &[&short_id], token).await {
-                full_id = snaps.into_iter().next().map(|s| s.id);
-            }
+            full_id = self.inner.restic.resolve_snapshot_id(&repo, &short_id, token).await;
         }
         if let Some(id) = full_id {
             run.snapshot_id = Some(id);
