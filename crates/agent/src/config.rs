@@ -80,6 +80,13 @@ pub struct ServeArgs {
     /// The private key (PEM) for --tls-cert.
     #[arg(long, env = "SODA_SYNCER_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// An executable that policies may run as a consistency hook, by this
+    /// absolute path (repeat, or comma-separated). Unset: hooks are refused.
+    #[arg(long = "hook-allow", env = "SODA_SYNCER_HOOK_ALLOW", value_delimiter = ',')]
+    pub hook_allow: Vec<PathBuf>,
+    /// Kill a consistency hook that runs longer than this [default: 60].
+    #[arg(long, env = "SODA_SYNCER_HOOK_TIMEOUT_SECONDS")]
+    pub hook_timeout_seconds: Option<u64>,
     /// Log lines as JSON instead of text.
     #[arg(long, env = "SODA_SYNCER_LOG_JSON")]
     pub log_json: bool,
@@ -105,6 +112,8 @@ struct FileConfig {
     check_read_data_subset: Option<String>,
     maintenance_jitter_seconds: Option<u64>,
     keep_runs: Option<usize>,
+    hook_allow: Option<Vec<PathBuf>>,
+    hook_timeout_seconds: Option<u64>,
     token_file: Option<PathBuf>,
     secrets_key_file: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
@@ -140,6 +149,9 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     pub legacy: crate::http::auth::LegacyMode,
     pub legacy_allow_cidrs: Vec<crate::http::auth::Cidr>,
+    /// Executables policies may name as consistency hooks.
+    pub hook_allow: Vec<PathBuf>,
+    pub hook_timeout: Duration,
     /// A backup whose file count or size falls by more than this fraction
     /// against the last good one is `suspicious`.
     pub suspicious_drop_fraction: f64,
@@ -186,6 +198,8 @@ impl Config {
             tls_key: None,
             legacy: crate::http::auth::LegacyMode::Network,
             legacy_allow_cidrs: vec!["127.0.0.0/8".parse().expect("static"), "::1/128".parse().expect("static")],
+            hook_allow: Vec::new(),
+            hook_timeout: Duration::from_secs(60),
             suspicious_drop_fraction: 0.5,
             shutdown_grace: Duration::from_secs(10),
             require_mountpoints: true,
@@ -267,6 +281,11 @@ impl Config {
                 })
                 .collect::<Result<_, _>>()?;
         }
+        c.hook_allow =
+            if args.hook_allow.is_empty() { file.hook_allow.unwrap_or_default() } else { args.hook_allow.clone() };
+        if let Some(v) = args.hook_timeout_seconds.or(file.hook_timeout_seconds) {
+            c.hook_timeout = Duration::from_secs(v);
+        }
         c.validate()?;
         Ok(c)
     }
@@ -296,6 +315,12 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "the node name is empty or has spaces: set --node-name or NODE_NAME".into(),
             ));
+        }
+        if let Some(h) = self.hook_allow.iter().find(|h| !h.is_absolute()) {
+            return Err(ConfigError::Invalid(format!("--hook-allow {} must be an absolute path", h.display())));
+        }
+        if self.hook_timeout.is_zero() {
+            return Err(ConfigError::Invalid("--hook-timeout-seconds must be at least 1".into()));
         }
         for root in &self.allowed_roots {
             if !root.is_absolute() {

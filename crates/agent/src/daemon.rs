@@ -77,6 +77,7 @@ impl Agent {
         config.validate()?;
         prepare_state_dir(&config)?;
         let store = open_store(&config)?;
+        crate::consistency::recover_at_start(&store); // thaw and remove what a crash left
         let restic =
             Restic::new(config.restic.clone(), config.cache_dir(), config.node_name.clone(), config.run_timeout)
                 .with_unreachable_after(config.repository_timeout);

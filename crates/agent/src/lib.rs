@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod consistency;
 pub mod daemon;
 pub mod direct;
 pub mod http;

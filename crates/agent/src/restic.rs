@@ -104,6 +104,14 @@ pub struct BackupRequest {
     pub path: PathBuf,
     pub tags: Vec<String>,
     pub exclude: Vec<String>,
+    /// A point-in-time view of `path` (a snapshot or a copy) that restic
+    /// reads instead, at `path` itself: bound over it in a private mount
+    /// namespace of the restic child only, so the snapshot lists the
+    /// volume's own path and finds its parent.
+    pub view: Option<PathBuf>,
+    /// The view's inode numbers and ctimes are new (a file copy): compare
+    /// files by size and mtime only (`--ignore-inode`).
+    pub ignore_inode: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -193,7 +201,20 @@ impl Restic {
         repo: &Repo,
         args: &[OsString],
         cancel: &CancellationToken,
+        on_line: impl FnMut(&str),
+    ) -> Result<Exec, ResticError> {
+        self.exec_in(repo, args, cancel, on_line, None).await
+    }
+
+    /// As `exec`, optionally with `view` bound over `path` in a private
+    /// mount namespace of the child: `bind = Some((view, path))`.
+    async fn exec_in(
+        &self,
+        repo: &Repo,
+        args: &[OsString],
+        cancel: &CancellationToken,
         mut on_line: impl FnMut(&str),
+        bind: Option<(&std::path::Path, &std::path::Path)>,
     ) -> Result<Exec, ResticError> {
         let command = args.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
         let mut cmd = Command::new(&self.bin);
@@ -219,7 +240,43 @@ impl Restic {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|e| self.spawn_error(e))?;
+        if let Some((view, path)) = bind {
+            let c = |p: &std::path::Path| {
+                std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str()))
+                    .map_err(|_| ResticError::Spawn { message: format!("{} contains a NUL byte", p.display()) })
+            };
+            // Made before the fork: after it, only async-signal-safe calls.
+            let (view, path, root) = (c(view)?, c(path)?, c(std::path::Path::new("/"))?);
+            // SAFETY: unshare and mount are system calls (async-signal-safe);
+            // the strings were allocated before the fork and are only read.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let none = std::ptr::null::<libc::c_char>();
+                    let data = std::ptr::null::<libc::c_void>();
+                    let read_only = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+                    // In order, stopping at the first failure: nothing may
+                    // touch the mounts unless the namespace is our own.
+                    if libc::unshare(libc::CLONE_NEWNS) != 0
+                        || libc::mount(none, root.as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, data) != 0
+                        || libc::mount(view.as_ptr(), path.as_ptr(), none, libc::MS_BIND | libc::MS_REC, data) != 0
+                        || libc::mount(none, path.as_ptr(), none, read_only, data) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().map_err(|e| match bind {
+            Some((view, path)) if e.kind() != std::io::ErrorKind::NotFound => ResticError::Spawn {
+                message: format!(
+                    "cannot bind the snapshot {} over {} in a private mount namespace for restic: {e}",
+                    view.display(),
+                    path.display()
+                ),
+            },
+            _ => self.spawn_error(e),
+        })?;
         let pid = child.id();
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
@@ -406,15 +463,25 @@ impl Restic {
             args.push("--exclude".into());
             args.push(e.into());
         }
+        if req.ignore_inode {
+            args.push("--ignore-inode".into());
+        }
         args.push("--".into());
         args.push(req.path.clone().into());
         let mut summary = None;
+        let bind = req.view.as_deref().map(|v| (v, req.path.as_path()));
         let exec = self
-            .exec(repo, &args, cancel, |line| match parse_backup_line(line) {
-                Some(BackupMessage::Status(s)) => progress(&s),
-                Some(BackupMessage::Summary(s)) => summary = Some(s),
-                _ => {}
-            })
+            .exec_in(
+                repo,
+                &args,
+                cancel,
+                |line| match parse_backup_line(line) {
+                    Some(BackupMessage::Status(s)) => progress(&s),
+                    Some(BackupMessage::Summary(s)) => summary = Some(s),
+                    _ => {}
+                },
+                bind,
+            )
             .await?;
         match (exec.code, summary) {
             (0, Some(summary)) => Ok(BackupOutcome { summary, partial: false, unreadable: Vec::new() }),

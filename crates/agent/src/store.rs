@@ -262,6 +262,18 @@ const MIGRATIONS: &[&str] = &[
         last_check_at TEXT
     );
     "#,
+    // 3: what the consistency methods hold while a backup runs (a frozen
+    // filesystem, snapshots, clones, loop devices, mounts), written before
+    // each is made, so the next start can undo what a crash left.
+    r#"
+    CREATE TABLE consistency_resources (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        path TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    "#,
 ];
 
 #[derive(Clone)]
@@ -835,6 +847,51 @@ impl RepoMaintenance {
             next_check_at: opt_time(r.get(3)?),
             last_check_at: opt_time(r.get(4)?),
         })
+    }
+}
+
+/// Something a consistency method holds for a run (see `consistency`):
+/// recorded before it exists, cleared once it is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldResource {
+    pub id: String,
+    pub run_id: String,
+    /// `freeze`, `btrfs_snapshot`, `clone_tree`, `clone_file`, `loop`, `mount`, `lvm_snapshot`.
+    pub kind: String,
+    pub path: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Store {
+    pub fn record_resource(&self, r: &HeldResource) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO consistency_resources (id, run_id, kind, path, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![r.id, r.run_id, r.kind, r.path, fmt_time(r.created_at)],
+        )?;
+        Ok(())
+    }
+
+    pub fn clear_resource(&self, id: &str) -> Result<()> {
+        self.conn().execute("DELETE FROM consistency_resources WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    /// Everything recorded and not cleared, oldest first.
+    pub fn held_resources(&self) -> Result<Vec<HeldResource>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, run_id, kind, path, created_at FROM consistency_resources ORDER BY created_at, rowid",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(HeldResource {
+                id: r.get(0)?,
+                run_id: r.get(1)?,
+                kind: r.get(2)?,
+                path: r.get(3)?,
+                created_at: parse_time(&r.get::<_, String>(4)?).unwrap_or_default(),
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<Vec<_>, _>>()?)
     }
 }
 

@@ -408,5 +408,6 @@ pub fn metrics_text(sched: &Scheduler) -> Result<String, StoreError> {
             );
         }
     }
+    out.push_str(&crate::consistency::metrics::render());
     Ok(out)
 }

@@ -231,15 +231,61 @@ impl Scheduler {
         tags.extend(spec.tags.iter().cloned());
         let mut exclude = spec.exclude.clone();
         exclude.push(format!("{RESTORE_STAGING_PREFIX}*"));
-        let req = BackupRequest { path, tags, exclude };
+        exclude.push(crate::consistency::SCRATCH_DIR.into());
+        let mut req = BackupRequest { path, tags, exclude, view: None, ignore_inode: false };
         let live = &self.inner.live;
         let run_id = run.id.clone();
         let mut on_progress = |s: &soda_syncer_domain::restic_json::BackupStatus| {
             live.lock().unwrap_or_else(|p| p.into_inner()).insert(run_id.clone(), Progress::from(s));
         };
         let shared = self.repo_lock(&repo, false, token).await?;
-        let outcome = self.inner.restic.backup(&repo, &req, token, &mut on_progress).await.map_err(run_error)?;
+        // The point-in-time view (hooks, snapshot or freeze), restic on it,
+        // then its release, which thaws and cleans up whatever restic did.
+        let ctx = crate::consistency::Context {
+            run_id: run.id.clone(),
+            policy_id: policy.id.clone(),
+            policy_name: spec.name.clone(),
+            volume: policy.volume.clone(),
+            source: req.path.clone(),
+            spec: spec.consistency.clone(),
+            repository: crate::consistency::local_repository(&repo.url),
+        };
+        let first = self.inner.store.last_clean_backup(&policy.id).ok().flatten().is_none();
+        if first && spec.consistency.mode == soda_syncer_domain::policy::ConsistencyMode::Fsfreeze {
+            // Creating the repository takes seconds: not while the volume is frozen.
+            let _ = self.inner.restic.init(&repo, token).await;
+        }
+        let prepared = match crate::consistency::prepare(ctx, &self.inner.store, &self.inner.config, token).await {
+            Ok(p) => p,
+            Err(f) => {
+                run.consistency = f.report.and_then(|r| serde_json::to_value(r).ok());
+                return Err(consistency_error(&f.error));
+            }
+        };
+        req.view = prepared.view();
+        req.ignore_inode = prepared.ignore_inode();
+        let consistency_warning = prepared.warning().map(str::to_string);
+        let restic_token = prepared.restic_token().clone();
+        let backed_up = self.inner.restic.backup(&repo, &req, &restic_token, &mut on_progress).await;
+        let released = prepared.release().await;
         drop(shared);
+        run.consistency = serde_json::to_value(&released.report).ok();
+        let post_hook_error = match released.error {
+            Some(e @ crate::consistency::ConsistencyError::PostHook { .. }) => Some(e),
+            // A freeze past its limit or a failed thaw: the snapshot is not one instant.
+            Some(e) => {
+                let mut err = consistency_error(&e);
+                if let Ok(o) = &backed_up {
+                    err.message.push_str(&format!(
+                        "; restic finished snapshot {} anyway, which may mix moments: do not rely on it",
+                        o.summary.snapshot_id
+                    ));
+                }
+                return Err(err);
+            }
+            None => None,
+        };
+        let outcome = backed_up.map_err(run_error)?;
 
         let mut summary = RunSummary::from(&outcome.summary);
         summary.unreadable = outcome.unreadable.clone();
@@ -258,7 +304,10 @@ impl Scheduler {
             previous,
             self.inner.config.suspicious_drop_fraction,
         );
-        run.warning = warning;
+        run.warning = match (consistency_warning, warning) {
+            (Some(c), Some(w)) => Some(format!("{c}; {w}")),
+            (c, w) => c.or(w),
+        };
         let short_id = outcome.summary.snapshot_id.clone();
         run.snapshot_id = Some(short_id.clone());
 
@@ -296,6 +345,12 @@ impl Scheduler {
             run.snapshot_id = Some(id);
         }
         run.summary = Some(summary);
+        if let Some(e) = post_hook_error {
+            return Err(RunError {
+                code: e.kind().into(),
+                message: format!("the snapshot {short_id} was written, but {e}"),
+            });
+        }
         Ok(state)
     }
 
@@ -490,6 +545,10 @@ impl Scheduler {
 /// Restores stage their files in a directory of this name inside the
 /// target; backups exclude it, in case a crash left one behind.
 pub const RESTORE_STAGING_PREFIX: &str = ".soda-syncer-restore-";
+
+fn consistency_error(e: &crate::consistency::ConsistencyError) -> RunError {
+    RunError { code: e.kind().into(), message: e.to_string() }
+}
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> RunError {
     let code = if e.raw_os_error() == Some(libc::ENOSPC) { "disk_full" } else { "restore_target_failed" };

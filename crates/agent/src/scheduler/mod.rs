@@ -610,7 +610,7 @@ pub(crate) fn run_error(e: ResticError) -> RunError {
 
 /// Error codes are a small fixed set; keep them as `&'static str` for metric labels.
 fn leak_code(code: &str) -> &'static str {
-    const KNOWN: [&str; 16] = [
+    const KNOWN: [&str; 33] = [
         "restic_missing",
         "restic_spawn_failed",
         "wrong_password",
@@ -627,6 +627,23 @@ fn leak_code(code: &str) -> &'static str {
         "source_not_allowed",
         "unsupported",
         "agent_stopped",
+        "secrets_unavailable",
+        "snapshot_not_found",
+        "repository_damaged",
+        "restore_target_failed",
+        "invalid_request",
+        "consistency_needs_root",
+        "consistency_unavailable",
+        "database_error",
+        "freeze_failed",
+        "freeze_refused",
+        "hook_not_allowed",
+        "max_freeze_exceeded",
+        "post_hook_failed",
+        "pre_hook_failed",
+        "snapshot_failed",
+        "source_inspect_failed",
+        "thaw_failed",
     ];
     KNOWN.into_iter().find(|k| *k == code).unwrap_or("other")
 }

@@ -53,20 +53,12 @@ pub fn check_allowed(config: &Config, path: &Path) -> Result<(), FieldError> {
     }
 }
 
-/// What this agent can honour today: a mode it cannot apply is refused,
-/// never silently replaced by a live, inconsistent backup.
-pub fn check_supported(spec: &PolicySpec) -> Result<(), FieldError> {
-    use soda_syncer_domain::policy::ConsistencyMode;
-    if spec.consistency.mode != ConsistencyMode::None {
-        return Err(FieldError::new(
-            "consistency.mode",
-            "point-in-time consistency modes are not available in this version of the agent yet; use \"none\" (the README's 'Not done yet' lists it)",
-        ));
-    }
-    if !spec.consistency.hooks.pre.is_empty() || !spec.consistency.hooks.post.is_empty() {
-        return Err(FieldError::new("consistency.hooks", "hooks are not available in this version of the agent yet"));
-    }
-    Ok(())
+/// What this agent can honour: hooks only from the operator's allow list
+/// (`--hook-allow`), and a consistency mode only where it applies to the
+/// source as it is now (see `consistency::check_policy`). A mode that cannot
+/// apply is refused, never silently replaced by a live, inconsistent backup.
+pub fn check_supported(config: &Config, spec: &PolicySpec) -> Result<(), FieldError> {
+    crate::consistency::check_policy(config, spec)
 }
 
 /// The source must be an existing directory under an allowed root.
@@ -132,7 +124,7 @@ impl Scheduler {
     ) -> Result<PolicyRecord, PolicyError> {
         let now = Utc::now();
         spec.validate(now)?;
-        check_supported(&spec)?;
+        check_supported(self.config(), &spec)?;
         check_source(self.config(), &spec.source.path)?;
         self.apply_defaults(&mut spec)?;
         let mut p = PolicyRecord {
@@ -164,7 +156,7 @@ impl Scheduler {
         let mut p = self.store().get_policy(id)?;
         let now = Utc::now();
         spec.validate(now)?;
-        check_supported(&spec)?;
+        check_supported(self.config(), &spec)?;
         check_source(self.config(), &spec.source.path)?;
         // A URL sent back as shown (its password redacted) means "unchanged".
         let shown = p.spec.repository.url.as_deref().map(soda_syncer_domain::secret::redact_url);

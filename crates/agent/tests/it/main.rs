@@ -5,6 +5,7 @@
 mod api;
 mod auth;
 mod backup;
+mod consistency;
 mod help;
 mod legacy;
 mod lifecycle;

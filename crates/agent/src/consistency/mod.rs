@@ -1,0 +1,838 @@
+//! The consistency adapter: makes a point-in-time view of a volume for one
+//! backup, and undoes it afterwards.
+//!
+//! [`prepare`] runs the policy's `pre` hooks, inspects the source, makes the
+//! view with the method the mode asks for (or `auto` chooses: see the domain
+//! crate's `consistency::choose`), and runs the `post` hooks. restic then
+//! reads the view at the volume's own path, in a private mount namespace
+//! (see `restic::BackupRequest::view`). [`Prepared::release`] thaws, runs
+//! what is left of the hooks and removes snapshots, clones, loop devices and
+//! mounts, within a deadline; `Drop` is the logged fallback. Everything
+//! held is recorded in the database before it exists, and
+//! [`recover_at_start`] undoes what a crash left. No shell anywhere: the
+//! ioctls directly, and `btrfs`, `losetup`, `mount`, `umount` and the lvm
+//! tools by argv.
+
+mod command;
+mod freeze;
+mod hooks;
+mod inspect;
+pub mod metrics;
+mod resources;
+mod sys;
+mod tree;
+
+use chrono::{DateTime, Utc};
+use soda_syncer_domain::consistency::{choose, validate_hooks, ConsistencyReport, Method};
+use soda_syncer_domain::policy::{ConsistencyMode, ConsistencySpec, FieldError};
+use soda_syncer_domain::PolicySpec;
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::store::Store;
+use freeze::Freeze;
+use hooks::HookRunner;
+use inspect::{Inspected, Protected};
+use resources::{Held, Kind};
+
+pub use resources::recover_at_start;
+
+/// Snapshots and copies live in this directory at the top of the volume's
+/// filesystem (backups exclude it).
+pub const SCRATCH_DIR: &str = ".soda-syncer-snapshots";
+
+/// Files changed since their clone that a reflink freeze reads into memory at most.
+const DIRTY_BUDGET: u64 = 128 << 20;
+/// Tries of the reflink freeze before the run fails.
+const REFLINK_ATTEMPTS: u32 = 3;
+/// The longest `release` waits for hooks and removals; what is left is
+/// finished in the background or at the next start.
+const RELEASE_DEADLINE: Duration = Duration::from_secs(120);
+const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+const LVM_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsistencyError {
+    #[error("point-in-time consistency needs the agent to run as root (freezes, snapshots and mount namespaces)")]
+    NeedsRoot,
+    #[error("cannot inspect {path}: {message}")]
+    Inspect { path: String, message: String },
+    #[error("consistency mode {mode} cannot be used: {reason}")]
+    NotApplicable { mode: &'static str, reason: String },
+    #[error("{message}")]
+    HookNotAllowed { message: String },
+    #[error("the pre hook `{hook}` {message}; the backup was not made")]
+    PreHook { hook: String, message: String },
+    #[error("the post hook `{hook}` {message}")]
+    PostHook { hook: String, message: String },
+    #[error("refusing to freeze {mount}: it {reason}")]
+    FreezeRefused { mount: String, reason: String },
+    #[error("cannot freeze {mount}: {message}")]
+    Freeze { mount: String, message: String },
+    #[error("cannot thaw {mount}: {message}")]
+    Thaw { mount: String, message: String },
+    #[error("{mount} stayed frozen for maxFreezeMs ({limit_ms} ms) and was thawed: {message}")]
+    FreezeLimit { mount: String, limit_ms: u64, message: String },
+    #[error("{method} snapshot failed: {message}")]
+    Snapshot { method: &'static str, message: String },
+    #[error("cannot record the snapshot in the state database: {message}")]
+    Store { message: String },
+    #[error("the run was cancelled")]
+    Cancelled,
+}
+
+impl ConsistencyError {
+    /// A short stable code: the run's error code and the metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConsistencyError::NeedsRoot => "consistency_needs_root",
+            ConsistencyError::Inspect { .. } => "source_inspect_failed",
+            ConsistencyError::NotApplicable { .. } => "consistency_unavailable",
+            ConsistencyError::HookNotAllowed { .. } => "hook_not_allowed",
+            ConsistencyError::PreHook { .. } => "pre_hook_failed",
+            ConsistencyError::PostHook { .. } => "post_hook_failed",
+            ConsistencyError::FreezeRefused { .. } => "freeze_refused",
+            ConsistencyError::Freeze { .. } => "freeze_failed",
+            ConsistencyError::Thaw { .. } => "thaw_failed",
+            ConsistencyError::FreezeLimit { .. } => "max_freeze_exceeded",
+            ConsistencyError::Snapshot { .. } => "snapshot_failed",
+            ConsistencyError::Store { .. } => "database_error",
+            ConsistencyError::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What a backup run asks of the adapter.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub run_id: String,
+    pub policy_id: String,
+    pub policy_name: String,
+    pub volume: Option<String>,
+    pub source: PathBuf,
+    pub spec: ConsistencySpec,
+    /// The repository, when it is a local path (never frozen).
+    pub repository: Option<PathBuf>,
+}
+
+fn mode_str(m: ConsistencyMode) -> &'static str {
+    match m {
+        ConsistencyMode::None => "none",
+        ConsistencyMode::Auto => "auto",
+        ConsistencyMode::Btrfs => "btrfs",
+        ConsistencyMode::Reflink => "reflink",
+        ConsistencyMode::Blockclone => "blockclone",
+        ConsistencyMode::Fsfreeze => "fsfreeze",
+        ConsistencyMode::Lvm => "lvm",
+    }
+}
+
+fn allowed_hooks(config: &Config) -> Vec<String> {
+    config.hook_allow.iter().map(|p| p.display().to_string()).collect()
+}
+
+/// A local repository's path (`/srv/repo` or `local:/srv/repo`).
+pub fn local_repository(url: &str) -> Option<PathBuf> {
+    let p = url.strip_prefix("local:").unwrap_or(url);
+    p.starts_with('/').then(|| PathBuf::from(p))
+}
+
+fn protected(config: &Config, repository: Option<PathBuf>) -> Protected {
+    Protected { state_dir: config.state_dir.clone(), repository }
+}
+
+/// Policy checks that need the disk: hooks on the allow list, root, and an
+/// explicit mode (or `auto` with `required`) that applies to the source as
+/// it is now. A source that does not exist yet is left to the source check.
+pub fn check_policy(config: &Config, spec: &PolicySpec) -> Result<(), FieldError> {
+    validate_hooks(&spec.consistency.hooks, &allowed_hooks(config))?;
+    let mode = spec.consistency.mode;
+    if mode == ConsistencyMode::None {
+        return Ok(());
+    }
+    if !sys::is_root() {
+        return Err(FieldError::new("consistency.mode", ConsistencyError::NeedsRoot.to_string()));
+    }
+    let source = Path::new(&spec.source.path);
+    if !source.is_dir() {
+        return Ok(());
+    }
+    let repo = spec.repository.url.as_deref().and_then(local_repository);
+    let ins = inspect::inspect(source, &protected(config, repo))
+        .map_err(|e| FieldError::new("consistency.mode", e.to_string()))?;
+    let decision = choose(mode, &ins.facts).map_err(|reason| {
+        FieldError::new(
+            "consistency.mode",
+            format!("{} does not apply to {}: {reason}", mode_str(mode), spec.source.path),
+        )
+    })?;
+    if spec.consistency.required {
+        if let Some(why) = decision.fallback {
+            return Err(FieldError::new("consistency.required", why));
+        }
+    }
+    Ok(())
+}
+
+/// One lock per filesystem: two runs never freeze or snapshot one
+/// filesystem at once (a second FIFREEZE fails, and a snapshot would wait
+/// on another run's freeze).
+fn fs_lock(key: (u32, u32)) -> Arc<tokio::sync::Mutex<()>> {
+    type Locks = Mutex<HashMap<(u32, u32), Arc<tokio::sync::Mutex<()>>>>;
+    static LOCKS: LazyLock<Locks> = LazyLock::new(Mutex::default);
+    LOCKS.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone()
+}
+
+/// A point-in-time view, ready for restic, until released.
+pub struct Prepared {
+    mode: ConsistencyMode,
+    method: Method,
+    run_id: String,
+    store: Option<Store>,
+    view: Option<PathBuf>,
+    ignore_inode: bool,
+    restic_token: CancellationToken,
+    /// `fsfreeze`: frozen through the backup.
+    freeze: Option<Freeze>,
+    held: Vec<Held>,
+    hooks: Option<HookRunner>,
+    post_pending: bool,
+    post_error: Option<ConsistencyError>,
+    warning: Option<String>,
+    freeze_limit: Duration,
+    freeze_ms: u64,
+    snapshot_ms: u64,
+    point_in_time: Option<DateTime<Utc>>,
+    fs_guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    released: bool,
+}
+
+/// What `release` found.
+pub struct Released {
+    pub report: ConsistencyReport,
+    /// The freeze outlasted its limit, a thaw failed, or a post hook failed.
+    pub error: Option<ConsistencyError>,
+}
+
+impl Prepared {
+    /// restic reads this directory, bound over the source's path.
+    pub fn view(&self) -> Option<PathBuf> {
+        self.view.clone()
+    }
+
+    /// The view is a copy with new inode numbers: restic must not compare them.
+    pub fn ignore_inode(&self) -> bool {
+        self.ignore_inode
+    }
+
+    /// Cancelled with the run, and when a freeze outlasts maxFreezeMs.
+    pub fn restic_token(&self) -> &CancellationToken {
+        &self.restic_token
+    }
+
+    /// `auto` fell back to a live backup: why.
+    pub fn warning(&self) -> Option<&str> {
+        self.warning.as_deref()
+    }
+
+    pub fn method(&self) -> Method {
+        self.method
+    }
+
+    pub fn report(&self) -> ConsistencyReport {
+        ConsistencyReport {
+            mode: self.mode,
+            method: self.method,
+            freeze_ms: self.freeze_ms,
+            snapshot_ms: self.snapshot_ms,
+            point_in_time: self.point_in_time.map(crate::ids::fmt_time),
+        }
+    }
+
+    fn hold(&mut self, kind: Kind, path: &Path) -> Result<(), ConsistencyError> {
+        let store = self.store.as_ref().expect("a method that holds something has a store");
+        self.held.push(resources::hold(store, &self.run_id, kind, path)?);
+        Ok(())
+    }
+
+    /// Thaw (fsfreeze), the post hooks still due, then undo everything held,
+    /// newest first. Returns the first error that the run must report.
+    fn release_blocking(&mut self) -> Option<ConsistencyError> {
+        let mut error = self.thaw_now();
+        if self.post_pending {
+            self.post_pending = false;
+            if let Some(h) = &self.hooks {
+                if let Err(e) = h.run_post() {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = self.post_error.take() {
+            error.get_or_insert(e);
+        }
+        if let Some(store) = &self.store {
+            for held in self.held.drain(..).rev() {
+                resources::release(store, &held);
+            }
+        }
+        self.fs_guard = None;
+        self.released = true;
+        error
+    }
+
+    /// Thaw an `fsfreeze` freeze now, recording how long it lasted.
+    fn thaw_now(&mut self) -> Option<ConsistencyError> {
+        let f = self.freeze.take()?;
+        let thawed = f.thaw();
+        self.freeze_ms = f.frozen_for().as_millis() as u64;
+        if f.expired() {
+            return Some(ConsistencyError::FreezeLimit {
+                mount: f.mount_point().display().to_string(),
+                limit_ms: self.freeze_limit.as_millis() as u64,
+                message: "the backup took longer; raise consistency.maxFreezeMs or use a method that freezes only for a snapshot (reflink, blockclone, btrfs)".into(),
+            });
+        }
+        thawed.err()
+    }
+
+    /// Thaw at once, then the rest (post hooks, removals) within a deadline.
+    pub async fn release(mut self) -> Released {
+        let thaw_error = self.thaw_now();
+        let method = self.method;
+        let report = self.report();
+        metrics::observe(method, Duration::from_millis(report.freeze_ms), Duration::from_millis(report.snapshot_ms));
+        let rest = tokio::task::spawn_blocking(move || self.release_blocking());
+        let error = match tokio::time::timeout(RELEASE_DEADLINE, rest).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "releasing the snapshot panicked; what is left is undone at the next start");
+                None
+            }
+            Err(_) => {
+                tracing::error!(seconds = RELEASE_DEADLINE.as_secs(), "releasing the snapshot is still going on; it goes on in the background, and the next start finishes it");
+                None
+            }
+        };
+        Released { report, error: thaw_error.or(error) }
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        // Dropped without release (a panic, an aborted task): thaw now
+        // (Freeze's own Drop), then the rest in a thread of its own.
+        drop(self.freeze.take());
+        let post = self.post_pending.then(|| self.hooks.take()).flatten();
+        let held = std::mem::take(&mut self.held);
+        let store = self.store.clone();
+        if post.is_none() && held.is_empty() {
+            return;
+        }
+        tracing::error!(run = %self.run_id, "a snapshot was dropped without release(): cleaning up in the background (fallback)");
+        let _ = std::thread::Builder::new().name("snapshot-cleanup".into()).spawn(move || {
+            if let Some(h) = post {
+                let _ = h.run_post();
+            }
+            if let Some(store) = store {
+                for h in held.iter().rev() {
+                    resources::release(&store, h);
+                }
+            }
+        });
+    }
+}
+
+/// Why `prepare` failed, and what was known by then (for the run).
+pub struct Failure {
+    pub error: ConsistencyError,
+    pub report: Option<ConsistencyReport>,
+}
+
+impl From<ConsistencyError> for Failure {
+    fn from(error: ConsistencyError) -> Failure {
+        Failure { error, report: None }
+    }
+}
+
+/// Make the point-in-time view for one backup.
+pub async fn prepare(
+    ctx: Context,
+    store: &Store,
+    config: &Config,
+    token: &CancellationToken,
+) -> Result<Prepared, Failure> {
+    let spec = ctx.spec.clone();
+    let mode = spec.mode;
+    let hooks = HookRunner {
+        pre: spec.hooks.pre.clone(),
+        post: spec.hooks.post.clone(),
+        env: vec![
+            ("SODA_SYNCER_POLICY_ID".into(), ctx.policy_id.clone()),
+            ("SODA_SYNCER_POLICY_NAME".into(), ctx.policy_name.clone()),
+            ("SODA_SYNCER_SOURCE".into(), ctx.source.display().to_string()),
+            ("SODA_SYNCER_VOLUME".into(), ctx.volume.clone().unwrap_or_default()),
+            ("SODA_SYNCER_RUN_ID".into(), ctx.run_id.clone()),
+        ],
+        timeout: config.hook_timeout,
+    };
+    let mut p = Prepared {
+        mode,
+        method: Method::None,
+        run_id: ctx.run_id.clone(),
+        store: None,
+        view: None,
+        ignore_inode: false,
+        restic_token: token.child_token(),
+        freeze: None,
+        held: Vec::new(),
+        hooks: (!hooks.is_empty()).then_some(hooks),
+        post_pending: false,
+        post_error: None,
+        warning: None,
+        freeze_limit: Duration::from_millis(spec.max_freeze_ms),
+        freeze_ms: 0,
+        snapshot_ms: 0,
+        point_in_time: None,
+        fs_guard: None,
+        released: false,
+    };
+    if mode == ConsistencyMode::None && p.hooks.is_none() {
+        p.released = true; // nothing to release
+        return Ok(p);
+    }
+    validate_hooks(&spec.hooks, &allowed_hooks(config))
+        .map_err(|e| ConsistencyError::HookNotAllowed { message: e.to_string() })?;
+    let mut inspected = None;
+    if mode != ConsistencyMode::None {
+        if !sys::is_root() {
+            return Err(ConsistencyError::NeedsRoot.into());
+        }
+        let source = ctx.source.clone();
+        let prot = protected(config, ctx.repository.clone());
+        let ins = tokio::task::spawn_blocking(move || inspect::inspect(&source, &prot)).await.map_err(|e| {
+            ConsistencyError::Inspect { path: ctx.source.display().to_string(), message: e.to_string() }
+        })??;
+        let decision = choose(mode, &ins.facts)
+            .map_err(|reason| ConsistencyError::NotApplicable { mode: mode_str(mode), reason })?;
+        p.method = decision.method;
+        if let Some(why) = decision.fallback {
+            if spec.required {
+                return Err(Failure {
+                    error: ConsistencyError::NotApplicable {
+                        mode: "auto",
+                        reason: format!("{why}; the policy requires consistency"),
+                    },
+                    report: Some(p.report()),
+                });
+            }
+            tracing::warn!(source = %ctx.source.display(), reason = %why, "no point-in-time method applies: backing up the live volume");
+            metrics::live_fallback();
+            p.warning = Some(why);
+        }
+        if p.method != Method::None {
+            let lock = fs_lock(ins.mount.fs_key());
+            tokio::select! {
+                g = lock.lock_owned() => p.fs_guard = Some(g),
+                _ = token.cancelled() => return Err(ConsistencyError::Cancelled.into()),
+            }
+        }
+        inspected = Some(ins);
+    }
+    p.store = Some(store.clone());
+    let state_dir = config.state_dir.clone();
+    let cancel = token.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let r = p.make(inspected.as_ref(), &state_dir, &cancel);
+        r.map(|()| p)
+    })
+    .await;
+    match joined {
+        Ok(Ok(p)) => Ok(p),
+        Ok(Err(f)) => Err(f),
+        Err(e) => {
+            Err(ConsistencyError::Snapshot { method: "consistency", message: format!("the snapshot task failed: {e}") }
+                .into())
+        }
+    }
+}
+
+impl Prepared {
+    /// Pre hooks, the view, post hooks (blocking). On failure everything
+    /// made so far is undone before returning.
+    fn make(&mut self, ins: Option<&Inspected>, state_dir: &Path, cancel: &CancellationToken) -> Result<(), Failure> {
+        if let Some(h) = &self.hooks {
+            self.post_pending = true;
+            if let Err(e) = h.run_pre(cancel) {
+                return Err(self.fail(e));
+            }
+        }
+        let started = Instant::now();
+        let made = match (self.method, ins) {
+            (Method::None, _) => Ok(()),
+            (_, None) => Ok(()),
+            (Method::Btrfs, Some(ins)) => self.btrfs(ins, cancel),
+            (Method::Reflink, Some(ins)) => self.reflink(ins, cancel),
+            (Method::Blockclone, Some(ins)) => self.blockclone(ins, state_dir),
+            (Method::Fsfreeze, Some(ins)) => self.fsfreeze(ins),
+            (Method::Lvm, Some(ins)) => self.lvm(ins, state_dir),
+        };
+        if let Err(e) = made {
+            self.snapshot_ms = started.elapsed().as_millis() as u64;
+            return Err(self.fail(e));
+        }
+        if self.method != Method::None {
+            self.snapshot_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(
+                method = self.method.as_str(),
+                freeze_ms = self.freeze_ms,
+                snapshot_ms = self.snapshot_ms,
+                view = %self.view.as_deref().unwrap_or(Path::new("(live, frozen)")).display(),
+                "point-in-time view ready"
+            );
+        }
+        if self.method != Method::Fsfreeze {
+            self.fs_guard = None; // the snapshot is made; others may freeze now
+        }
+        // After a snapshot the application may go on at once; for `none` and
+        // `fsfreeze` the backup itself is the snapshot, so post waits for it.
+        if !matches!(self.method, Method::None | Method::Fsfreeze) && self.post_pending {
+            self.post_pending = false;
+            if let Some(h) = &self.hooks {
+                self.post_error = h.run_post().err();
+            }
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, error: ConsistencyError) -> Failure {
+        let report = self.report();
+        if let Some(other) = self.release_blocking() {
+            tracing::error!(error = %other, "while undoing a failed snapshot");
+        }
+        Failure { error, report: Some(report) }
+    }
+
+    fn store(&self) -> &Store {
+        self.store.as_ref().expect("set before make")
+    }
+
+    /// A btrfs snapshot alone is not one instant: it holds what was written
+    /// back, and data still in the page cache (written, not yet flushed)
+    /// reaches it file by file, at different moments (measured: files
+    /// written in order came out of one snapshot with older content in the
+    /// first ones than in the later ones). So: sync, snapshot (writable),
+    /// then freeze and bring over, from the frozen volume, every file that
+    /// changed since the sync (see `tree`), thaw. The freeze lasts one walk
+    /// plus reading those files.
+    fn btrfs(&mut self, ins: &Inspected, cancel: &CancellationToken) -> Result<(), ConsistencyError> {
+        let dir = ins.scratch_dir();
+        create_private_dir(&dir).map_err(|e| snap_err("btrfs", &dir, e))?;
+        let snap = dir.join(&self.run_id);
+        self.hold(Kind::BtrfsSnapshot, &snap)?;
+        let synced_at = std::time::SystemTime::now();
+        if let Ok(d) = sys::open_dir(&ins.real_path) {
+            let _ = sys::syncfs(&d);
+        }
+        let args: Vec<OsString> = vec![
+            "btrfs".into(),
+            "subvolume".into(),
+            "snapshot".into(),
+            "--".into(),
+            ins.real_path.clone().into(),
+            snap.clone().into(),
+        ];
+        command::run(&args, &[], TOOL_TIMEOUT, None).map_err(|f| ConsistencyError::Snapshot {
+            method: "btrfs",
+            message: format!("btrfs subvolume snapshot {}", f.describe(TOOL_TIMEOUT)),
+        })?;
+        let skip = dir.starts_with(&ins.real_path).then_some(dir.as_path());
+        let mut copy =
+            tree::TreeCopy::existing(&ins.real_path, &snap, skip, synced_at).map_err(|e| tree_err("btrfs", e))?;
+        self.freeze_and_fix(&mut copy, Path::new(&ins.mount.mount_point), false, cancel, "btrfs")?;
+        self.view = Some(snap);
+        Ok(())
+    }
+
+    fn freeze(&self, mount: &Path, on_expiry: CancellationToken) -> Result<Freeze, ConsistencyError> {
+        Freeze::start(mount, self.store(), &self.run_id, self.freeze_limit, on_expiry)
+    }
+
+    fn limit_error(&self, mount: &Path, message: impl Into<String>) -> ConsistencyError {
+        ConsistencyError::FreezeLimit {
+            mount: mount.display().to_string(),
+            limit_ms: self.freeze_limit.as_millis() as u64,
+            message: message.into(),
+        }
+    }
+
+    /// A reflink copy of the source's files: cloned live, then made one
+    /// instant under a short freeze (see `tree`).
+    fn reflink(&mut self, ins: &Inspected, cancel: &CancellationToken) -> Result<(), ConsistencyError> {
+        let dir = ins.scratch_dir();
+        create_private_dir(&dir).map_err(|e| snap_err("reflink", &dir, e))?;
+        let copy_root = dir.join(&self.run_id);
+        self.hold(Kind::CloneTree, &copy_root)?;
+        let skip = dir.starts_with(&ins.real_path).then_some(dir.as_path());
+        let mut copy = tree::TreeCopy::create(&ins.real_path, &copy_root, skip).map_err(|e| tree_err("reflink", e))?;
+        self.freeze_and_fix(&mut copy, Path::new(&ins.mount.mount_point), true, cancel, "reflink")?;
+        self.view = Some(copy_root);
+        self.ignore_inode = true;
+        Ok(())
+    }
+
+    /// Freeze `mount`, read what changed since the copy was made, thaw,
+    /// write it into the copy. When that does not fit the freeze limit, the
+    /// copy is brought up to date live (FICLONE) and the freeze tried again.
+    fn freeze_and_fix(
+        &mut self,
+        copy: &mut tree::TreeCopy,
+        mount: &Path,
+        clone_first: bool,
+        cancel: &CancellationToken,
+        method: &'static str,
+    ) -> Result<(), ConsistencyError> {
+        let mut why = String::new();
+        for attempt in 1..=REFLINK_ATTEMPTS {
+            let cloned =
+                if clone_first || attempt > 1 { copy.sync_live(cancel).map_err(|e| tree_err(method, e))? } else { 0 };
+            if cancel.is_cancelled() {
+                return Err(ConsistencyError::Cancelled);
+            }
+            let freeze = self.freeze(mount, CancellationToken::new())?;
+            let at = Utc::now();
+            // Leave the watchdog a margin: normally this thaws, not it.
+            let deadline = Instant::now() + self.freeze_limit.mul_f64(0.8);
+            let scanned = copy.scan_frozen(deadline, DIRTY_BUDGET);
+            let frozen_for = freeze.thaw()?;
+            let expired = freeze.expired();
+            drop(freeze);
+            match scanned {
+                Ok(changes) if !expired => {
+                    let n = copy.apply_frozen(changes).map_err(|e| tree_err(method, e))?;
+                    self.freeze_ms = frozen_for.as_millis() as u64;
+                    self.point_in_time = Some(at);
+                    tracing::debug!(
+                        method,
+                        attempt,
+                        cloned,
+                        read_while_frozen = n,
+                        freeze_ms = self.freeze_ms,
+                        "the copy is at one instant"
+                    );
+                    return Ok(());
+                }
+                Ok(_) => why = "the watchdog thawed before the walk ended".into(),
+                Err(e @ (tree::TreeError::TooSlow | tree::TreeError::TooDirty { .. })) => why = e.to_string(),
+                Err(e) => return Err(tree_err(method, e)),
+            }
+            tracing::warn!(method, attempt, reason = %why, "the freeze did not fit maxFreezeMs; bringing the copy up to date and trying again");
+        }
+        Err(self.limit_error(mount, format!("{REFLINK_ATTEMPTS} tries failed, the last because {why}")))
+    }
+
+    fn blockclone(&mut self, ins: &Inspected, state_dir: &Path) -> Result<(), ConsistencyError> {
+        let lb = ins.facts.loop_backing.clone().ok_or_else(|| ConsistencyError::Snapshot {
+            method: "blockclone",
+            message: "the source is no longer on a loop device".into(),
+        })?;
+        let image = PathBuf::from(&lb.file);
+        let name = format!(".soda-syncer-clone-{}.img", self.run_id);
+        let clone = image.with_file_name(name);
+        self.hold(Kind::CloneFile, &clone)?;
+        let src = std::fs::File::open(&image).map_err(|e| snap_err("blockclone", &image, e))?;
+        let dst = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&clone)
+                .map_err(|e| snap_err("blockclone", &clone, e))?
+        };
+        let mount = PathBuf::from(&ins.mount.mount_point);
+        let freeze = self.freeze(&mount, CancellationToken::new())?;
+        let at = Utc::now();
+        let cloned = sys::ficlone(&dst, &src);
+        let frozen_for = freeze.thaw()?;
+        if freeze.expired() {
+            return Err(self.limit_error(&mount, "cloning the image took longer"));
+        }
+        drop(freeze);
+        cloned.map_err(|e| snap_err("blockclone", &clone, e))?;
+        self.freeze_ms = frozen_for.as_millis() as u64;
+        self.point_in_time = Some(at);
+        drop((src, dst));
+        self.hold(Kind::Loop, &clone)?;
+        let out = command::run(
+            &["losetup".into(), "--read-only".into(), "--find".into(), "--show".into(), clone.clone().into_os_string()],
+            &[],
+            TOOL_TIMEOUT,
+            None,
+        )
+        .map_err(|f| ConsistencyError::Snapshot {
+            method: "blockclone",
+            message: format!("losetup {}", f.describe(TOOL_TIMEOUT)),
+        })?;
+        let device = PathBuf::from(out.trim());
+        self.mount_read_only(&device, &ins.facts.fs_type, ins, state_dir, "blockclone")
+    }
+
+    /// Mount a snapshot's block device read-only under the state directory
+    /// (without replaying its log: the freeze left it clean) and point the
+    /// view at the source's directory inside it.
+    fn mount_read_only(
+        &mut self,
+        device: &Path,
+        fs_type: &str,
+        ins: &Inspected,
+        state_dir: &Path,
+        method: &'static str,
+    ) -> Result<(), ConsistencyError> {
+        let mnt = state_dir.join("consistency").join(&self.run_id);
+        create_private_dir(&mnt).map_err(|e| snap_err(method, &mnt, e))?;
+        self.hold(Kind::Mount, &mnt)?;
+        let opts =
+            if fs_type == "xfs" { "ro,nouuid,norecovery,nodev,nosuid,noexec" } else { "ro,noload,nodev,nosuid,noexec" };
+        command::run(
+            &[
+                "mount".into(),
+                "-t".into(),
+                fs_type.into(),
+                "-o".into(),
+                opts.into(),
+                "--".into(),
+                device.as_os_str().to_owned(),
+                mnt.as_os_str().to_owned(),
+            ],
+            &[],
+            TOOL_TIMEOUT,
+            None,
+        )
+        .map_err(|f| ConsistencyError::Snapshot { method, message: format!("mount {}", f.describe(TOOL_TIMEOUT)) })?;
+        let inside = ins.path_in_fs();
+        let view = mnt.join(inside.strip_prefix("/").unwrap_or(&inside));
+        if !view.is_dir() {
+            return Err(ConsistencyError::Snapshot {
+                method,
+                message: format!("{} is missing in the snapshot", inside.display()),
+            });
+        }
+        self.view = Some(view);
+        Ok(())
+    }
+
+    fn fsfreeze(&mut self, ins: &Inspected) -> Result<(), ConsistencyError> {
+        let freeze = self.freeze(Path::new(&ins.mount.mount_point), self.restic_token.clone())?;
+        self.point_in_time = Some(Utc::now());
+        self.freeze = Some(freeze);
+        Ok(())
+    }
+
+    fn lvm(&mut self, ins: &Inspected, state_dir: &Path) -> Result<(), ConsistencyError> {
+        let lv = ins.facts.lvm.clone().ok_or_else(|| ConsistencyError::Snapshot {
+            method: "lvm",
+            message: "the source is no longer on an LVM volume".into(),
+        })?;
+        let name = format!("soda-snap-{}", &self.run_id[..self.run_id.len().min(12)]);
+        let origin = format!("{}/{}", lv.vg, lv.lv);
+        self.hold(Kind::LvmSnapshot, Path::new(&format!("{}/{name}", lv.vg)))?;
+        let mut args = command::argv(["lvcreate", "--snapshot", "--name", &name]);
+        if lv.thin {
+            args.extend(command::argv(["--setactivationskip", "n", "--activate", "y"]));
+        } else {
+            args.extend(command::argv(["--extents", "10%ORIGIN"]));
+        }
+        args.extend(command::argv(["--", &origin]));
+        // LVM suspends (and so freezes) the filesystem while it snapshots.
+        command::run(&args, &[], LVM_TIMEOUT, None).map_err(|f| ConsistencyError::Snapshot {
+            method: "lvm",
+            message: format!("lvcreate {}", f.describe(LVM_TIMEOUT)),
+        })?;
+        self.point_in_time = Some(Utc::now());
+        let device = PathBuf::from(format!("/dev/{}/{name}", lv.vg));
+        self.mount_read_only(&device, &ins.facts.fs_type, ins, state_dir, "lvm")
+    }
+}
+
+fn tree_err(method: &'static str, e: tree::TreeError) -> ConsistencyError {
+    match e {
+        tree::TreeError::Cancelled => ConsistencyError::Cancelled,
+        other => ConsistencyError::Snapshot { method, message: other.to_string() },
+    }
+}
+
+fn snap_err(method: &'static str, path: &Path, e: std::io::Error) -> ConsistencyError {
+    ConsistencyError::Snapshot { method, message: format!("{}: {e}", path.display()) }
+}
+
+fn create_private_dir(p: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(p)
+}
+
+/// Filesystems on loop devices for the unit tests (root only; they skip
+/// themselves otherwise).
+#[cfg(test)]
+pub(crate) mod testfs {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    pub struct LoopFs {
+        pub mnt: PathBuf,
+        device: String,
+        image: PathBuf,
+    }
+
+    fn sh(args: &[&str]) -> String {
+        let out = Command::new(args[0]).args(&args[1..]).output().expect(args[0]);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    impl LoopFs {
+        /// None when not root.
+        pub fn new(dir: &Path, mkfs: &[&str]) -> Option<LoopFs> {
+            if !super::sys::is_root() {
+                eprintln!("skipped: needs root for a loop device");
+                return None;
+            }
+            let image = dir.join("fs.img");
+            let mnt = dir.join("mnt");
+            sh(&["truncate", "-s", "320M", image.to_str().unwrap()]);
+            let device = sh(&["losetup", "--find", "--show", image.to_str().unwrap()]);
+            let mut args = mkfs.to_vec();
+            args.push(&device);
+            sh(&args);
+            std::fs::create_dir_all(&mnt).unwrap();
+            sh(&["mount", &device, mnt.to_str().unwrap()]);
+            Some(LoopFs { mnt, device, image })
+        }
+    }
+
+    impl Drop for LoopFs {
+        fn drop(&mut self) {
+            let _ = Command::new("fsfreeze").arg("-u").arg(&self.mnt).output();
+            let _ = Command::new("umount").arg(&self.mnt).output();
+            let _ = Command::new("losetup").arg("-d").arg(&self.device).output();
+            let _ = std::fs::remove_file(&self.image);
+        }
+    }
+
+    /// A write from another thread finishes within `within`.
+    pub fn writable_within(dir: &Path, within: std::time::Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f = dir.join(format!("probe-{}", crate::ids::new_id()));
+        std::thread::spawn(move || {
+            let _ = tx.send(std::fs::write(&f, b"x").is_ok());
+        });
+        rx.recv_timeout(within).unwrap_or(false)
+    }
+}
