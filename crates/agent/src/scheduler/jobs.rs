@@ -158,7 +158,17 @@ impl Scheduler {
             }
             if !path.starts_with(self.config().restore_dir()) {
                 let existing = path.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
-                super::policies::check_allowed(self.config(), existing).map_err(|e| invalid("target", e.message))?;
+                super::policies::check_allowed(self.config(), existing).map_err(|_| {
+                    let roots: Vec<String> =
+                        self.config().allowed_roots_in_effect().iter().map(|r| r.display().to_string()).collect();
+                    invalid(
+                        "target",
+                        format!(
+                            "{target} is outside the allowed roots ({}); restore below one of them, leave target out (the agent's restore directory), or start the agent with --allowed-root DIR",
+                            roots.join(", ")
+                        ),
+                    )
+                })?;
             }
             p.target = Some(target);
         }
