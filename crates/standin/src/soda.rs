@@ -1,0 +1,1 @@
+//! A SODA hotpot API server stand-in (to be written).
