@@ -90,6 +90,27 @@ pub struct ServeArgs {
     /// Log lines as JSON instead of text.
     #[arg(long, env = "SODA_SYNCER_LOG_JSON")]
     pub log_json: bool,
+    /// Kubernetes discovery of annotated claims: `auto` uses the in-cluster
+    /// service account inside a pod (or --kubeconfig if given), `on`
+    /// requires one of them, `off` never connects [default: auto].
+    #[arg(long, env = "SODA_SYNCER_KUBERNETES", value_enum)]
+    pub kubernetes: Option<KubeMode>,
+    /// A kubeconfig file to use outside a cluster (never read implicitly).
+    #[arg(long, env = "SODA_SYNCER_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The namespace the agent runs in, for its own objects [default: $POD_NAMESPACE, else soda-syncer].
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+}
+
+/// Whether to connect to a Kubernetes API server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KubeMode {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 /// The same keys in a TOML file.
@@ -120,6 +141,9 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     legacy: Option<crate::http::auth::LegacyMode>,
     legacy_allow_cidrs: Option<Vec<String>>,
+    kubernetes: Option<KubeMode>,
+    kubeconfig: Option<PathBuf>,
+    namespace: Option<String>,
 }
 
 /// The resolved configuration the daemon runs with. Tests build it directly.
@@ -155,6 +179,12 @@ pub struct Config {
     /// A backup whose file count or size falls by more than this fraction
     /// against the last good one is `suspicious`.
     pub suspicious_drop_fraction: f64,
+    pub kubernetes: KubeMode,
+    pub kubeconfig: Option<PathBuf>,
+    /// The agent's own namespace (legacy fan-out Secrets live there).
+    pub namespace: String,
+    /// This pod's name, for the events' reporting instance.
+    pub pod_name: Option<String>,
     /// How long shutdown waits for restic children before killing them.
     pub shutdown_grace: Duration,
     /// Only CSI volume directories that are mount points count as volumes.
@@ -201,6 +231,10 @@ impl Config {
             hook_allow: Vec::new(),
             hook_timeout: Duration::from_secs(60),
             suspicious_drop_fraction: 0.5,
+            kubernetes: KubeMode::Off,
+            kubeconfig: None,
+            namespace: "soda-syncer".into(),
+            pod_name: std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()),
             shutdown_grace: Duration::from_secs(10),
             require_mountpoints: true,
         }
@@ -286,6 +320,11 @@ impl Config {
         if let Some(v) = args.hook_timeout_seconds.or(file.hook_timeout_seconds) {
             c.hook_timeout = Duration::from_secs(v);
         }
+        c.kubernetes = args.kubernetes.or(file.kubernetes).unwrap_or_default();
+        c.kubeconfig = args.kubeconfig.clone().or(file.kubeconfig);
+        if let Some(v) = args.namespace.clone().or(file.namespace) {
+            c.namespace = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -315,6 +354,15 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "the node name is empty or has spaces: set --node-name or NODE_NAME".into(),
             ));
+        }
+        if !soda_syncer_domain::annotations::is_dns_subdomain(&self.namespace) {
+            return Err(ConfigError::Invalid(format!(
+                "--namespace {:?} is not a Kubernetes namespace name",
+                self.namespace
+            )));
+        }
+        if self.kubernetes == KubeMode::Off && self.kubeconfig.is_some() {
+            return Err(ConfigError::Invalid("--kubeconfig was given but --kubernetes is off".into()));
         }
         if let Some(h) = self.hook_allow.iter().find(|h| !h.is_absolute()) {
             return Err(ConfigError::Invalid(format!("--hook-allow {} must be an absolute path", h.display())));

@@ -98,6 +98,9 @@ impl Agent {
             tracing::warn!(error = %e, "first volume scan failed");
         }
 
+        let kube_cancel = CancellationToken::new();
+        let kube = crate::kube::start(&sched, kube_cancel.clone()).await.context("Kubernetes")?;
+
         let token_path = config.token_path();
         if crate::http::auth::Auth::ensure_token_file(&token_path)
             .with_context(|| format!("cannot create the token file {}", token_path.display()))?
@@ -167,6 +170,10 @@ impl Agent {
             tracing::info!(ms = t.elapsed().as_millis() as u64, "scheduler stopped");
             rescan_cancel.cancel();
             let _ = rescan.await;
+            kube_cancel.cancel();
+            if let Some(mut k) = kube {
+                while k.tasks.join_next().await.is_some() {}
+            }
             drop(sched); // the last handle on the database closes it
             let _ = std::fs::remove_file(url_file);
             http_stop.cancel();

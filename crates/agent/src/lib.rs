@@ -2,7 +2,7 @@
 //!
 //! Adapters are named after what they talk to: [`restic`] (the restic
 //! binary), [`store`] (SQLite), [`kubelet`] (the kubelet's volume
-//! directories). [`scheduler`] orchestrates runs through them; [`http`] is
+//! directories), [`kube`] (the Kubernetes API server). [`scheduler`] orchestrates runs through them; [`http`] is
 //! the API; [`daemon`] wires everything up and shuts it down in order;
 //! [`cli`] is the client. Pure rules live in the `soda-syncer-domain` crate.
 
@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod direct;
 pub mod http;
 pub mod ids;
+pub mod kube;
 pub mod kubelet;
 pub mod restic;
 pub mod scheduler;

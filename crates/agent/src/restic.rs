@@ -67,6 +67,8 @@ pub enum ResticError {
     Cancelled { command: String },
     #[error("restic {command} ran longer than {seconds} s and was killed; raise --run-timeout-seconds if the volume is that large")]
     TimedOut { command: String, seconds: u64 },
+    #[error("{0}")]
+    Credentials(String),
     #[error("restic {command} failed with exit code {code}: {stderr}")]
     Failed { command: String, code: i32, stderr: String },
 }
@@ -87,6 +89,7 @@ impl ResticError {
             ResticError::Cancelled { .. } => "cancelled",
             ResticError::TimedOut { .. } => "timed_out",
             ResticError::Failed { .. } => "restic_failed",
+            ResticError::Credentials(_) => "secrets_unavailable",
         }
     }
 }

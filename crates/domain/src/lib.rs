@@ -4,6 +4,7 @@
 //! of restic's JSON output. Nothing here touches the clock, the disk, the
 //! network or a process: callers pass `now` in, so everything is testable.
 
+pub mod annotations;
 pub mod consistency;
 pub mod policy;
 pub mod restic_json;

@@ -74,12 +74,26 @@ pub struct RepositorySpec {
     pub env: BTreeMap<String, Option<Secret>>,
     /// Read-only in responses; tolerated (and ignored) on input so that a
     /// GET can be edited and PUT back.
+    /// A Kubernetes Secret with `RESTIC_REPOSITORY`, `RESTIC_PASSWORD` and
+    /// storage keys, read when each run starts and never stored by the
+    /// agent. Set by the Kubernetes adapter for annotated claims; instead of
+    /// `url`, `password` and `env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
     #[serde(default, skip_serializing)]
     #[schema(ignore)]
     pub password_set: Option<IgnoredAny>,
     #[serde(default, skip_serializing)]
     #[schema(ignore)]
     pub env_set: Option<IgnoredAny>,
+}
+
+/// A Secret in a namespace of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretRef {
+    pub namespace: String,
+    pub name: String,
 }
 
 /// How the agent makes the source consistent before restic reads it.
@@ -265,6 +279,17 @@ impl PolicySpec {
                 ));
             }
         }
+        if let Some(r) = &self.repository.secret_ref {
+            if self.repository.url.is_some() || self.repository.password.is_some() || !self.repository.env.is_empty() {
+                return Err(FieldError::new(
+                    "repository.secretRef",
+                    "the repository comes from the Secret: leave url, password and env out",
+                ));
+            }
+            if !crate::annotations::is_dns_subdomain(&r.namespace) || !crate::annotations::is_dns_subdomain(&r.name) {
+                return Err(FieldError::new("repository.secretRef", "namespace and name must be Kubernetes names"));
+            }
+        }
         if let Some(pw) = &self.repository.password {
             if pw.is_empty() {
                 return Err(FieldError::new("repository.password", "the repository password may not be empty"));
@@ -338,8 +363,14 @@ impl PolicySpec {
 
     /// The repository URL, which the agent has filled in by the time a
     /// policy is stored.
-    pub fn repository_url(&self) -> &str {
-        self.repository.url.as_deref().unwrap_or("")
+    /// What identifies the repository (for its maintenance bookkeeping):
+    /// its URL, or the Secret that names it.
+    pub fn repository_url(&self) -> std::borrow::Cow<'_, str> {
+        match (&self.repository.url, &self.repository.secret_ref) {
+            (Some(u), _) => u.as_str().into(),
+            (None, Some(r)) => format!("secret:{}/{}", r.namespace, r.name).into(),
+            (None, None) => "".into(),
+        }
     }
 }
 

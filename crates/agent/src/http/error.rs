@@ -73,7 +73,8 @@ impl ApiError {
             | ResticError::RepositoryLocked { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ResticError::WrongPassword { .. }
             | ResticError::AccessDenied { .. }
-            | ResticError::RepositoryNotFound { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            | ResticError::RepositoryNotFound { .. }
+            | ResticError::Credentials(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ResticError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::BAD_GATEWAY,
         };

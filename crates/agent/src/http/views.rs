@@ -77,6 +77,9 @@ pub struct RepositoryView {
     #[schema(schema_with = map_of_nulls)]
     pub env: BTreeMap<String, ()>,
     pub env_set: BTreeMap<String, bool>,
+    /// The Kubernetes Secret the keys are read from at each run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<soda_syncer_domain::SecretRef>,
 }
 
 /// The agent's own view of a policy's health, beside the user's `paused`.
@@ -272,6 +275,7 @@ pub fn policy_view(p: &PolicyRecord, last: Option<&RunRecord>) -> PolicyView {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.as_ref().is_some_and(|v| !v.is_empty())))
                 .collect(),
+            secret_ref: s.repository.secret_ref.clone(),
         },
         schedule: s.schedule.clone(),
         jitter_seconds: s.jitter_seconds,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use super::{repo_of, run_error, RunRequestError, Scheduler};
+use super::{run_error, RunRequestError, Scheduler};
 use crate::restic::{BackupRequest, Repo, ResticError, RestoreRequest};
 use crate::store::{PolicyRecord, RunRecord};
 use soda_syncer_domain::policy::{validate_abs_path, FieldError};
@@ -232,7 +232,7 @@ impl Scheduler {
         let path = PathBuf::from(&spec.source.path);
         super::policies::check_allowed(&self.inner.config, &path)
             .map_err(|e| RunError { code: "source_not_allowed".into(), message: e.message })?;
-        let repo = repo_of(policy);
+        let repo = self.repo_for(policy).await?;
         let policy_tag = format!("policy={}", policy.id);
         let mut tags = vec!["soda-syncer".to_string(), policy_tag.clone()];
         if let Some(v) = &policy.volume {
@@ -375,7 +375,7 @@ impl Scheduler {
         token: &CancellationToken,
     ) -> Result<RunState, RunError> {
         let p: RestoreParams = params(run)?;
-        let repo = repo_of(policy);
+        let repo = self.repo_for(policy).await?;
         let tag = format!("policy={}", policy.id);
         let _shared = self.repo_lock(&repo, false, token).await?;
         let snap = if p.snapshot == "latest" {
@@ -485,7 +485,7 @@ impl Scheduler {
         token: &CancellationToken,
     ) -> Result<RunState, RunError> {
         let p: MaintenanceParams = params(run)?;
-        let repo = repo_of(policy);
+        let repo = self.repo_for(policy).await?;
         let _exclusive = self.repo_lock(&repo, true, token).await?;
         let mut summary = RunSummary::default();
         let started = std::time::Instant::now();
@@ -528,7 +528,7 @@ impl Scheduler {
     /// and retry a failed scheduled one in an hour rather than a week.
     pub(crate) fn maintenance_done(&self, policy: &PolicyRecord, run: &RunRecord) {
         let Ok(p) = params::<MaintenanceParams>(run) else { return };
-        let key = crate::ids::short_hash(&[policy.spec.repository_url()]);
+        let key = crate::ids::short_hash(&[&policy.spec.repository_url()]);
         let Ok(Some(mut m)) = self.inner.store.repository_maintenance(&key) else { return };
         let now = Utc::now();
         let ok = run.state == RunState::Succeeded;

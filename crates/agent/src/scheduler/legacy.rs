@@ -70,6 +70,32 @@ pub struct LegacySnapshotResponse {
     pub subscription: Option<String>,
 }
 
+impl LegacySnapshotRequest {
+    /// The body as the proxy sent it (secrets included), for handing it on
+    /// to the other nodes' agents.
+    pub fn to_wire(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        let mut put = |k: &str, v: Option<&str>| {
+            if let Some(v) = v {
+                m.insert(k.into(), v.into());
+            }
+        };
+        put("AWS_ACCESS_KEY_ID", self.aws_access_key_id.as_ref().map(Secret::expose));
+        put("AWS_SECRET_ACCESS_KEY", self.aws_secret_access_key.as_ref().map(Secret::expose));
+        put("RESTIC_REPOSITORY", self.restic_repository.as_deref());
+        put("RESTIC_PASSWORD", self.restic_password.as_ref().map(Secret::expose));
+        put("resticSourceRepo", self.restic_source_repo.as_deref());
+        m.insert("timeInterval".into(), self.time_interval.into());
+        m
+    }
+}
+
+/// Hands a legacy call for "every volume" on to the agents of the other
+/// nodes (the proxy reaches only the agent on its own node).
+pub trait LegacyPublisher: Send + Sync {
+    fn publish(&self, body: serde_json::Map<String, serde_json::Value>);
+}
+
 /// What a legacy body asks for, validated.
 struct LegacyTarget {
     repository: RepositorySpec,
@@ -172,8 +198,26 @@ impl Scheduler {
         Ok(LegacyPolicyRef { id: p.id, name: p.spec.name, source: path.to_string(), volume, action: "created" })
     }
 
+    /// Set once, by the Kubernetes adapter.
+    pub fn set_legacy_publisher(&self, p: std::sync::Arc<dyn LegacyPublisher>) {
+        let _ = self.inner.legacy_publisher.set(p);
+    }
+
     /// Handle one `POST /snapshot`. Never waits for a volume or a backup.
+    /// A call for every volume is also handed on to the other nodes.
     pub fn legacy_snapshot(&self, req: LegacySnapshotRequest) -> Result<LegacySnapshotResponse, PolicyError> {
+        let wire = req.to_wire();
+        let every_volume = req.restic_source_repo.as_deref().is_none_or(str::is_empty);
+        let mut resp = self.apply_legacy(req)?;
+        if let (true, Some(p)) = (every_volume, self.inner.legacy_publisher.get()) {
+            p.publish(wire);
+            resp.message.push_str("; the request was handed on to the agents of every node");
+        }
+        Ok(resp)
+    }
+
+    /// Apply a legacy call on this node only.
+    pub fn apply_legacy(&self, req: LegacySnapshotRequest) -> Result<LegacySnapshotResponse, PolicyError> {
         let target = self.legacy_target(&req)?;
         let repo_key = target.repository.url.clone().unwrap_or_else(|| "<default>".into());
         match req.restic_source_repo.as_deref().filter(|s| !s.is_empty()) {

@@ -79,6 +79,21 @@ struct Inner {
     /// Snapshot listings per policy, kept briefly so a busy dashboard does
     /// not hammer the object store.
     snapshot_cache: Mutex<HashMap<String, (std::time::Instant, Vec<Snapshot>)>>,
+    /// Every run that ended, for whoever reports results elsewhere (the
+    /// Kubernetes adapter writes them onto the claim).
+    finished: tokio::sync::broadcast::Sender<RunRecord>,
+    /// Where policies with a `repository.secretRef` get their keys.
+    secrets: std::sync::OnceLock<Arc<dyn SecretSource>>,
+    legacy_publisher: std::sync::OnceLock<Arc<dyn legacy::LegacyPublisher>>,
+}
+
+/// Reads a repository's keys from a secret store when a run starts, so
+/// they are never copied into the agent's database.
+pub trait SecretSource: Send + Sync {
+    fn repository<'a>(
+        &'a self,
+        r: &'a soda_syncer_domain::SecretRef,
+    ) -> futures_util::future::BoxFuture<'a, Result<Repo, RunError>>;
 }
 
 /// How long a policy's snapshot listing is served from memory.
@@ -104,6 +119,9 @@ impl Scheduler {
                 counters: Counters::default(),
                 repo_locks: Mutex::default(),
                 snapshot_cache: Mutex::default(),
+                finished: tokio::sync::broadcast::channel(256).0,
+                secrets: std::sync::OnceLock::new(),
+                legacy_publisher: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -120,6 +138,33 @@ impl Scheduler {
     pub fn counters(&self) -> &Counters {
         &self.inner.counters
     }
+    /// Runs that end from now on (a lagging receiver loses the oldest).
+    pub fn subscribe_finished(&self) -> tokio::sync::broadcast::Receiver<RunRecord> {
+        self.inner.finished.subscribe()
+    }
+    /// Set once, by the adapter that can read referenced secrets.
+    pub fn set_secret_source(&self, source: Arc<dyn SecretSource>) {
+        let _ = self.inner.secrets.set(source);
+    }
+
+    /// How to reach a policy's repository: its stored keys, or those in the
+    /// Secret it references, read now.
+    pub async fn repo_for(&self, policy: &PolicyRecord) -> Result<Repo, RunError> {
+        match &policy.spec.repository.secret_ref {
+            None => Ok(repo_of(policy)),
+            Some(r) => match self.inner.secrets.get() {
+                Some(source) => source.repository(r).await,
+                None => Err(RunError {
+                    code: "secrets_unavailable".into(),
+                    message: format!(
+                        "the repository's keys are in Secret {}/{}, but this agent is not connected to Kubernetes (start it with --kubernetes on)",
+                        r.namespace, r.name
+                    ),
+                }),
+            },
+        }
+    }
+
     pub fn is_running(&self) -> bool {
         self.inner.running.load(Ordering::Relaxed)
     }
@@ -151,8 +196,8 @@ impl Scheduler {
             }
         }
         let tag = format!("policy={}", policy.id);
-        let snaps = match self.inner.restic.snapshots(&repo_of(policy), Some(&tag), None, &[], &self.inner.cancel).await
-        {
+        let repo = self.repo_for(policy).await.map_err(|e| ResticError::Credentials(e.message))?;
+        let snaps = match self.inner.restic.snapshots(&repo, Some(&tag), None, &[], &self.inner.cancel).await {
             Ok(s) => s,
             // No repository yet: nothing was backed up, which is no error here.
             Err(ResticError::RepositoryNotFound { .. }) => Vec::new(),
@@ -322,7 +367,7 @@ impl Scheduler {
     /// from now.
     fn ensure_repository(&self, p: &PolicyRecord) -> Result<(), StoreError> {
         let url = p.spec.repository_url();
-        let key = crate::ids::short_hash(&[url]);
+        let key = crate::ids::short_hash(&[&url]);
         let now = Utc::now();
         let c = &self.inner.config;
         let jitter = soda_syncer_domain::schedule::jitter_offset(&key, now, c.maintenance_jitter.as_secs());
@@ -345,7 +390,7 @@ impl Scheduler {
         for mut m in due {
             let Some(policy) = policies
                 .iter()
-                .find(|p| p.schedulable() && crate::ids::short_hash(&[p.spec.repository_url()]) == m.key)
+                .find(|p| p.schedulable() && crate::ids::short_hash(&[&p.spec.repository_url()]) == m.key)
             else {
                 continue;
             };
@@ -598,6 +643,8 @@ impl Scheduler {
             self.maintenance_done(&policy, &run);
         }
         self.forget_cached_snapshots(&policy_id);
+        // After the schedule bookkeeping, so listeners see the next run time.
+        let _ = self.inner.finished.send(run.clone());
         if let Err(e) = self.inner.store.trim_runs(&policy_id, self.inner.config.keep_runs) {
             tracing::warn!(error = %e, "cannot trim the run history");
         }

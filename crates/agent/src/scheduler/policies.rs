@@ -88,6 +88,9 @@ impl Scheduler {
     /// state directory, with its generated password).
     fn apply_defaults(&self, spec: &mut PolicySpec) -> Result<(), FieldError> {
         let config = self.config();
+        if spec.repository.secret_ref.is_some() {
+            return Ok(()); // its keys are read from the Secret at each run
+        }
         if spec.repository.url.is_none() {
             match &config.default_repository {
                 Some(url) => spec.repository.url = Some(url.clone()),
@@ -124,6 +127,13 @@ impl Scheduler {
     ) -> Result<PolicyRecord, PolicyError> {
         let now = Utc::now();
         spec.validate(now)?;
+        if spec.repository.secret_ref.is_some() && origin != Origin::Kubernetes {
+            return Err(FieldError::new(
+                "repository.secretRef",
+                "only policies made from Kubernetes annotations may reference a Secret; give url and password instead",
+            )
+            .into());
+        }
         check_supported(self.config(), &spec)?;
         check_source(self.config(), &spec.source.path)?;
         self.apply_defaults(&mut spec)?;
@@ -156,11 +166,18 @@ impl Scheduler {
         let mut p = self.store().get_policy(id)?;
         let now = Utc::now();
         spec.validate(now)?;
+        if spec.repository.secret_ref.is_some() && p.origin != Origin::Kubernetes {
+            return Err(FieldError::new(
+                "repository.secretRef",
+                "only policies made from Kubernetes annotations may reference a Secret; give url and password instead",
+            )
+            .into());
+        }
         check_supported(self.config(), &spec)?;
         check_source(self.config(), &spec.source.path)?;
         // A URL sent back as shown (its password redacted) means "unchanged".
         let shown = p.spec.repository.url.as_deref().map(soda_syncer_domain::secret::redact_url);
-        if spec.repository.url.is_none() || spec.repository.url == shown {
+        if spec.repository.secret_ref.is_none() && (spec.repository.url.is_none() || spec.repository.url == shown) {
             spec.repository.url = p.spec.repository.url.clone();
         }
         if spec.repository.password.is_none() && spec.repository.url == p.spec.repository.url {

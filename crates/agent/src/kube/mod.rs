@@ -1,0 +1,89 @@
+//! The Kubernetes adapter: makes the agent a citizen of the cluster with no
+//! CRD and no operator. It watches the Pods on this node, the claims, the
+//! PersistentVolumes and the StorageClasses (compact copies, see
+//! `discovery`), turns annotated claims into policies of origin
+//! `kubernetes`, reads repository keys from Secrets when a run starts
+//! (`secrets`), writes each result back onto the claim as annotations and
+//! Events (`status`), and spreads the legacy `POST /snapshot` to every node
+//! (`fanout`).
+
+mod discovery;
+mod fanout;
+mod secrets;
+mod status;
+
+pub use discovery::{DiscoveredVolume, VolumePlace};
+pub use fanout::LegacyFanout;
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use std::path::Path;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, KubeMode};
+use crate::scheduler::Scheduler;
+
+/// What can go wrong talking to the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("Kubernetes is on, but this is not a pod (no KUBERNETES_SERVICE_HOST and service account token) and no --kubeconfig was given")]
+    NoConfig,
+    #[error("cannot read the kubeconfig {path}: {message}")]
+    Kubeconfig { path: String, message: String },
+    #[error("cannot use the in-cluster service account: {0}")]
+    InCluster(String),
+    #[error("the Kubernetes API refused or failed: {0}")]
+    Api(#[from] kube::Error),
+    #[error("this node {node:?} is not known to the API server: {message}")]
+    NoNode { node: String, message: String },
+}
+
+const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// Inside a pod the in-cluster service account is used explicitly (so a
+/// stray kubeconfig in the image cannot win, unlike `Config::infer`);
+/// outside, only the kubeconfig named by `--kubeconfig`.
+pub async fn client(config: &Config) -> Result<Option<kube::Client>, KubeError> {
+    let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() && Path::new(SERVICE_ACCOUNT_TOKEN).exists();
+    let cfg = match (config.kubernetes, &config.kubeconfig) {
+        (KubeMode::Off, _) => return Ok(None),
+        (_, Some(path)) => {
+            let err = |m: String| KubeError::Kubeconfig { path: path.display().to_string(), message: m };
+            let kc = Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| err(e.to_string()))?
+        }
+        (_, None) if in_pod => kube::Config::incluster().map_err(|e| KubeError::InCluster(e.to_string()))?,
+        (KubeMode::Auto, None) => return Ok(None),
+        (KubeMode::On, None) => return Err(KubeError::NoConfig),
+    };
+    Ok(Some(kube::Client::try_from(cfg)?))
+}
+
+/// The running adapter's handles.
+pub struct Kube {
+    pub fanout: LegacyFanout,
+    pub tasks: tokio::task::JoinSet<()>,
+}
+
+/// Connect and start watching. `Ok(None)`: Kubernetes is off (or `auto`
+/// found no cluster). A cluster that is configured but unreachable is not
+/// fatal: the watchers retry with backoff and `/readyz` says so.
+pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Option<Kube>, KubeError> {
+    let config = sched.config();
+    let Some(client) = client(config).await? else {
+        tracing::info!("Kubernetes discovery is off");
+        return Ok(None);
+    };
+    tracing::info!(node = %config.node_name, "Kubernetes discovery is on");
+    sched.set_secret_source(std::sync::Arc::new(secrets::Secrets::new(client.clone())));
+    let mut tasks = tokio::task::JoinSet::new();
+    let view = std::sync::Arc::new(discovery::View::default());
+    let reporter = status::Reporter::new(client.clone(), config, view.clone());
+    discovery::start(client.clone(), sched.clone(), reporter.clone(), view, &mut tasks, cancel.clone());
+    tasks.spawn(status::report_runs(sched.clone(), reporter, cancel.clone()));
+    let fanout = LegacyFanout::new(client, config);
+    sched.set_legacy_publisher(std::sync::Arc::new(fanout.clone()));
+    tasks.spawn(fanout.clone().watch(sched.clone(), cancel));
+    Ok(Some(Kube { fanout, tasks }))
+}
