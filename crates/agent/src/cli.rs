@@ -66,6 +66,14 @@ pub enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Restore-drill a policy now: restore a sample of its newest snapshot, verify it, clean up.
+    Drill {
+        /// Policy id or name.
+        policy: String,
+        /// Wait for the drill to end, showing its progress; the exit code is the drill's.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
     /// List a policy's snapshots (from the agent), or a repository's (with --repo, no agent needed).
     Snapshots(SnapshotsArgs),
     /// Restore a snapshot: through the agent (a policy), or straight from a repository (--repo).
@@ -459,6 +467,10 @@ async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> 
         }
         Command::Run { policy, follow } => {
             let run = c.call(Method::POST, &format!("/v1/policies/{}/run", enc(&policy)), None).await?;
+            return finish_run(c, out, run, follow).await;
+        }
+        Command::Drill { policy, follow } => {
+            let run = c.call(Method::POST, &format!("/v1/policies/{}/drill", enc(&policy)), None).await?;
             return finish_run(c, out, run, follow).await;
         }
         Command::Completions { .. } => unreachable!("handled before"),

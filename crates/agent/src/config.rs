@@ -181,6 +181,7 @@ pub struct Config {
     pub suspicious_drop_fraction: f64,
     pub kubernetes: KubeMode,
     pub kubeconfig: Option<PathBuf>,
+    pub kubelet_dir_source: crate::kubelet::RootSource,
     /// The agent's own namespace (legacy fan-out Secrets live there).
     pub namespace: String,
     /// This pod's name, for the events' reporting instance.
@@ -233,6 +234,7 @@ impl Config {
             suspicious_drop_fraction: 0.5,
             kubernetes: KubeMode::Off,
             kubeconfig: None,
+            kubelet_dir_source: crate::kubelet::RootSource::Configured,
             namespace: "soda-syncer".into(),
             pod_name: std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()),
             shutdown_grace: Duration::from_secs(10),
@@ -261,8 +263,15 @@ impl Config {
         if let Some(v) = args.restic.clone().or(file.restic) {
             c.restic = v;
         }
-        if let Some(v) = args.kubelet_dir.clone().or(file.kubelet_dir) {
-            c.kubelet_dir = v;
+        match args.kubelet_dir.clone().or(file.kubelet_dir) {
+            Some(v) => c.kubelet_dir = v,
+            None => match crate::kubelet::detect_root(&crate::kubelet::KNOWN_ROOTS) {
+                Some((root, distribution)) => {
+                    c.kubelet_dir = root;
+                    c.kubelet_dir_source = crate::kubelet::RootSource::Detected(distribution);
+                }
+                None => c.kubelet_dir_source = crate::kubelet::RootSource::Default,
+            },
         }
         c.allowed_roots = if args.allowed_roots.is_empty() {
             file.allowed_roots.unwrap_or_default()

@@ -29,6 +29,40 @@ struct VolData {
     volume_lifecycle_mode: Option<String>,
 }
 
+/// Kubelet roots of the common distributions, in the order they are tried.
+/// Sources: Velero's file-system-backup docs (RKE, Nutanix, TKGI), the
+/// MicroK8s and k0s docs; kubeadm, k3s and rke2 use the upstream default.
+pub const KNOWN_ROOTS: [(&str, &str); 6] = [
+    ("kubeadm, k3s, rke2, kind", "/var/lib/kubelet"),
+    ("k0s", "/var/lib/k0s/kubelet"),
+    ("microk8s", "/var/snap/microk8s/common/var/lib/kubelet"),
+    ("rke", "/opt/rke/var/lib/kubelet"),
+    ("nutanix", "/var/nutanix/var/lib/kubelet"),
+    ("tkgi", "/var/vcap/data/kubelet"),
+];
+
+/// Where the kubelet root came from, for /readyz.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootSource {
+    /// `--kubelet-dir` (or the config file).
+    Configured,
+    /// Found on disk; the distribution it is typical of.
+    Detected(&'static str),
+    /// Nothing found: the upstream default, which may not exist.
+    Default,
+}
+
+/// The first candidate root with a `pods` directory holding pods; failing
+/// that, the first with a `pods` directory at all.
+pub fn detect_root(candidates: &[(&'static str, &str)]) -> Option<(PathBuf, &'static str)> {
+    let pods = |root: &str| std::fs::read_dir(Path::new(root).join("pods")).ok().map(|d| d.count());
+    candidates
+        .iter()
+        .find(|(_, r)| pods(r).is_some_and(|n| n > 0))
+        .or_else(|| candidates.iter().find(|(_, r)| pods(r).is_some()))
+        .map(|(name, r)| (PathBuf::from(r), *name))
+}
+
 /// Mount points of this process's mount namespace, from /proc/self/mountinfo.
 pub fn mount_points() -> std::collections::HashSet<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -153,5 +187,26 @@ mod tests {
     #[test]
     fn mountinfo_escapes_are_decoded() {
         assert_eq!(unescape_mountinfo(r"/a\040b\134c"), "/a b\\c");
+    }
+}
+
+#[cfg(test)]
+mod root_tests {
+    use super::*;
+
+    #[test]
+    fn the_root_with_pods_wins_and_nothing_found_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::create_dir_all(a.join("pods")).unwrap();
+        std::fs::create_dir_all(b.join("pods/uid-1")).unwrap();
+        let (a, b) = (a.display().to_string(), b.display().to_string());
+        let missing = dir.path().join("none").display().to_string();
+        let found = detect_root(&[("x", &missing), ("a", &a), ("b", &b)]).unwrap();
+        assert_eq!(found, (PathBuf::from(&b), "b"));
+        let found = detect_root(&[("x", &missing), ("a", &a)]).unwrap();
+        assert_eq!(found.1, "a");
+        assert!(detect_root(&[("x", &missing)]).is_none());
     }
 }

@@ -683,6 +683,17 @@ impl Restic {
         Ok(snaps.pop())
     }
 
+    /// Every file, directory and link of a snapshot (`ls --json`).
+    pub async fn ls(
+        &self,
+        repo: &Repo,
+        snapshot_id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<soda_syncer_domain::restic_json::LsNode>, ResticError> {
+        let out = self.simple(repo, vec!["ls".into(), "--json".into(), snapshot_id.into()], cancel).await?;
+        Ok(soda_syncer_domain::restic_json::parse_ls(&out))
+    }
+
     /// Size and file count a restore of the snapshot writes (`stats --mode restore-size`).
     pub async fn restore_size(
         &self,

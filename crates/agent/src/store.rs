@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, Row};
 use serde::{Deserialize, Serialize};
 use soda_syncer_domain::run::{Progress, RunError, RunSummary};
 use soda_syncer_domain::{Origin, PolicySpec, RunKind, RunState, RunTrigger, Secret};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +16,7 @@ use crate::ids::{fmt_time, parse_time};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the state database's disk is full: free space on the state directory's filesystem; nothing already stored was lost")]
+    #[error("state directory full: the filesystem holding the agent's state directory (--state-dir) has no space left; free space there (or move --state-dir to a larger one) and retry; nothing already stored was lost")]
     DiskFull,
     #[error("cannot open the state database {path}: {message}")]
     Open { path: PathBuf, message: String },
@@ -33,7 +33,8 @@ pub enum StoreError {
 impl StoreError {
     pub fn kind(&self) -> &'static str {
         match self {
-            StoreError::DiskFull => "disk_full",
+            // Not `disk_full`: that is the repository's disk (restic).
+            StoreError::DiskFull => "state_disk_full",
             StoreError::Open { .. } => "database_unavailable",
             StoreError::NameTaken(_) => "name_taken",
             StoreError::NotFound => "not_found",
@@ -272,6 +273,13 @@ const MIGRATIONS: &[&str] = &[
         kind TEXT NOT NULL,
         path TEXT NOT NULL,
         created_at TEXT NOT NULL
+    );
+    "#,
+    // 4: when each policy's next restore drill is due.
+    r#"
+    CREATE TABLE drills (
+        policy_id TEXT PRIMARY KEY REFERENCES policies(id) ON DELETE CASCADE,
+        next_at TEXT NOT NULL
     );
     "#,
 ];
@@ -1079,5 +1087,34 @@ mod tests {
             due.next_run_at.map(fmt_time)
         );
         assert_eq!(store.next_wake(now).unwrap().map(fmt_time), later.next_run_at.map(fmt_time));
+    }
+}
+
+/// Restore drill bookkeeping.
+impl Store {
+    /// policy id -> when its next drill is due.
+    pub fn drill_times(&self) -> Result<HashMap<String, DateTime<Utc>>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT policy_id, next_at FROM drills")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (id, at) = row?;
+            if let Some(at) = parse_time(&at) {
+                out.insert(id, at);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set_drill_time(&self, policy_id: &str, at: Option<DateTime<Utc>>) -> Result<()> {
+        match at {
+            Some(at) => self.conn().execute(
+                "INSERT INTO drills (policy_id, next_at) VALUES (?1, ?2) ON CONFLICT(policy_id) DO UPDATE SET next_at = excluded.next_at",
+                params![policy_id, fmt_time(at)],
+            )?,
+            None => self.conn().execute("DELETE FROM drills WHERE policy_id = ?1", params![policy_id])?,
+        };
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod annotations;
 pub mod consistency;
+pub mod drill;
 pub mod policy;
 pub mod restic_json;
 pub mod retention;

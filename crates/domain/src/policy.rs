@@ -151,6 +151,33 @@ impl Default for ConsistencySpec {
     }
 }
 
+fn default_sample_files() -> u32 {
+    100
+}
+fn default_drill_max_bytes() -> u64 {
+    1 << 30
+}
+
+/// A scheduled restore drill: the newest snapshot's files (a random sample,
+/// or all) are restored into a scratch directory and checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DrillSpec {
+    /// When drills run (e.g. weekly: `{"intervalSeconds": 604800}`).
+    pub schedule: ScheduleSpec,
+    /// Random delay per drill, at most the time between two drills.
+    #[serde(default)]
+    pub jitter_seconds: u64,
+    /// Files restored and checked per drill; 0 means every file.
+    #[serde(default = "default_sample_files")]
+    #[schema(maximum = 100000, default = 100)]
+    pub sample_files: u32,
+    /// The most a drill restores into its scratch directory.
+    #[serde(default = "default_drill_max_bytes")]
+    #[schema(minimum = 1048576, default = 1073741824)]
+    pub max_bytes: u64,
+}
+
 /// A policy as written by a caller (POST/PUT body, or a PATCH merged into
 /// the stored one). Unknown fields are refused; the read-only fields of a
 /// response are tolerated and ignored.
@@ -181,6 +208,9 @@ pub struct PolicySpec {
     pub tags: Vec<String>,
     #[serde(default)]
     pub paused: bool,
+    /// Scheduled restore drills of this policy's snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<DrillSpec>,
     // Read-only response fields, ignored on input.
     #[serde(default, skip_serializing)]
     #[schema(ignore)]
@@ -322,6 +352,19 @@ impl PolicySpec {
             ));
         }
         self.retention.validate()?;
+        if let Some(d) = &self.drill {
+            let s = Schedule::parse(&d.schedule)
+                .map_err(|e| FieldError::new(format!("drill.{}", e.field), e.message))?;
+            if d.jitter_seconds as i64 > s.min_gap(now).num_seconds() {
+                return Err(FieldError::new("drill.jitterSeconds", "may not exceed the time between two drills"));
+            }
+            if d.sample_files > 100_000 {
+                return Err(FieldError::new("drill.sampleFiles", "at most 100000 files (0 means every file)"));
+            }
+            if d.max_bytes < 1 << 20 {
+                return Err(FieldError::new("drill.maxBytes", "at least 1048576 bytes (1 MiB)"));
+            }
+        }
         if self.consistency.max_freeze_ms == 0 || self.consistency.max_freeze_ms > 600_000 {
             return Err(FieldError::new("consistency.maxFreezeMs", "must be between 1 and 600000 milliseconds"));
         }

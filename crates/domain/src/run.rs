@@ -231,6 +231,17 @@ pub struct RunSummary {
     /// Snapshots removed by retention at the end of the run.
     #[serde(default)]
     pub snapshots_forgotten: u64,
+    /// Drills: files and bytes restored and checked, and what did not match.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub files_checked: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes_checked: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mismatches: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl From<&crate::restic_json::BackupSummary> for RunSummary {
@@ -243,8 +254,7 @@ impl From<&crate::restic_json::BackupSummary> for RunSummary {
             total_files_processed: s.total_files_processed,
             total_bytes_processed: s.total_bytes_processed,
             total_duration: s.total_duration,
-            unreadable: Vec::new(),
-            snapshots_forgotten: 0,
+            ..Default::default()
         }
     }
 }

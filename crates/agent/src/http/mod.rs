@@ -56,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/policies/{id}/pause", post(pause_policy))
         .route("/v1/policies/{id}/resume", post(resume_policy))
         .route("/v1/policies/{id}/run", post(run_policy))
+        .route("/v1/policies/{id}/drill", post(drill_policy))
         .route("/v1/policies/{id}/snapshots", get(policy_snapshots))
         .route("/v1/policies/{id}/restore", post(restore_policy))
         .route("/v1/policies/{id}/maintenance", post(maintain_policy))
@@ -384,6 +385,31 @@ async fn run_policy(State(state): State<AppState>, Path(id): Path<String>) -> Re
     Ok((StatusCode::ACCEPTED, Json(run_view(&run, None))).into_response())
 }
 
+/// Run a restore drill now.
+///
+/// Restores a sample of the newest snapshot's files (the policy's `drill`
+/// settings, or 100 files / 1 GiB) into a scratch directory, has restic
+/// verify their content, compares them with the snapshot's listing, and
+/// removes them. The run's kind is `drill`.
+#[utoipa::path(
+    post,
+    path = "/v1/policies/{id}/drill",
+    tag = "policies",
+    params(("id" = String, Path, description = "The policy's id or name")),
+    responses(
+        (status = 202, description = "Queued", body = RunView),
+        (status = 404, description = "No such policy", body = ErrorBody),
+        (status = 409, description = "The policy already has a queued or running run", body = ErrorBody),
+        (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 507, description = "The agent's disk is full", body = ErrorBody),
+    )
+)]
+async fn drill_policy(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let p = find_policy(&state, &id)?;
+    let run = state.sched.request_run(&p, RunKind::Drill, RunTrigger::Manual)?;
+    Ok((StatusCode::ACCEPTED, Json(run_view(&run, None))).into_response())
+}
+
 /// List the policy's snapshots.
 ///
 /// Read from its repository; empty before the first backup created it.
@@ -694,6 +720,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
             Err(error) => ResticState::Unusable { error },
         },
         uptime_seconds: state.started.elapsed().as_secs(),
+        kubelet_dir: views::KubeletDirView::of(state.sched.config()),
     };
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()

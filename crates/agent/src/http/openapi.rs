@@ -32,6 +32,7 @@ use super::views::RunView;
         super::pause_policy,
         super::resume_policy,
         super::run_policy,
+        super::drill_policy,
         super::policy_snapshots,
         super::restore_policy,
         super::maintain_policy,

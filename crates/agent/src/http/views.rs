@@ -220,6 +220,39 @@ pub struct ReadyResponse {
     pub scheduler: SchedulerState,
     pub restic: ResticState,
     pub uptime_seconds: u64,
+    pub kubelet_dir: KubeletDirView,
+}
+
+/// The kubelet root the agent looks for volumes in, and how it was chosen.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeletDirView {
+    pub path: String,
+    /// `configured` (--kubelet-dir), `detected` (found on disk), or `default`
+    /// (nothing found; the upstream default is assumed).
+    pub source: &'static str,
+    /// For `detected`: the distributions that use this root.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distribution: Option<&'static str>,
+    /// Whether the directory exists on this node.
+    pub exists: bool,
+}
+
+impl KubeletDirView {
+    pub fn of(config: &crate::config::Config) -> KubeletDirView {
+        use crate::kubelet::RootSource;
+        let (source, distribution) = match &config.kubelet_dir_source {
+            RootSource::Configured => ("configured", None),
+            RootSource::Detected(d) => ("detected", Some(*d)),
+            RootSource::Default => ("default", None),
+        };
+        KubeletDirView {
+            path: config.kubelet_dir.display().to_string(),
+            source,
+            distribution,
+            exists: config.kubelet_dir.is_dir(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, ToSchema)]

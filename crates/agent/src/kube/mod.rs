@@ -9,6 +9,7 @@
 
 mod discovery;
 mod fanout;
+pub mod lease;
 mod secrets;
 mod status;
 

@@ -155,12 +155,22 @@ impl Reporter {
         let what = match run.kind {
             RunKind::Backup => "Backup",
             RunKind::Restore => "Restore",
+            RunKind::Drill => "Drill",
             _ => return, // maintenance is the repository's business, not the claim's
         };
         let summary = run
             .summary
             .as_ref()
             .map(|s| {
+                if run.kind == RunKind::Drill {
+                    return format!(
+                        ": {} files, {} bytes restored and verified, {} mismatches, {:.1} s",
+                        s.files_checked,
+                        s.bytes_checked,
+                        s.mismatches.len(),
+                        s.total_duration
+                    );
+                }
                 format!(
                     ", {} files ({} new, {} changed), {} bytes added, {:.1} s",
                     s.files_new + s.files_changed + s.files_unmodified,

@@ -552,6 +552,121 @@ impl Scheduler {
     }
 }
 
+/// A drill restores at most this many files by name (`--include` each);
+/// a drill of every file restores the whole snapshot instead.
+const DRILL_MAX_INCLUDES: usize = 5000;
+
+impl Scheduler {
+    /// A restore drill: restore files of the newest snapshot into a scratch
+    /// directory under the state directory, let restic verify their content
+    /// against the repository (`--verify`), compare type, size and
+    /// permissions with the snapshot's listing, and remove the scratch
+    /// directory on every path.
+    pub(crate) async fn drill(
+        &self,
+        policy: &PolicyRecord,
+        run: &mut RunRecord,
+        token: &CancellationToken,
+    ) -> Result<RunState, RunError> {
+        use std::os::unix::fs::PermissionsExt;
+        let d = policy.spec.drill.clone().unwrap_or(soda_syncer_domain::policy::DrillSpec {
+            schedule: Default::default(),
+            jitter_seconds: 0,
+            sample_files: 100,
+            max_bytes: 1 << 30,
+        });
+        let repo = self.repo_for(policy).await?;
+        let _shared = self.repo_lock(&repo, false, token).await?;
+        let tag = format!("policy={}", policy.id);
+        let snap = self.inner.restic.latest_snapshot(&repo, Some(&tag), None, token).await.map_err(run_error)?;
+        let snap = snap.ok_or_else(|| RunError {
+            code: "snapshot_not_found".into(),
+            message: format!(
+                "policy {} has no snapshot to drill yet; drills start after the first backup",
+                policy.spec.name
+            ),
+        })?;
+        run.snapshot_id = Some(snap.id.clone());
+        let started = std::time::Instant::now();
+        let nodes = self.inner.restic.ls(&repo, &snap.id, token).await.map_err(run_error)?;
+        let count = if d.sample_files == 0 { 0 } else { (d.sample_files as usize).min(DRILL_MAX_INCLUDES) };
+        let (sample, skipped) = soda_syncer_domain::drill::sample(&nodes, count, d.max_bytes, &run.id);
+        let files_in_snapshot = nodes.iter().filter(|n| n.kind == "file").count();
+        if sample.is_empty() {
+            run.warning = Some(if files_in_snapshot == 0 {
+                "the snapshot holds no files, so the drill checked nothing".into()
+            } else {
+                format!("no file of the snapshot fits the drill's maxBytes ({} bytes)", d.max_bytes)
+            });
+            return Ok(RunState::Suspicious);
+        }
+
+        struct Scratch(PathBuf);
+        impl Drop for Scratch {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let scratch = Scratch(self.inner.config.state_dir.join("drills").join(&run.id));
+        std::fs::create_dir_all(&scratch.0)
+            .map_err(|e| io_error("cannot create the drill directory", &scratch.0, e))?;
+        let everything = sample.len() + skipped == files_in_snapshot && skipped == 0;
+        let include = if everything || sample.len() > DRILL_MAX_INCLUDES {
+            Vec::new()
+        } else {
+            sample.iter().map(|n| n.path.clone()).collect()
+        };
+        let req = RestoreRequest { snapshot_id: snap.id.clone(), target: scratch.0.clone(), include, verify: true };
+        let mut mismatches = Vec::new();
+        match self.inner.restic.restore(&repo, &req, token).await {
+            Ok(()) => {}
+            Err(ResticError::Failed { stderr, .. }) => {
+                mismatches.push(format!("restic restore --verify reported errors: {stderr}"));
+            }
+            Err(e) => return Err(run_error(e)),
+        }
+        for n in &sample {
+            let path = scratch.0.join(n.path.trim_start_matches('/'));
+            let problem = match std::fs::symlink_metadata(&path) {
+                Err(_) => Some("missing after the restore".to_string()),
+                Ok(m) if !m.is_file() => Some("not a regular file after the restore".into()),
+                Ok(m) if m.len() != n.size => Some(format!("{} bytes instead of {}", m.len(), n.size)),
+                Ok(m) if m.permissions().mode() & 0o7777 != n.mode & 0o7777 => {
+                    Some(format!("permissions {:o} instead of {:o}", m.permissions().mode() & 0o7777, n.mode & 0o7777))
+                }
+                Ok(_) => None,
+            };
+            if let Some(p) = problem {
+                mismatches.push(format!("{}: {p}", n.path));
+            }
+        }
+        let count = mismatches.len();
+        mismatches.truncate(50);
+        run.summary = Some(RunSummary {
+            files_checked: sample.len() as u64,
+            bytes_checked: sample.iter().map(|n| n.size).sum(),
+            mismatches: mismatches.clone(),
+            total_duration: started.elapsed().as_secs_f64(),
+            ..Default::default()
+        });
+        if skipped > 0 {
+            run.warning = Some(format!("{skipped} files with glob characters in their names were not sampled"));
+        }
+        if count > 0 {
+            return Err(RunError {
+                code: "drill_mismatch".into(),
+                message: format!(
+                    "{count} problem(s) restoring {} files of snapshot {}: {}",
+                    sample.len(),
+                    &snap.id[..snap.id.len().min(8)],
+                    mismatches.first().cloned().unwrap_or_default()
+                ),
+            });
+        }
+        Ok(RunState::Succeeded)
+    }
+}
+
 /// Restores stage their files in a directory of this name inside the
 /// target; backups exclude it, in case a crash left one behind.
 pub const RESTORE_STAGING_PREFIX: &str = ".soda-syncer-restore-";

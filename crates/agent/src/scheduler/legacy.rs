@@ -145,6 +145,7 @@ impl Scheduler {
             exclude: Vec::new(),
             tags: Vec::new(),
             paused: false,
+            drill: None,
             id: None,
             origin: None,
             created_at: None,

@@ -85,6 +85,10 @@ struct Inner {
     /// Where policies with a `repository.secretRef` get their keys.
     secrets: std::sync::OnceLock<Arc<dyn SecretSource>>,
     legacy_publisher: std::sync::OnceLock<Arc<dyn legacy::LegacyPublisher>>,
+    /// When drill schedules were last looked at (they are checked every 5 s).
+    drills_checked: Mutex<Option<std::time::Instant>>,
+    /// The earliest drill due, so the loop wakes for it.
+    next_drill: Mutex<Option<DateTime<Utc>>>,
 }
 
 /// Reads a repository's keys from a secret store when a run starts, so
@@ -122,6 +126,8 @@ impl Scheduler {
                 finished: tokio::sync::broadcast::channel(256).0,
                 secrets: std::sync::OnceLock::new(),
                 legacy_publisher: std::sync::OnceLock::new(),
+                drills_checked: Mutex::new(None),
+                next_drill: Mutex::new(None),
             }),
         }
     }
@@ -441,6 +447,11 @@ impl Scheduler {
                 Ok(Some(t)) => (t - Utc::now()).to_std().unwrap_or(Duration::ZERO).min(Duration::from_secs(60)),
                 _ => Duration::from_secs(60),
             };
+            let drill_at = *self.inner.next_drill.lock().unwrap_or_else(|p| p.into_inner());
+            let sleep_for = match drill_at {
+                Some(t) => sleep_for.min((t - Utc::now()).to_std().unwrap_or(Duration::ZERO).max(Duration::from_secs(1))),
+                None => sleep_for,
+            };
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = self.inner.wake.notified() => {}
@@ -477,9 +488,69 @@ impl Scheduler {
         }
     }
 
+    /// Queue the restore drills that are due; keep each policy's next drill
+    /// time in step with its `drill` schedule. A drill that finds the policy
+    /// busy is tried again at the next check.
+    fn enqueue_drills(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        {
+            let mut last = self.inner.drills_checked.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(t) = last.filter(|t| t.elapsed() < Duration::from_secs(5)) {
+                // Come back when the pause is over: a policy may have gained a drill.
+                let retry = now + chrono::Duration::from_std(Duration::from_secs(5) - t.elapsed()).unwrap_or_default();
+                let mut next = self.inner.next_drill.lock().unwrap_or_else(|p| p.into_inner());
+                *next = Some(next.map_or(retry, |n| n.min(retry)));
+                return Ok(());
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let times = self.inner.store.drill_times()?;
+        let mut earliest: Option<DateTime<Utc>> = None;
+        let mut note = |t: Option<DateTime<Utc>>| {
+            if let Some(t) = t {
+                earliest = Some(earliest.map_or(t, |e| e.min(t)));
+            }
+        };
+        for p in self.inner.store.list_policies()? {
+            let Some(d) = &p.spec.drill else {
+                if times.contains_key(&p.id) {
+                    self.inner.store.set_drill_time(&p.id, None)?;
+                }
+                continue;
+            };
+            let Ok(schedule) = Schedule::parse(&d.schedule) else { continue };
+            let next = |from: DateTime<Utc>| {
+                soda_syncer_domain::schedule::next_slot(&schedule, from, from).map(|t| {
+                    t + soda_syncer_domain::schedule::jitter_offset(&format!("drill:{}", p.id), t, d.jitter_seconds)
+                })
+            };
+            match times.get(&p.id) {
+                // The first drill waits one period, so there is a backup to drill.
+                None => {
+                    self.inner.store.set_drill_time(&p.id, next(now))?;
+                    note(next(now));
+                }
+                Some(at) if *at <= now && p.schedulable() => {
+                    match self.request_run_with(&p, RunKind::Drill, RunTrigger::Schedule, None) {
+                        Ok(_) => {
+                            self.inner.store.set_drill_time(&p.id, next(now))?;
+                            note(next(now));
+                        }
+                        Err(RunRequestError::Store(e)) => return Err(e),
+                        Err(_) => note(Some(now + chrono::Duration::seconds(5))), // busy: try again soon
+                    }
+                }
+                Some(at) if p.schedulable() => note(Some(*at)),
+                Some(_) => {}
+            }
+        }
+        *self.inner.next_drill.lock().unwrap_or_else(|p| p.into_inner()) = earliest;
+        Ok(())
+    }
+
     /// Turn due policies into queued runs.
     fn enqueue_due(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
         self.enqueue_maintenance(now)?;
+        self.enqueue_drills(now)?;
         let due = self.inner.store.due_policy_ids(now, 10_000)?;
         for id in due {
             let mut slots = self.slots();
@@ -574,10 +645,7 @@ impl Scheduler {
             RunKind::Backup => self.backup(&policy, &mut run, &token).await,
             RunKind::Restore => self.restore(&policy, &mut run, &token).await,
             RunKind::Prune | RunKind::Check | RunKind::Forget => self.maintenance(&policy, &mut run, &token).await,
-            other => Err(RunError {
-                code: "unsupported".into(),
-                message: format!("{} runs are not supported by this agent yet", other.as_str()),
-            }),
+            RunKind::Drill => self.drill(&policy, &mut run, &token).await,
         };
         let now = Utc::now();
         run.finished_at = Some(now);
@@ -657,7 +725,8 @@ pub(crate) fn run_error(e: ResticError) -> RunError {
 
 /// Error codes are a small fixed set; keep them as `&'static str` for metric labels.
 fn leak_code(code: &str) -> &'static str {
-    const KNOWN: [&str; 33] = [
+    const KNOWN: [&str; 34] = [
+        "drill_mismatch",
         "restic_missing",
         "restic_spawn_failed",
         "wrong_password",

@@ -6,6 +6,8 @@ mod api;
 mod auth;
 mod backup;
 mod consistency;
+mod deploy;
+mod drill;
 mod help;
 mod legacy;
 mod lifecycle;

@@ -1,0 +1,138 @@
+//! One holder at a time across the cluster, with a coordination.k8s.io
+//! Lease: the cluster-wide SODA sync has one leader, and each repository
+//! one maintainer. The holder renews every third of the lease; another
+//! agent takes over once a lease has not been renewed for its whole
+//! duration (the holder died or lost the API server). Every write carries
+//! the resourceVersion it read, so two agents racing for an expired lease
+//! cannot both win: the loser gets 409 and stays a follower.
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{ObjectMeta, PostParams};
+use kube::Api;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct LeaseLock {
+    api: Api<Lease>,
+    name: String,
+    holder: String,
+    duration: Duration,
+}
+
+fn micro(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+impl LeaseLock {
+    pub fn new(client: kube::Client, namespace: &str, name: &str, holder: &str, duration: Duration) -> LeaseLock {
+        LeaseLock { api: Api::namespaced(client, namespace), name: name.into(), holder: holder.into(), duration }
+    }
+
+    fn spec(&self, now: DateTime<Utc>, acquired: Option<String>, transitions: i64) -> Result<Lease, kube::Error> {
+        let v = serde_json::json!({
+            "metadata": { "name": self.name },
+            "spec": {
+                "holderIdentity": self.holder,
+                "leaseDurationSeconds": self.duration.as_secs().max(1),
+                "acquireTime": acquired.unwrap_or_else(|| micro(now)),
+                "renewTime": micro(now),
+                "leaseTransitions": transitions,
+            }
+        });
+        serde_json::from_value(v).map_err(kube::Error::SerdeError)
+    }
+
+    /// One attempt to hold (or keep) the lease. `Ok(true)`: we hold it now.
+    pub async fn try_hold(&self) -> Result<bool, kube::Error> {
+        let now = Utc::now();
+        let Some(current) = self.api.get_opt(&self.name).await? else {
+            let lease = self.spec(now, None, 0)?;
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = serde_json::to_value(&current.spec).unwrap_or_default();
+        let holder = spec.get("holderIdentity").and_then(|v| v.as_str()).unwrap_or("");
+        let renewed = spec
+            .get("renewTime")
+            .and_then(|v| v.as_str())
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc));
+        let duration = spec.get("leaseDurationSeconds").and_then(|v| v.as_i64()).unwrap_or(15);
+        let transitions = spec.get("leaseTransitions").and_then(|v| v.as_i64()).unwrap_or(0);
+        let ours = holder == self.holder;
+        let expired = renewed.is_none_or(|t| t + chrono::Duration::seconds(duration) < now) || holder.is_empty();
+        if !ours && !expired {
+            return Ok(false);
+        }
+        let acquired = ours.then(|| spec.get("acquireTime").and_then(|v| v.as_str()).map(str::to_string)).flatten();
+        let mut lease = self.spec(now, acquired, if ours { transitions } else { transitions + 1 })?;
+        lease.metadata = ObjectMeta { resource_version: current.metadata.resource_version.clone(), ..lease.metadata };
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+            Ok(_) => {
+                if !ours {
+                    tracing::info!(lease = %self.name, previous = holder, "took over an expired lease");
+                }
+                Ok(true)
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Keep trying to hold the lease; the receiver says whether we hold it.
+    /// A failed renewal counts as lost only once the lease would have
+    /// expired, so a blip of the API server does not flap the holder.
+    pub fn run(self, cancel: CancellationToken) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            let every = (self.duration / 3).max(Duration::from_millis(200));
+            let mut last_held: Option<std::time::Instant> = None;
+            loop {
+                let held = match self.try_hold().await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(lease = %self.name, error = %e, "cannot renew the lease");
+                        last_held.is_some_and(|t| t.elapsed() < self.duration)
+                    }
+                };
+                if held {
+                    last_held = Some(std::time::Instant::now());
+                } else {
+                    last_held = None;
+                }
+                tx.send_if_modified(|v| std::mem::replace(v, held) != held);
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+            if tx.send_replace(false) {
+                self.release().await;
+            }
+        });
+        rx
+    }
+
+    /// On a clean stop, hand the lease back so another agent need not wait
+    /// for it to expire.
+    async fn release(&self) {
+        let Ok(Some(mut current)) = self.api.get_opt(&self.name).await else { return };
+        let ours = current.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(self.holder.as_str());
+        if !ours {
+            return;
+        }
+        if let Some(spec) = current.spec.as_mut() {
+            spec.holder_identity = None;
+            spec.renew_time = None;
+        }
+        if let Err(e) = self.api.replace(&self.name, &PostParams::default(), &current).await {
+            tracing::debug!(lease = %self.name, error = %e, "cannot release the lease; it expires on its own");
+        }
+    }
+}
