@@ -431,8 +431,18 @@ async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> 
     match cmd {
         Command::Serve(_) => unreachable!("handled by main"),
         Command::Policy(PolicyCommand::List) => {
-            let v = c.call(Method::GET, "/v1/policies", None).await?;
-            print_policies(out, &v);
+            // Every page, so the list is complete.
+            let mut all = Vec::new();
+            let mut after = String::new();
+            loop {
+                let v = c.call(Method::GET, &format!("/v1/policies?limit=1000&after={}", enc(&after)), None).await?;
+                all.extend(v["policies"].as_array().cloned().unwrap_or_default());
+                match v["next"].as_str() {
+                    Some(n) if !n.is_empty() => after = n.to_string(),
+                    _ => break,
+                }
+            }
+            print_policies(out, &json!({ "policies": all }));
         }
         Command::Policy(PolicyCommand::Get { policy }) => {
             let v = c.call(Method::GET, &format!("/v1/policies/{}", enc(&policy)), None).await?;

@@ -558,6 +558,12 @@ impl Store {
         self.query_policies("ORDER BY name", &[])
     }
 
+    /// Up to `limit` policies by name, after the name `after`.
+    pub fn list_policies_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<PolicyRecord>> {
+        let after = after.unwrap_or("");
+        self.query_policies("WHERE name > ?1 ORDER BY name LIMIT ?2", &[&after, &(limit as i64)])
+    }
+
     pub fn delete_policy(&self, id: &str) -> Result<()> {
         match self.conn().execute("DELETE FROM policies WHERE id = ?1", params![id])? {
             0 => Err(StoreError::NotFound),
@@ -694,6 +700,17 @@ impl Store {
             &[],
         )?;
         Ok(runs.into_iter().map(|r| (r.policy_id.clone(), r)).collect())
+    }
+
+    /// The newest run of each of these policies.
+    pub fn last_runs_of(&self, policy_ids: &[&str]) -> Result<std::collections::HashMap<String, RunRecord>> {
+        let mut out = std::collections::HashMap::new();
+        for id in policy_ids {
+            if let Some(r) = self.last_run_of(id)? {
+                out.insert(id.to_string(), r);
+            }
+        }
+        Ok(out)
     }
 
     pub fn last_run_of(&self, policy_id: &str) -> Result<Option<RunRecord>> {

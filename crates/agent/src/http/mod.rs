@@ -141,22 +141,62 @@ async fn legacy_snapshot(
     Ok((status, Json(resp)).into_response())
 }
 
-/// List the policies.
+/// Paging of `GET /v1/policies`; other parameters are refused.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct PoliciesQuery {
+    /// Page size.
+    #[param(minimum = 1, maximum = 1000, default = 100)]
+    limit: Option<usize>,
+    /// Only policies whose name sorts after this one (the previous page's `next`).
+    after: Option<String>,
+}
+
+/// List the policies, by name, in pages.
 #[utoipa::path(
     get,
     path = "/v1/policies",
     tag = "policies",
+    params(PoliciesQuery),
     responses(
-        (status = 200, description = "Every policy on this agent", body = PolicyList),
+        (status = 200, description = "A page of policies, by name", body = PolicyList),
+        (status = 400, description = "An unknown parameter or an invalid value (`field` names it)", body = ErrorBody),
         (status = 500, description = "The agent's state database failed", body = ErrorBody),
     )
 )]
-async fn list_policies(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let store = state.sched.store();
-    let policies = store.list_policies()?;
-    let last = store.last_runs()?;
-    let policies = policies.iter().map(|p| policy_view(p, last.get(&p.id))).collect();
-    Ok(Json(PolicyList { policies }).into_response())
+async fn list_policies(
+    State(state): State<AppState>,
+    q: Result<Query<PoliciesQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("{}; allowed: limit, after", e.body_text()))
+    })?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::field(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "limit",
+            "limit must be between 1 and 1000",
+        ));
+    }
+    // SQLite work off the async workers.
+    let sched = state.sched.clone();
+    let list = tokio::task::spawn_blocking(move || -> Result<PolicyList, crate::store::StoreError> {
+        let store = sched.store();
+        let mut policies = store.list_policies_page(q.after.as_deref().filter(|a| !a.is_empty()), limit + 1)?;
+        let next = (policies.len() > limit).then(|| {
+            policies.truncate(limit);
+            policies.last().map(|p| p.spec.name.clone()).unwrap_or_default()
+        });
+        let ids: Vec<&str> = policies.iter().map(|p| p.id.as_str()).collect();
+        let last = store.last_runs_of(&ids)?;
+        Ok(PolicyList { policies: policies.iter().map(|p| policy_view(p, last.get(&p.id))).collect(), next })
+    })
+    .await
+    .map_err(|_| ApiError::internal("listing the policies failed"))??;
+    Ok(Json(list).into_response())
 }
 
 /// Create a policy.

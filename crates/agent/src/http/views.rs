@@ -178,6 +178,9 @@ pub struct SnapshotView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PolicyList {
     pub policies: Vec<PolicyView>,
+    /// The `after` of the next page; null on the last page.
+    #[schema(required = true)]
+    pub next: Option<String>,
 }
 
 /// Newest first. `next` is the `before` of the next page, null on the last.

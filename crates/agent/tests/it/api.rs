@@ -382,6 +382,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/policies/{id}/pause"),
     ("POST", "/v1/policies/{id}/resume"),
     ("POST", "/v1/policies/{id}/run"),
+    ("POST", "/v1/policies/{id}/drill"),
     ("GET", "/v1/policies/{id}/snapshots"),
     ("POST", "/v1/policies/{id}/restore"),
     ("POST", "/v1/policies/{id}/maintenance"),
@@ -686,4 +687,36 @@ async fn real_responses_fit_the_documented_schemas() {
     }
 
     assert_eq!(call("DELETE", one, None).await.0, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn policies_are_listed_in_pages_by_name() {
+    let h = harness();
+    for name in ["e", "a", "d", "b", "c"] {
+        let (st, v) = json_req(&h.app, "POST", "/v1/policies", policy(&h, name)).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+    let mut seen = Vec::new();
+    let mut uri = "/v1/policies?limit=2".to_string();
+    loop {
+        let (st, page) = send(&h.app, "GET", &uri, None, Body::empty()).await;
+        assert_eq!(st, StatusCode::OK, "{page}");
+        let names: Vec<String> =
+            page["policies"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect();
+        assert!(names.len() <= 2, "{page}");
+        seen.extend(names);
+        match page["next"].as_str() {
+            Some(n) => uri = format!("/v1/policies?limit=2&after={n}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["a", "b", "c", "d", "e"]);
+    let (_, all) = send(&h.app, "GET", "/v1/policies", None, Body::empty()).await;
+    assert_eq!(all["policies"].as_array().unwrap().len(), 5);
+    assert_eq!(all["next"], Value::Null);
+    for bad in ["/v1/policies?limit=0", "/v1/policies?limit=1001", "/v1/policies?limit=x", "/v1/policies?page=2"] {
+        let (st, v) = send(&h.app, "GET", bad, None, Body::empty()).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        assert_error_shape(&v);
+    }
 }
