@@ -18,6 +18,7 @@ pub mod kubelet;
 pub mod restic;
 pub mod scheduler;
 pub mod sealed;
+pub mod soda;
 pub mod store;
 pub mod tls;
 

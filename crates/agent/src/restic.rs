@@ -140,8 +140,21 @@ pub struct Restic {
     /// Serialises `init`, so two policies that share a new repository do
     /// not race to create it.
     init_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The same across the agents of a cluster (a Lease per repository), so
+    /// two nodes never both create one repository: the loser's key would
+    /// not open the winner's config, and restic may pick either key.
+    init_guard: Arc<std::sync::OnceLock<Arc<dyn InitGuard>>>,
     /// How often a lock conflict was met and stale locks were removed.
     lock_recoveries: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A lock held across the agents of a cluster while a repository is
+/// created; dropping the returned value releases it.
+pub trait InitGuard: Send + Sync {
+    fn hold<'a>(
+        &'a self,
+        repo_key: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Option<Box<dyn std::any::Any + Send>>>;
 }
 
 impl Restic {
@@ -153,8 +166,14 @@ impl Restic {
             timeout,
             unreachable_after: Duration::from_secs(300),
             init_lock: Arc::default(),
+            init_guard: Arc::default(),
             lock_recoveries: Arc::default(),
         }
+    }
+
+    /// Set once, by the Kubernetes adapter.
+    pub fn set_init_guard(&self, guard: Arc<dyn InitGuard>) {
+        let _ = self.init_guard.set(guard);
     }
 
     /// restic retries a failing backend for up to 15 minutes, silently as
@@ -416,6 +435,10 @@ impl Restic {
 
     pub async fn init(&self, repo: &Repo, cancel: &CancellationToken) -> Result<(), ResticError> {
         let _guard = self.init_lock.lock().await;
+        let _cluster = match self.init_guard.get() {
+            Some(g) => g.hold(&crate::ids::short_hash(&[&repo.url])).await,
+            None => None,
+        };
         match self.simple(repo, vec!["init".into()], cancel).await {
             Ok(_) => {
                 tracing::info!(repository = %repo.display(), "initialised a new restic repository");

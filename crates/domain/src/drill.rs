@@ -54,7 +54,13 @@ mod tests {
     use super::*;
 
     fn file(path: &str, size: u64) -> LsNode {
-        LsNode { name: path.rsplit('/').next().unwrap().into(), kind: "file".into(), path: path.into(), size, mode: 0o644 }
+        LsNode {
+            name: path.rsplit('/').next().unwrap().into(),
+            kind: "file".into(),
+            path: path.into(),
+            size,
+            mode: 0o644,
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod retention;
 pub mod run;
 pub mod schedule;
 pub mod secret;
+pub mod soda;
 
 pub use policy::*;
 pub use retention::Retention;

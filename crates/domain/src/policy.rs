@@ -341,7 +341,8 @@ impl PolicySpec {
         }
         let schedule = Schedule::parse(&self.schedule)?;
         let gap = schedule.min_gap(now);
-        if self.jitter_seconds as i64 > gap.num_seconds() {
+        // Compared as u64: a jitter of 2^63 or more cast to i64 would pass as negative.
+        if self.jitter_seconds > gap.num_seconds().max(0) as u64 {
             return Err(FieldError::new(
                 "jitterSeconds",
                 format!(
@@ -353,9 +354,9 @@ impl PolicySpec {
         }
         self.retention.validate()?;
         if let Some(d) = &self.drill {
-            let s = Schedule::parse(&d.schedule)
-                .map_err(|e| FieldError::new(format!("drill.{}", e.field), e.message))?;
-            if d.jitter_seconds as i64 > s.min_gap(now).num_seconds() {
+            let s =
+                Schedule::parse(&d.schedule).map_err(|e| FieldError::new(format!("drill.{}", e.field), e.message))?;
+            if d.jitter_seconds > s.min_gap(now).num_seconds().max(0) as u64 {
                 return Err(FieldError::new("drill.jitterSeconds", "may not exceed the time between two drills"));
             }
             if d.sample_files > 100_000 {

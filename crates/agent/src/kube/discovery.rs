@@ -220,6 +220,7 @@ async fn watch<K, T>(
                         false
                     }
                     Event::InitDone => {
+                        tracing::debug!(kind, "initial list complete");
                         let mut st = view.lock();
                         *table(&mut st) = buffer.take().unwrap_or_default();
                         st.synced |= 1 << bit;
@@ -445,6 +446,7 @@ async fn reconcile_loop(view: Arc<View>, sched: Scheduler, reporter: Reporter, c
         let found = {
             let st = view.lock();
             if st.synced != ALL_SYNCED {
+                tracing::debug!(synced = format!("{:05b}", st.synced), "waiting for the initial lists");
                 continue;
             }
             let config = sched.config();
@@ -509,11 +511,12 @@ async fn reconcile(
         .collect();
     for v in &found {
         let key = format!("{}/{}", v.namespace, v.claim);
+        tracing::debug!(claim = %key, place = ?v.place, "opted-in claim");
         let existing = ours.remove(&key);
         let claim_node = view.claim(&key).and_then(|c| c.annotations.get(annotations::status_keys::NODE).cloned());
         let problem = match (&v.place, &v.opt_in) {
             (VolumePlace::NotHere(why), _) => {
-                if let Some(p) = existing.filter(|p| p.status == PolicyStatus::Active) {
+                if let Some(p) = existing.filter(|p| p.status_message.as_deref() != Some(why.as_str())) {
                     pause(sched, reporter, &p, v, why, claim_node.as_deref() == Some(node.as_str())).await;
                 }
                 continue;
@@ -533,10 +536,14 @@ async fn reconcile(
             (VolumePlace::Path(_), Ok(_)) => None,
         };
         if let Some((reason, message)) = problem {
-            tracing::warn!(claim = %key, reason, %message, "claim opted in but not backed up");
+            tracing::warn!(claim = %key, reason, %message, "claim opted in but not backed up as asked");
             reporter.claim_problem(&v.namespace, &v.claim, reason, &message).await;
-            if let Some(p) = existing.filter(|p| p.status == PolicyStatus::Active) {
-                let _ = sched.set_status(&p.id, PolicyStatus::VolumeGone, Some(message));
+            // A typo in an annotation keeps the last good settings running;
+            // a volume that cannot be read pauses its policy.
+            if reason == "VolumeUnsupported" {
+                if let Some(p) = existing.filter(|p| p.status_message.as_deref() != Some(message.as_str())) {
+                    let _ = sched.set_status(&p.id, PolicyStatus::VolumeGone, Some(message));
+                }
             }
             continue;
         }
@@ -579,11 +586,11 @@ async fn reconcile(
     }
     // Policies whose claim is gone or no longer opts in.
     for (key, p) in ours {
-        if p.status != PolicyStatus::Active {
-            continue;
-        }
         let (namespace, claim) = key.split_once('/').unwrap_or(("", &key));
         let why = if view.claim(&key).is_some() { "the claim no longer opts in" } else { "the claim was deleted" };
+        if p.status_message.as_deref() == Some(why) {
+            continue;
+        }
         let v = DiscoveredVolume {
             namespace: namespace.into(),
             claim: claim.into(),

@@ -119,9 +119,26 @@ impl LeaseLock {
         rx
     }
 
+    /// Wait (up to `patience`) until we hold the lease. `false`: another
+    /// holder kept it, or the API server could not be asked.
+    pub async fn acquire(&self, patience: Duration) -> bool {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match self.try_hold().await {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(lease = %self.name, error = %e, "cannot take the lease"),
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// On a clean stop, hand the lease back so another agent need not wait
     /// for it to expire.
-    async fn release(&self) {
+    pub async fn release(&self) {
         let Ok(Some(mut current)) = self.api.get_opt(&self.name).await else { return };
         let ours = current.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(self.holder.as_str());
         if !ours {
@@ -134,5 +151,42 @@ impl LeaseLock {
         if let Err(e) = self.api.replace(&self.name, &PostParams::default(), &current).await {
             tracing::debug!(lease = %self.name, error = %e, "cannot release the lease; it expires on its own");
         }
+    }
+}
+
+/// One Lease per repository around `restic init`, so the agents of two
+/// nodes that get the same new repository at once (a shared legacy call, or
+/// claims naming one Secret) do not both create it.
+pub struct InitLeases {
+    pub client: kube::Client,
+    pub namespace: String,
+    pub holder: String,
+}
+
+struct Held(LeaseLock);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let lock = self.0.clone();
+        tokio::spawn(async move { lock.release().await });
+    }
+}
+
+impl crate::restic::InitGuard for InitLeases {
+    fn hold<'a>(
+        &'a self,
+        repo_key: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Option<Box<dyn std::any::Any + Send>>> {
+        Box::pin(async move {
+            let name = format!("soda-syncer-init-{}", &repo_key[..repo_key.len().min(16)]);
+            let lock =
+                LeaseLock::new(self.client.clone(), &self.namespace, &name, &self.holder, Duration::from_secs(60));
+            if lock.acquire(Duration::from_secs(120)).await {
+                Some(Box::new(Held(lock)) as Box<dyn std::any::Any + Send>)
+            } else {
+                tracing::warn!(lease = %name, "could not take the repository's init lease; initialising without it");
+                None
+            }
+        })
     }
 }

@@ -78,6 +78,11 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
     };
     tracing::info!(node = %config.node_name, "Kubernetes discovery is on");
     sched.set_secret_source(std::sync::Arc::new(secrets::Secrets::new(client.clone())));
+    sched.restic().set_init_guard(std::sync::Arc::new(lease::InitLeases {
+        client: client.clone(),
+        namespace: config.namespace.clone(),
+        holder: config.node_name.clone(),
+    }));
     let mut tasks = tokio::task::JoinSet::new();
     let view = std::sync::Arc::new(discovery::View::default());
     let reporter = status::Reporter::new(client.clone(), config, view.clone());

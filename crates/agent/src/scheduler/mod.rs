@@ -449,7 +449,9 @@ impl Scheduler {
             };
             let drill_at = *self.inner.next_drill.lock().unwrap_or_else(|p| p.into_inner());
             let sleep_for = match drill_at {
-                Some(t) => sleep_for.min((t - Utc::now()).to_std().unwrap_or(Duration::ZERO).max(Duration::from_secs(1))),
+                Some(t) => {
+                    sleep_for.min((t - Utc::now()).to_std().unwrap_or(Duration::ZERO).max(Duration::from_secs(1)))
+                }
                 None => sleep_for,
             };
             tokio::select! {

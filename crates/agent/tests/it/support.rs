@@ -61,7 +61,12 @@ impl AgentProc {
             .arg("serve")
             .arg("--state-dir")
             .arg(state_dir)
-            .args(["--listen", "127.0.0.1:0", "--node-name", "test-node", "--allowed-root", "/tmp"])
+            .args(["--listen", "127.0.0.1:0", "--allowed-root", "/tmp"])
+            .args(if agent_args.iter().any(|a| a.starts_with("--node-name")) {
+                &[][..]
+            } else {
+                &["--node-name", "test-node"]
+            })
             .args(&agent_args)
             .env("SODA_SYNCER_LOG", "info,soda_syncer=debug")
             .stdin(Stdio::null())

@@ -1,0 +1,384 @@
+//! The Kubernetes adapter with the real agent binary, the real restic and
+//! real bind mounts under a temporary kubelet root, against the wire-level
+//! API server stand-in (`soda-syncer-standin`; kubectl drives it in its own
+//! tests to show it answers like a real one).
+
+use serde_json::{json, Value};
+use soda_syncer_standin::kube::KubeStandin;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::support::{count_state, fill, restic, AgentProc, BindMount};
+
+fn b64(s: &str) -> Value {
+    serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec())).unwrap()
+}
+
+/// One node of the test cluster: its kubelet root, state and agent.
+struct Node {
+    name: String,
+    kubelet: PathBuf,
+    state: PathBuf,
+    mounts: Vec<BindMount>,
+    agent: Option<AgentProc>,
+}
+
+struct Cluster {
+    api: KubeStandin,
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    repo: PathBuf,
+}
+
+impl Cluster {
+    async fn new() -> Cluster {
+        let api = KubeStandin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).unwrap();
+        let repo = dir.path().join("repo");
+        for ns in ["app", "soda-syncer"] {
+            api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).unwrap();
+        }
+        api.apply(json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": "fast"}, "provisioner": "csi.example.com"}))
+            .unwrap();
+        api.apply(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "repo-keys", "namespace": "app"},
+            "data": {"RESTIC_REPOSITORY": b64(&repo.display().to_string()), "RESTIC_PASSWORD": b64("k8s-repo-pw")}}))
+            .unwrap();
+        Cluster { api, dir, kubeconfig, repo }
+    }
+
+    fn node(&self, name: &str) -> Node {
+        self.api
+            .apply(json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}}}))
+            .unwrap();
+        let kubelet = self.dir.path().join(format!("kubelet-{name}"));
+        std::fs::create_dir_all(kubelet.join("pods")).unwrap();
+        Node {
+            name: name.into(),
+            kubelet,
+            state: self.dir.path().join(format!("state-{name}")),
+            mounts: Vec::new(),
+            agent: None,
+        }
+    }
+
+    fn start(&self, node: &mut Node) {
+        let (kc, kd) = (self.kubeconfig.display().to_string(), node.kubelet.display().to_string());
+        node.agent = Some(
+            AgentProc::start(
+                &node.state,
+                &[
+                    "--kubernetes=on",
+                    &format!("--kubeconfig={kc}"),
+                    &format!("--kubelet-dir={kd}"),
+                    &format!("--node-name={}", node.name),
+                    "--namespace=soda-syncer",
+                    "--rescan-seconds=1",
+                ],
+            )
+            .unwrap(),
+        );
+    }
+
+    /// A claim bound to a CSI volume, used by a running pod on `node`, its
+    /// data really mounted where the kubelet would mount it.
+    fn csi_claim(&self, node: &mut Node, claim: &str, annotations: Value) -> PathBuf {
+        let pv = format!("pv-{claim}");
+        self.api
+            .apply(json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
+                    "volumeMode": "Filesystem",
+                    "csi": {"driver": "csi.example.com", "volumeHandle": format!("h-{claim}")},
+                    "claimRef": {"namespace": "app", "name": claim}},
+                "status": {"phase": "Bound"}}))
+            .unwrap();
+        self.claim(claim, &pv, annotations);
+        // The API server assigns the pod's uid; the kubelet's path uses it.
+        let pod = self
+            .api
+            .apply(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("pod-{claim}"), "namespace": "app"},
+                "spec": {"nodeName": node.name, "containers": [{"name": "app", "image": "busybox"}],
+                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}]},
+                "status": {"phase": "Running"}}))
+            .unwrap();
+        let uid = pod["metadata"]["uid"].as_str().unwrap().to_string();
+        let data = self.dir.path().join(format!("data-{claim}"));
+        fill(&data, 20, 2000);
+        let vol = node.kubelet.join("pods").join(&uid).join("volumes/kubernetes.io~csi").join(&pv);
+        node.mounts.push(BindMount::new(&data, &vol.join("mount")).unwrap());
+        std::fs::write(
+            vol.join("vol_data.json"),
+            json!({"specVolID": pv, "driverName": "csi.example.com", "volumeHandle": format!("h-{claim}"),
+                "nodeName": node.name, "volumeLifecycleMode": "Persistent"})
+            .to_string(),
+        )
+        .unwrap();
+        data
+    }
+
+    fn claim(&self, claim: &str, pv: &str, annotations: Value) {
+        self.api
+            .apply(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim, "namespace": "app", "annotations": annotations},
+                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast", "volumeName": pv,
+                    "resources": {"requests": {"storage": "1Gi"}}},
+                "status": {"phase": "Bound"}}))
+            .unwrap();
+    }
+
+    fn pvc(&self, claim: &str) -> Value {
+        self.api.get("v1", "PersistentVolumeClaim", Some("app"), claim).unwrap_or(Value::Null)
+    }
+
+    fn annotate(&self, claim: &str, key: &str, value: Option<&str>) {
+        let mut pvc = self.pvc(claim);
+        let a = pvc["metadata"]["annotations"].as_object_mut().unwrap();
+        match value {
+            Some(v) => a.insert(key.into(), v.into()),
+            None => a.remove(key),
+        };
+        pvc["metadata"].as_object_mut().unwrap().remove("resourceVersion");
+        self.api.apply(pvc).unwrap();
+    }
+
+    /// The reasons of the Events about a claim, oldest first.
+    fn event_reasons(&self, claim: &str) -> Vec<String> {
+        self.api
+            .list("events.k8s.io/v1", "Event", Some("app"))
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == claim)
+            .map(|e| e["reason"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+async fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn policy_named(agent: &AgentProc, name: &str, secs: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (st, v) = agent.call("GET", &format!("/v1/policies/{name}"), None).await;
+        if st == 200 {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "no policy {name} after {secs} s\nagent log:\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_policy(agent: &AgentProc, name: &str, secs: u64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let v = agent.get(&format!("/v1/policies/{name}")).await;
+        if pred(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {v}\nagent log:\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn names(v: &Value) -> Vec<String> {
+    v["policies"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect()
+}
+
+#[tokio::test]
+async fn an_annotated_claim_is_backed_up_and_the_claim_shows_it() {
+    let c = Cluster::new().await;
+    let mut a = c.node("node-a");
+    c.csi_claim(
+        &mut a,
+        "data",
+        json!({"soda-syncer.io/backup": "true", "soda-syncer.io/schedule": "6h", "soda-syncer.io/secret": "repo-keys",
+            "soda-syncer.io/retention": "keepLast=3"}),
+    );
+    // Not opted in: never backed up.
+    c.csi_claim(&mut a, "scratch", json!({}));
+    c.start(&mut a);
+    let agent = a.agent.as_ref().unwrap();
+
+    let p = policy_named(agent, "app-data", 30).await;
+    assert_eq!(p["origin"], "kubernetes", "{p}");
+    assert_eq!(p["repository"]["secretRef"], json!({"namespace": "app", "name": "repo-keys"}), "{p}");
+    assert_eq!(p["repository"]["passwordSet"], false, "the password stays in the Secret: {p}");
+    assert_eq!(p["schedule"]["intervalSeconds"], 21600);
+    assert_eq!(p["retention"]["keepLast"], 3);
+    let id = p["id"].as_str().unwrap().to_string();
+    let runs = agent.wait_runs(&id, 60, "the first backup", |r| count_state(r, "succeeded") >= 1).await;
+    let snapshot = runs[0]["snapshotId"].as_str().unwrap().to_string();
+    let out = restic(&c.repo.display().to_string(), "k8s-repo-pw", &[], &["snapshots", "--json"]).unwrap();
+    assert!(out.contains(&snapshot), "{out}");
+    assert!(!agent.log_text().contains("k8s-repo-pw"), "the Secret's password reached the log");
+    let listed = agent.get("/v1/policies").await;
+    assert_eq!(names(&listed), ["app-data"], "only the opted-in claim");
+
+    // Status where operators look: the claim's annotations and Events.
+    let pvc = eventually(20, "the backup's annotations on the claim", || {
+        let pvc = c.pvc("data");
+        (pvc["metadata"]["annotations"]["soda-syncer.io/last-backup-state"] == "succeeded").then_some(pvc)
+    })
+    .await;
+    let ann = &pvc["metadata"]["annotations"];
+    assert_eq!(ann["soda-syncer.io/last-snapshot-id"], snapshot.as_str(), "{ann}");
+    assert_eq!(ann["soda-syncer.io/policy-id"], id.as_str(), "{ann}");
+    assert_eq!(ann["soda-syncer.io/node"], "node-a", "{ann}");
+    assert!(ann["soda-syncer.io/next-backup-time"].is_string(), "{ann}");
+    eventually(20, "the Events", || {
+        let r = c.event_reasons("data");
+        (r.contains(&"BackupPolicyCreated".to_string()) && r.contains(&"BackupSucceeded".to_string())).then_some(())
+    })
+    .await;
+
+    // The API may not edit what the annotations own.
+    let (st, v) = agent.call("PATCH", "/v1/policies/app-data", Some(json!({"tags": ["x"]}))).await;
+    assert_eq!((st, v["error"]["code"].as_str()), (409, Some("managed_by_kubernetes")), "{v}");
+
+    // An annotation edit changes the schedule within seconds.
+    c.annotate("data", "soda-syncer.io/schedule", Some("0 3 * * *"));
+    wait_policy(agent, "app-data", 15, "the new schedule", |p| p["schedule"]["cron"] == "0 3 * * *").await;
+
+    // A bad annotation is reported on the claim, the policy left as it was.
+    c.annotate("data", "soda-syncer.io/retention", Some("keepForever=1"));
+    eventually(15, "the InvalidAnnotation event", || {
+        c.event_reasons("data").contains(&"InvalidAnnotation".to_string()).then_some(())
+    })
+    .await;
+    let status = c.pvc("data")["metadata"]["annotations"]["soda-syncer.io/status"].clone();
+    assert!(status.as_str().unwrap_or("").contains("soda-syncer.io/retention"), "{status}");
+    c.annotate("data", "soda-syncer.io/retention", None);
+
+    // The claim deleted: the policy is paused by the agent, not deleted.
+    c.api.delete("v1", "PersistentVolumeClaim", Some("app"), "data").unwrap();
+    let p = wait_policy(agent, "app-data", 15, "the pause", |p| p["status"]["state"] == "volumeGone").await;
+    assert!(p["status"]["message"].as_str().unwrap().contains("deleted"), "{p}");
+    assert_eq!(p["nextRunAt"], Value::Null, "{p}");
+}
+
+#[tokio::test]
+async fn each_node_backs_up_its_own_claims_and_one_legacy_call_reaches_every_node() {
+    let c = Cluster::new().await;
+    let (mut a, mut b) = (c.node("node-a"), c.node("node-b"));
+    let opt_in = json!({"soda-syncer.io/backup": "true", "soda-syncer.io/secret": "repo-keys"});
+    c.csi_claim(&mut a, "on-a", opt_in.clone());
+    c.csi_claim(&mut b, "on-b", opt_in);
+    c.start(&mut a);
+    c.start(&mut b);
+    let (agent_a, agent_b) = (a.agent.as_ref().unwrap(), b.agent.as_ref().unwrap());
+    policy_named(agent_a, "app-on-a", 30).await;
+    policy_named(agent_b, "app-on-b", 30).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(names(&agent_a.get("/v1/policies").await), ["app-on-a"]);
+    assert_eq!(names(&agent_b.get("/v1/policies").await), ["app-on-b"]);
+
+    // soda-proxy reaches only node A's agent; node B's volumes are backed up too.
+    let legacy_repo = c.dir.path().join("legacy-repo");
+    let (st, v) = agent_a
+        .call(
+            "POST",
+            "/snapshot",
+            Some(json!({"RESTIC_REPOSITORY": legacy_repo, "RESTIC_PASSWORD": "legacy-pw", "timeInterval": 3600,
+                "resticSourceRepo": ""})),
+        )
+        .await;
+    assert!(st < 300, "{st} {v}");
+    for (agent, claim) in [(agent_a, "on-a"), (agent_b, "on-b")] {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let list = agent.get("/v1/policies").await;
+            let legacy: Vec<&Value> =
+                list["policies"].as_array().unwrap().iter().filter(|p| p["origin"] == "legacy").collect();
+            if let Some(p) = legacy.first() {
+                assert_eq!(legacy.len(), 1, "{list}");
+                assert_eq!(p["volume"], format!("pv-{claim}"), "{p}");
+                let id = p["id"].as_str().unwrap();
+                agent.wait_runs(id, 60, "the legacy backup", |r| count_state(r, "succeeded") >= 1).await;
+                break;
+            }
+            assert!(Instant::now() < deadline, "no legacy policy on the agent of {claim}\n{}", agent.log_text());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let hosts = restic(&legacy_repo.display().to_string(), "legacy-pw", &[], &["snapshots", "--json"]).unwrap();
+    assert!(hosts.contains("node-a") && hosts.contains("node-b"), "{hosts}");
+    let shared = c.api.list("v1", "Secret", Some("soda-syncer"));
+    assert_eq!(shared.len(), 1, "one shared request per repository: {shared:?}");
+}
+
+#[tokio::test]
+async fn block_volumes_are_reported_local_volumes_found_without_a_pod_and_restarts_survived() {
+    let c = Cluster::new().await;
+    let mut a = c.node("node-a");
+    let opt_in = json!({"soda-syncer.io/backup": "true", "soda-syncer.io/secret": "repo-keys"});
+    // A Block-mode claim used on this node: reported, not skipped in silence.
+    c.api
+        .apply(json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "pv-raw"},
+            "spec": {"capacity": {"storage": "1Gi"}, "volumeMode": "Block", "storageClassName": "fast",
+                "csi": {"driver": "csi.example.com", "volumeHandle": "raw"},
+                "claimRef": {"namespace": "app", "name": "raw"}}}))
+        .unwrap();
+    c.claim("raw", "pv-raw", opt_in.clone());
+    c.api
+        .apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "db", "namespace": "app"},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "db", "image": "x"}],
+                "volumes": [{"name": "raw", "persistentVolumeClaim": {"claimName": "raw"}}]},
+            "status": {"phase": "Running"}}))
+        .unwrap();
+    // A local PV pinned to this node, no pod using it: backed up from spec.local.path.
+    let local = c.dir.path().join("local-disk");
+    fill(&local, 3, 100);
+    local_pv(&c, "pv-local", &local, "node-a", "local");
+    c.claim("local", "pv-local", opt_in.clone());
+    // One pinned to another node: not ours.
+    let other = c.dir.path().join("other-disk");
+    fill(&other, 1, 10);
+    local_pv(&c, "pv-other", &other, "node-z", "elsewhere");
+    c.claim("elsewhere", "pv-other", opt_in.clone());
+    c.start(&mut a);
+    let agent = a.agent.take().unwrap();
+    let agent = &agent;
+
+    let p = policy_named(agent, "app-local", 30).await;
+    assert_eq!(p["source"]["path"], local.display().to_string(), "{p}");
+    let id = p["id"].as_str().unwrap().to_string();
+    agent.wait_runs(&id, 60, "the local volume's backup", |r| count_state(r, "succeeded") >= 1).await;
+    eventually(20, "the VolumeUnsupported event", || {
+        c.event_reasons("raw").contains(&"VolumeUnsupported".to_string()).then_some(())
+    })
+    .await;
+    let status = c.pvc("raw")["metadata"]["annotations"]["soda-syncer.io/status"].clone();
+    assert!(status.as_str().unwrap_or("").contains("Block"), "{status}");
+    assert_eq!(names(&agent.get("/v1/policies").await), ["app-local"]);
+
+    // The API server restarts mid-watch, then its watch history expires:
+    // changes made after each are still seen.
+    c.api.restart().await;
+    c.csi_claim(&mut a, "after-restart", opt_in.clone());
+    policy_named(agent, "app-after-restart", 40).await;
+    c.api.expire_watches();
+    c.csi_claim(&mut a, "after-expiry", opt_in);
+    policy_named(agent, "app-after-expiry", 40).await;
+}
+
+fn local_pv(c: &Cluster, name: &str, path: &Path, node: &str, claim: &str) {
+    c.api
+        .apply(json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+            "spec": {"capacity": {"storage": "1Gi"}, "volumeMode": "Filesystem", "storageClassName": "fast",
+                "local": {"path": path},
+                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}},
+                "claimRef": {"namespace": "app", "name": claim}}}))
+        .unwrap();
+}

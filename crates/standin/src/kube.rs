@@ -1,1 +1,0 @@
-//! A Kubernetes API server stand-in (to be written).
