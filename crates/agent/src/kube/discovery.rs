@@ -432,6 +432,7 @@ fn discover(st: &State, node: &str, kubelet: &std::path::Path, mounts: &HashSet<
 }
 
 async fn reconcile_loop(view: Arc<View>, sched: Scheduler, reporter: Reporter, cancel: CancellationToken) {
+    let mut trimmed = false;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -452,6 +453,13 @@ async fn reconcile_loop(view: Arc<View>, sched: Scheduler, reporter: Reporter, c
             let config = sched.config();
             discover(&st, &config.node_name, &config.kubelet_dir, &crate::kubelet::mount_points())
         };
+        if !trimmed {
+            // The initial lists went through full objects page by page; hand
+            // the freed pages back, so the agent's footprint is what it keeps.
+            // SAFETY: malloc_trim only releases free memory of the allocator.
+            unsafe { libc::malloc_trim(0) };
+            trimmed = true;
+        }
         if let Err(e) = reconcile(&sched, &reporter, &view, found).await {
             tracing::warn!(error = %e, "cannot apply the claims' annotations to the policies");
         }
