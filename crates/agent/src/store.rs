@@ -1135,4 +1135,3 @@ mod tests {
         assert_eq!(store.next_wake(now).unwrap().map(fmt_time), later.next_run_at.map(fmt_time));
     }
 }
-
