@@ -137,6 +137,8 @@ pub struct Restic {
     timeout: Duration,
     /// Give up on a repository restic has kept retrying for this long.
     unreachable_after: Duration,
+    /// How long to wait for a lock a live process holds.
+    lock_wait: Duration,
     /// Serialises `init`, so two policies that share a new repository do
     /// not race to create it.
     init_lock: Arc<tokio::sync::Mutex<()>>,
@@ -165,6 +167,7 @@ impl Restic {
             host,
             timeout,
             unreachable_after: Duration::from_secs(300),
+            lock_wait: Duration::from_secs(600),
             init_lock: Arc::default(),
             init_guard: Arc::default(),
             lock_recoveries: Arc::default(),
@@ -536,6 +539,7 @@ impl Restic {
         }
         let mut initialised = false;
         let mut unlocked = false;
+        let mut wait = LockWait::new(self.lock_wait);
         loop {
             match self.backup_once(repo, req, cancel, progress).await {
                 Err(ResticError::RepositoryNotFound { .. }) if !initialised => {
@@ -546,6 +550,7 @@ impl Restic {
                     unlocked = true;
                     self.recover_lock(repo, "backup", cancel).await?;
                 }
+                Err(e @ ResticError::RepositoryLocked { .. }) => wait.pause(repo, "backup", e, cancel).await?,
                 other => return other,
             }
         }
@@ -782,13 +787,65 @@ impl Restic {
         cancel: &CancellationToken,
     ) -> Result<String, ResticError> {
         let command = args[0].to_string_lossy().into_owned();
-        match self.simple(repo, args.clone(), cancel).await {
-            Err(ResticError::RepositoryLocked { .. }) => {
-                self.recover_lock(repo, &command, cancel).await?;
-                self.simple(repo, args, cancel).await
+        let mut unlocked = false;
+        let mut wait = LockWait::new(self.lock_wait);
+        loop {
+            match self.simple(repo, args.clone(), cancel).await {
+                Err(ResticError::RepositoryLocked { .. }) if !unlocked => {
+                    unlocked = true;
+                    self.recover_lock(repo, &command, cancel).await?;
+                }
+                Err(e @ ResticError::RepositoryLocked { .. }) => wait.pause(repo, &command, e, cancel).await?,
+                other => return other,
             }
-            other => other,
         }
+    }
+
+    /// How long a command waits for a lock held by a live process (another
+    /// node's backup, a prune) before it fails.
+    pub fn with_lock_wait(mut self, wait: Duration) -> Restic {
+        self.lock_wait = wait;
+        self
+    }
+}
+
+/// Waiting out a lock that a live process holds: restic 0.14 has no
+/// `--retry-lock`, so the agent retries with backoff (2 s doubling to
+/// 30 s) rather than failing the run or breaking a lock that is in use.
+struct LockWait {
+    limit: Duration,
+    waited: Duration,
+    delay: Duration,
+}
+
+impl LockWait {
+    fn new(limit: Duration) -> LockWait {
+        LockWait { limit, waited: Duration::ZERO, delay: Duration::from_secs(2) }
+    }
+
+    async fn pause(
+        &mut self,
+        repo: &Repo,
+        command: &str,
+        locked: ResticError,
+        cancel: &CancellationToken,
+    ) -> Result<(), ResticError> {
+        if self.waited >= self.limit {
+            return Err(locked);
+        }
+        tracing::info!(
+            repository = %repo.display(),
+            command,
+            retry_in_s = self.delay.as_secs(),
+            "the repository is locked by a live process; waiting for it"
+        );
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(ResticError::Cancelled { command: command.into() }),
+            _ = tokio::time::sleep(self.delay) => {}
+        }
+        self.waited += self.delay;
+        self.delay = (self.delay * 2).min(Duration::from_secs(30));
+        Ok(())
     }
 }
 
