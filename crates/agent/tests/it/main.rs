@@ -11,6 +11,7 @@ mod drill;
 mod help;
 mod legacy;
 mod lifecycle;
+mod ops;
 mod restore;
 mod servers;
 mod support;
