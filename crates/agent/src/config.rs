@@ -87,6 +87,12 @@ pub struct ServeArgs {
     /// Kill a consistency hook that runs longer than this [default: 60].
     #[arg(long, env = "SODA_SYNCER_HOOK_TIMEOUT_SECONDS")]
     pub hook_timeout_seconds: Option<u64>,
+    /// Close a connection whose request headers, or whose request body, take longer than this to arrive [default: 20].
+    #[arg(long, env = "SODA_SYNCER_REQUEST_READ_TIMEOUT_SECONDS")]
+    pub request_read_timeout_seconds: Option<u64>,
+    /// A policy's backup deadline (metrics) is its next slot plus jitter plus this [default: one period of its schedule].
+    #[arg(long, env = "SODA_SYNCER_DEADLINE_GRACE_SECONDS")]
+    pub deadline_grace_seconds: Option<u64>,
     /// Log lines as JSON instead of text.
     #[arg(long, env = "SODA_SYNCER_LOG_JSON")]
     pub log_json: bool,
@@ -144,6 +150,8 @@ struct FileConfig {
     kubernetes: Option<KubeMode>,
     kubeconfig: Option<PathBuf>,
     namespace: Option<String>,
+    request_read_timeout_seconds: Option<u64>,
+    deadline_grace_seconds: Option<u64>,
 }
 
 /// The resolved configuration the daemon runs with. Tests build it directly.
@@ -190,6 +198,12 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Only CSI volume directories that are mount points count as volumes.
     pub require_mountpoints: bool,
+    /// How long a client may take to send a request's headers, and
+    /// (counted from then) its body.
+    pub request_read_timeout: Duration,
+    /// Added to a policy's next slot and jitter to give its backup
+    /// deadline; `None`: one period of its schedule.
+    pub deadline_grace: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +253,8 @@ impl Config {
             pod_name: std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()),
             shutdown_grace: Duration::from_secs(10),
             require_mountpoints: true,
+            request_read_timeout: Duration::from_secs(20),
+            deadline_grace: None,
         }
     }
 
@@ -334,6 +350,10 @@ impl Config {
         if let Some(v) = args.namespace.clone().or(file.namespace) {
             c.namespace = v;
         }
+        if let Some(v) = args.request_read_timeout_seconds.or(file.request_read_timeout_seconds) {
+            c.request_read_timeout = Duration::from_secs(v);
+        }
+        c.deadline_grace = args.deadline_grace_seconds.or(file.deadline_grace_seconds).map(Duration::from_secs);
         c.validate()?;
         Ok(c)
     }
@@ -375,6 +395,9 @@ impl Config {
         }
         if let Some(h) = self.hook_allow.iter().find(|h| !h.is_absolute()) {
             return Err(ConfigError::Invalid(format!("--hook-allow {} must be an absolute path", h.display())));
+        }
+        if self.request_read_timeout.is_zero() {
+            return Err(ConfigError::Invalid("--request-read-timeout-seconds must be at least 1".into()));
         }
         if self.hook_timeout.is_zero() {
             return Err(ConfigError::Invalid("--hook-timeout-seconds must be at least 1".into()));

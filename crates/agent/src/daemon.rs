@@ -135,7 +135,8 @@ impl Agent {
             started: Instant::now(),
             auth: Arc::new(auth),
         };
-        let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let app = router(state);
+        let read_timeout = config.request_read_timeout;
         let http_stop = CancellationToken::new();
         let http_stop2 = http_stop.clone();
         let http = match (&config.tls_cert, &config.tls_key) {
@@ -149,12 +150,16 @@ impl Agent {
                     http_stop2.cancelled().await;
                     h2.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
                 });
-                let server = axum_server::from_tcp_rustls(std_listener, tls.config()).handle(handle);
+                let mut server = axum_server::from_tcp_rustls(std_listener, tls.config()).handle(handle);
+                server
+                    .http_builder()
+                    .http1()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(read_timeout);
+                let app = app.into_make_service_with_connect_info::<SocketAddr>();
                 tokio::spawn(async move { server.serve(app).await })
             }
-            _ => tokio::spawn(async move {
-                axum::serve(listener, app).with_graceful_shutdown(async move { http_stop2.cancelled().await }).await
-            }),
+            _ => tokio::spawn(crate::http::serve::serve_plain(listener, app, read_timeout, http_stop2)),
         };
         let sched_task = tokio::spawn(sched.clone().run());
         let rescan_cancel = CancellationToken::new();

@@ -15,6 +15,7 @@ pub mod http;
 pub mod ids;
 pub mod kube;
 pub mod kubelet;
+pub mod metrics;
 pub mod restic;
 pub mod scheduler;
 pub mod sealed;

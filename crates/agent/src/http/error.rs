@@ -55,7 +55,13 @@ impl ApiError {
     }
 
     pub fn from_bytes_rejection(e: BytesRejection) -> ApiError {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if super::slow::is_body_timeout(&e) {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive in time; send it at once after the headers",
+            )
+        } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",

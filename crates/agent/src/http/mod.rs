@@ -6,12 +6,15 @@
 
 pub mod auth;
 mod error;
+pub mod metrics;
 pub mod openapi;
+pub mod serve;
+pub mod slow;
 mod views;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -49,6 +52,9 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
+    let registry = Arc::new(metrics::Metrics::new(&state.sched, &state.auth));
+    let body_deadline =
+        slow::BodyDeadline { timeout: state.sched.config().request_read_timeout, metrics: registry.clone() };
     Router::new()
         .route("/snapshot", post(legacy_snapshot))
         .route("/v1/policies", get(list_policies).post(create_policy))
@@ -80,6 +86,9 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard))
+        .layer(axum::middleware::from_fn_with_state(body_deadline, slow::body_deadline))
+        .layer(axum::middleware::from_fn_with_state(registry.clone(), metrics::track))
+        .layer(Extension(registry))
         .with_state(state)
 }
 
@@ -767,31 +776,20 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus metrics.
+///
+/// OpenMetrics text, ending in `# EOF`. The README's Operations section
+/// lists the metrics.
 #[utoipa::path(
     get,
     path = "/metrics",
     tag = "operations",
     responses(
-        (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
+        (status = 200, description = "OpenMetrics text 1.0.0", content_type = "application/openmetrics-text", body = String),
         (status = 500, description = "The agent's state database failed", body = ErrorBody),
     )
 )]
-async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let mut text = views::metrics_text(&state.sched)?;
-    use std::fmt::Write;
-    use std::sync::atomic::Ordering::Relaxed;
-    let _ = writeln!(
-        text,
-        "# HELP soda_syncer_auth_refused_total Requests refused: a missing or wrong token on /v1, or a legacy caller from outside the allowed networks.\n# TYPE soda_syncer_auth_refused_total counter"
-    );
-    let _ =
-        writeln!(text, "soda_syncer_auth_refused_total{{route=\"v1\"}} {}", state.auth.refused_tokens.load(Relaxed));
-    let _ = writeln!(
-        text,
-        "soda_syncer_auth_refused_total{{route=\"legacy\"}} {}",
-        state.auth.refused_legacy.load(Relaxed)
-    );
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+async fn metrics(Extension(m): Extension<Arc<metrics::Metrics>>) -> Result<Response, ApiError> {
+    metrics::response(&m)
 }
 
 /// This OpenAPI document.

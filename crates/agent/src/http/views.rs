@@ -1,7 +1,6 @@
 //! What the API shows: policies without their secrets, runs with live
-//! progress, snapshots, the operations endpoints' bodies and the Prometheus
-//! text. Each body is a typed struct, so `GET /openapi.json` describes
-//! exactly what is sent.
+//! progress, snapshots and the operations endpoints' bodies. Each body is a
+//! typed struct, so `GET /openapi.json` describes exactly what is sent.
 //!
 //! Keys whose value is unknown are sent as `null`, never left out (no
 //! `skip_serializing_if` here), and documented as required and nullable.
@@ -14,13 +13,11 @@ use soda_syncer_domain::schedule::ScheduleSpec;
 use soda_syncer_domain::secret::redact_url;
 use soda_syncer_domain::{Retention, RunKind, RunState, RunTrigger};
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, Type};
 use utoipa::ToSchema;
 
 use crate::ids::fmt_time;
-use crate::scheduler::Scheduler;
-use crate::store::{PolicyRecord, PolicyStatus, RunRecord, StoreError};
+use crate::store::{PolicyRecord, PolicyStatus, RunRecord};
 
 /// A policy as the API shows it: its spec without secrets, plus what the
 /// agent knows about it.
@@ -368,86 +365,4 @@ pub fn snapshot_view(s: &Snapshot) -> SnapshotView {
         tags: s.tags.clone().unwrap_or_default(),
         volume: s.tag_value("volume").map(str::to_string),
     }
-}
-
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-/// Prometheus text format. Labels carry ids and names, never secrets.
-pub fn metrics_text(sched: &Scheduler) -> Result<String, StoreError> {
-    let store = sched.store();
-    let mut out = String::new();
-    let policies = store.list_policies()?;
-    let last = store.last_runs()?;
-    let _ =
-        writeln!(out, "# HELP soda_syncer_policies Policies known to this agent.\n# TYPE soda_syncer_policies gauge");
-    let _ = writeln!(out, "soda_syncer_policies {}", policies.len());
-    let _ = writeln!(
-        out,
-        "# HELP soda_syncer_runs Runs recorded in the database, by kind and state.\n# TYPE soda_syncer_runs gauge"
-    );
-    for (kind, state, n) in store.run_counts()? {
-        let _ = writeln!(out, "soda_syncer_runs{{kind=\"{kind}\",state=\"{state}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP soda_syncer_queue_depth Runs waiting for a free slot.\n# TYPE soda_syncer_queue_depth gauge"
-    );
-    let _ = writeln!(out, "soda_syncer_queue_depth {}", sched.queue_depth());
-    let _ = writeln!(out, "# HELP soda_syncer_running_runs Runs executing now.\n# TYPE soda_syncer_running_runs gauge");
-    let _ = writeln!(out, "soda_syncer_running_runs {}", sched.running_count());
-    let _ = writeln!(
-        out,
-        "# HELP soda_syncer_stale_lock_recoveries_total Repository locks met and cleared of stale entries since start.\n# TYPE soda_syncer_stale_lock_recoveries_total counter"
-    );
-    let _ = writeln!(out, "soda_syncer_stale_lock_recoveries_total {}", sched.restic().lock_recoveries());
-    let _ = writeln!(out, "# HELP soda_syncer_run_errors_total Failed runs by error code since start.\n# TYPE soda_syncer_run_errors_total counter");
-    for (code, n) in sched.counters().restic_errors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        let _ = writeln!(out, "soda_syncer_run_errors_total{{code=\"{code}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP soda_syncer_policy_next_run_timestamp_seconds When the policy runs next (0 when paused).\n# TYPE soda_syncer_policy_next_run_timestamp_seconds gauge"
-    );
-    for p in &policies {
-        let next = if p.schedulable() { p.next_run_at.map(|t| t.timestamp()).unwrap_or(0) } else { 0 };
-        let _ = writeln!(
-            out,
-            "soda_syncer_policy_next_run_timestamp_seconds{{policy=\"{}\",name=\"{}\"}} {next}",
-            p.id,
-            label(&p.spec.name)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP soda_syncer_policy_paused 1 when the policy is paused by a user or by the agent.\n# TYPE soda_syncer_policy_paused gauge"
-    );
-    for p in &policies {
-        let _ = writeln!(
-            out,
-            "soda_syncer_policy_paused{{policy=\"{}\",name=\"{}\"}} {}",
-            p.id,
-            label(&p.spec.name),
-            u8::from(!p.schedulable())
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP soda_syncer_policy_last_run_ok 1 when the policy's newest run ended succeeded, 0 otherwise.\n# TYPE soda_syncer_policy_last_run_ok gauge"
-    );
-    for p in &policies {
-        if let Some(r) = last.get(&p.id).filter(|r| r.state.is_terminal()) {
-            let _ = writeln!(
-                out,
-                "soda_syncer_policy_last_run_ok{{policy=\"{}\",name=\"{}\",state=\"{}\"}} {}",
-                p.id,
-                label(&p.spec.name),
-                r.state.as_str(),
-                u8::from(r.state.is_clean_success())
-            );
-        }
-    }
-    out.push_str(&crate::consistency::metrics::render());
-    Ok(out)
 }

@@ -18,7 +18,7 @@ use soda_syncer_domain::run::{Progress, RunError};
 use soda_syncer_domain::schedule::{next_due, Schedule};
 use soda_syncer_domain::{RunKind, RunState, RunTrigger};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -28,6 +28,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::ids::new_id;
+use crate::metrics::RunMetrics;
 use crate::restic::{Repo, Restic, ResticError};
 use crate::store::{PolicyRecord, RunRecord, Store, StoreError};
 
@@ -56,13 +57,6 @@ struct Slots {
     after_restart: HashSet<String>,
 }
 
-/// Counters for /metrics that are not derived from the database.
-#[derive(Default)]
-pub struct Counters {
-    pub stale_lock_recoveries: AtomicU64,
-    pub restic_errors: Mutex<HashMap<&'static str, u64>>,
-}
-
 struct Inner {
     store: Store,
     restic: Restic,
@@ -73,7 +67,7 @@ struct Inner {
     /// Set once the loop runs; read by /readyz.
     running: AtomicBool,
     cancel: CancellationToken,
-    counters: Counters,
+    metrics: RunMetrics,
     /// This agent's lock per repository (see `jobs`).
     repo_locks: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
     /// Snapshot listings per policy, kept briefly so a busy dashboard does
@@ -120,7 +114,7 @@ impl Scheduler {
                 live: Mutex::default(),
                 running: AtomicBool::new(false),
                 cancel,
-                counters: Counters::default(),
+                metrics: RunMetrics::default(),
                 repo_locks: Mutex::default(),
                 snapshot_cache: Mutex::default(),
                 finished: tokio::sync::broadcast::channel(256).0,
@@ -141,8 +135,9 @@ impl Scheduler {
     pub fn config(&self) -> &Config {
         &self.inner.config
     }
-    pub fn counters(&self) -> &Counters {
-        &self.inner.counters
+    /// The run counters and histograms `/metrics` shows.
+    pub fn metrics(&self) -> &RunMetrics {
+        &self.inner.metrics
     }
     /// Runs that end from now on (a lagging receiver loses the oldest).
     pub fn subscribe_finished(&self) -> tokio::sync::broadcast::Receiver<RunRecord> {
@@ -347,6 +342,9 @@ impl Scheduler {
             run.finished_at = Some(Utc::now());
             run.error = Some(RunError { code: state.as_str().into(), message: why.into() });
             let _ = self.inner.store.save_run(&run);
+            if let Ok(policy) = self.inner.store.get_policy(&run.policy_id) {
+                self.inner.metrics.run_ended(&policy, &run);
+            }
         }
     }
 
@@ -668,14 +666,6 @@ impl Scheduler {
                 } else {
                     RunState::Failed
                 };
-                *self
-                    .inner
-                    .counters
-                    .restic_errors
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(leak_code(&err.code))
-                    .or_default() += 1;
                 run.error = Some(err);
             }
         }
@@ -691,6 +681,7 @@ impl Scheduler {
         if let Err(e) = self.inner.store.save_run(&run) {
             tracing::error!(error = %e, "cannot record the run's end");
         }
+        self.inner.metrics.run_ended(&policy, &run);
         // Schedule bookkeeping, for backups the scheduler started.
         let scheduled_backup = run.kind == RunKind::Backup && run.trigger != RunTrigger::Manual;
         if scheduled_backup && run.state != RunState::Interrupted {
@@ -723,47 +714,6 @@ impl Scheduler {
 
 pub(crate) fn run_error(e: ResticError) -> RunError {
     RunError { code: e.kind().into(), message: e.to_string() }
-}
-
-/// Error codes are a small fixed set; keep them as `&'static str` for metric labels.
-fn leak_code(code: &str) -> &'static str {
-    const KNOWN: [&str; 34] = [
-        "drill_mismatch",
-        "restic_missing",
-        "restic_spawn_failed",
-        "wrong_password",
-        "repository_not_found",
-        "repository_access_denied",
-        "repository_locked",
-        "repository_unreachable",
-        "source_missing",
-        "disk_full",
-        "cancelled",
-        "timed_out",
-        "restic_failed",
-        "retention_failed",
-        "source_not_allowed",
-        "unsupported",
-        "agent_stopped",
-        "secrets_unavailable",
-        "snapshot_not_found",
-        "repository_damaged",
-        "restore_target_failed",
-        "invalid_request",
-        "consistency_needs_root",
-        "consistency_unavailable",
-        "database_error",
-        "freeze_failed",
-        "freeze_refused",
-        "hook_not_allowed",
-        "max_freeze_exceeded",
-        "post_hook_failed",
-        "pre_hook_failed",
-        "snapshot_failed",
-        "source_inspect_failed",
-        "thaw_failed",
-    ];
-    KNOWN.into_iter().find(|k| *k == code).unwrap_or("other")
 }
 
 /// How to reach a policy's repository.

@@ -253,8 +253,9 @@ impl Scheduler {
     }
 
     pub fn delete_policy(&self, id: &str) -> Result<(), PolicyError> {
-        self.store().get_policy(id)?;
+        let p = self.store().get_policy(id)?;
         self.policy_deleted(id);
+        self.metrics().policy_deleted(&p);
         self.store().delete_policy(id)?;
         tracing::info!(policy = %id, "policy deleted");
         Ok(())

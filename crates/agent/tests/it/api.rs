@@ -386,6 +386,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/policies/{id}/snapshots"),
     ("POST", "/v1/policies/{id}/restore"),
     ("POST", "/v1/policies/{id}/maintenance"),
+    ("POST", "/v1/policies/{id}/drill"),
     ("GET", "/v1/runs"),
     ("GET", "/v1/runs/{id}"),
     ("POST", "/v1/runs/{id}/cancel"),

@@ -12,6 +12,7 @@ mod help;
 mod kube;
 mod legacy;
 mod lifecycle;
+mod ops;
 mod restore;
 mod schema;
 mod servers;

@@ -1,0 +1,359 @@
+//! `GET /metrics`: one `prometheus-client` registry per router, encoded as
+//! OpenMetrics text (ending in `# EOF`). It holds the scheduler's run
+//! metrics, the consistency metrics, the HTTP request metrics counted by
+//! [`track`], and a collector that reads the store at each scrape for the
+//! per-policy gauges (next run, last success, backup deadline, paused), so
+//! those stay present while a policy is paused or failing. Labels carry
+//! policy ids and names, route templates and fixed codes: never a secret,
+//! a repository URL or a raw request path.
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use soda_syncer_domain::schedule::Schedule;
+use std::fmt;
+use std::hash::Hash;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::auth::Auth;
+use super::ApiError;
+use crate::metrics::{backup_deadline, schedule_period, PolicyLabels};
+use crate::scheduler::Scheduler;
+use crate::store::StoreError;
+
+/// What Prometheus is told the body is (it asks for OpenMetrics first).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Upper bounds of the HTTP latency buckets, in seconds.
+const HTTP_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    /// The route template (`/v1/policies/{id}`), or `unmatched`.
+    route: String,
+    method: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+fn http_histogram() -> Histogram {
+    Histogram::new(HTTP_BUCKETS)
+}
+
+/// The registry and the metrics the HTTP layer itself updates.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    /// Requests whose body did not arrive within the read timeout.
+    pub body_timeouts: Counter,
+    scrape_error: Arc<Mutex<Option<StoreError>>>,
+}
+
+impl Metrics {
+    pub fn new(sched: &Scheduler, auth: &Arc<Auth>) -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::new_with_constructor(http_histogram as fn() -> Histogram);
+        let body_timeouts = Counter::default();
+        let scrape_error = Arc::new(Mutex::new(None));
+        sched.metrics().register(&mut registry);
+        crate::consistency::metrics::register(&mut registry);
+        registry.register(
+            "soda_syncer_http_requests",
+            "HTTP requests answered, by route template, method and status code",
+            requests.clone(),
+        );
+        registry.register_with_unit(
+            "soda_syncer_http_request_duration",
+            "Time to the response's headers, by route template",
+            Unit::Seconds,
+            duration.clone(),
+        );
+        registry.register(
+            "soda_syncer_http_body_timeouts",
+            "Requests refused with 408 because their body did not arrive within the read timeout",
+            body_timeouts.clone(),
+        );
+        registry.register_collector(Box::new(StateCollector {
+            sched: sched.clone(),
+            auth: auth.clone(),
+            error: scrape_error.clone(),
+        }));
+        Metrics { registry, requests, duration, body_timeouts, scrape_error }
+    }
+
+    /// The whole exposition, or why the store could not be read.
+    pub fn render(&self) -> Result<String, ApiError> {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            let err = self.scrape_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+            return Err(err
+                .map(ApiError::from)
+                .unwrap_or_else(|| ApiError::internal("the metrics could not be encoded")));
+        }
+        Ok(out)
+    }
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Count each request by its route template (never the raw path, whose ids
+/// would make the label set unbounded) and status.
+pub async fn track(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let route = route.unwrap_or_else(|| "unmatched".to_owned());
+    let method = method_label(req.method());
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    m.duration.get_or_create(&RouteLabel { route: route.clone() }).observe(start.elapsed().as_secs_f64());
+    m.requests.get_or_create(&RequestLabels { route, method, status: resp.status().as_u16() }).inc();
+    resp
+}
+
+/// The metrics handler's body.
+pub fn response(m: &Metrics) -> Result<Response, ApiError> {
+    let text = m.render()?;
+    Ok((StatusCode::OK, [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response())
+}
+
+/// Reads the store and the scheduler at each scrape.
+struct StateCollector {
+    sched: Scheduler,
+    auth: Arc<Auth>,
+    error: Arc<Mutex<Option<StoreError>>>,
+}
+
+impl fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateCollector").finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LastRunLabels {
+    policy: String,
+    name: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PausedLabel {
+    paused: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RecordedLabels {
+    kind: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthLabel {
+    route: &'static str,
+}
+
+/// One policy as the gauges show it.
+struct PolicyRow {
+    labels: PolicyLabels,
+    paused: bool,
+    /// 0 while paused.
+    next_run: i64,
+    /// 0 when it never succeeded (or its last success left the run history).
+    last_success: i64,
+    deadline: Option<i64>,
+    period: Option<i64>,
+    failures: u32,
+    last_run: Option<(&'static str, bool)>,
+}
+
+struct Scrape {
+    policies: Vec<PolicyRow>,
+    recorded: Vec<(String, String, u64)>,
+}
+
+fn read(sched: &Scheduler, now: DateTime<Utc>) -> Result<Scrape, StoreError> {
+    let store = sched.store();
+    let grace = sched.config().deadline_grace;
+    let last = store.last_runs()?;
+    let mut policies = Vec::new();
+    for p in store.list_policies()? {
+        let paused = !p.schedulable();
+        let success = store.last_clean_backup(&p.id)?.and_then(|r| r.finished_at);
+        let schedule = Schedule::parse(&p.spec.schedule).ok();
+        let deadline = schedule
+            .as_ref()
+            .and_then(|s| backup_deadline(s, p.spec.jitter_seconds, success.unwrap_or(p.created_at), grace));
+        policies.push(PolicyRow {
+            labels: PolicyLabels::of(&p),
+            paused,
+            next_run: if paused { 0 } else { p.next_run_at.map(|t| t.timestamp()).unwrap_or(0) },
+            last_success: success.map(|t| t.timestamp()).unwrap_or(0),
+            deadline: deadline.map(|t| t.timestamp()),
+            period: schedule.as_ref().and_then(|s| schedule_period(s, now)).map(|d| d.num_seconds()),
+            failures: p.consecutive_failures,
+            last_run: last
+                .get(&p.id)
+                .filter(|r| r.state.is_terminal())
+                .map(|r| (r.state.as_str(), r.state.is_clean_success())),
+        });
+    }
+    Ok(Scrape { policies, recorded: store.run_counts()? })
+}
+
+fn gauges<L>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: impl IntoIterator<Item = (L, i64)>,
+) -> fmt::Result
+where
+    L: EncodeLabelSet + Clone + Hash + Eq + fmt::Debug + Send + Sync + 'static,
+{
+    let fam = Family::<L, Gauge>::default();
+    for (labels, v) in rows {
+        fam.get_or_create(&labels).set(v);
+    }
+    fam.encode(enc.encode_descriptor(name, help, unit, MetricType::Gauge)?)
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Result {
+    ConstGauge::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let now = Utc::now();
+        let scrape = match read(&self.sched, now) {
+            Ok(s) => s,
+            Err(e) => {
+                *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                return Err(fmt::Error);
+            }
+        };
+        let ps = &scrape.policies;
+        let per_policy = |f: fn(&PolicyRow) -> i64| ps.iter().map(move |p| (p.labels.clone(), f(p)));
+        let secs = Some(&Unit::Seconds);
+        gauge(&mut enc, "soda_syncer_policies", "Policies known to this agent.", ps.len() as i64)?;
+        gauges(
+            &mut enc,
+            "soda_syncer_policy_paused",
+            "1 when the policy is paused, by a user or by the agent (its volume is gone); its other gauges stay.",
+            None,
+            per_policy(|p| i64::from(p.paused)),
+        )?;
+        gauges(
+            &mut enc,
+            "soda_syncer_policy_next_run_timestamp",
+            "When the policy runs next, in Unix seconds (0 while paused).",
+            secs,
+            per_policy(|p| p.next_run),
+        )?;
+        gauges(
+            &mut enc,
+            "soda_syncer_policy_last_success_timestamp",
+            "When the policy's last backup that ended succeeded finished, in Unix seconds (0: none recorded).",
+            secs,
+            per_policy(|p| p.last_success),
+        )?;
+        gauges(
+            &mut enc,
+            "soda_syncer_policy_backup_deadline_timestamp",
+            "When the policy's next successful backup is due, in Unix seconds: the first slot after its last success (or its creation) plus jitter plus grace (--deadline-grace-seconds, default one period).",
+            secs,
+            ps.iter().filter_map(|p| Some((p.labels.clone(), p.deadline?))),
+        )?;
+        gauges(
+            &mut enc,
+            "soda_syncer_policy_interval",
+            "The policy's schedule period (for cron, the gap after its next slot).",
+            secs,
+            ps.iter().filter_map(|p| Some((p.labels.clone(), p.period?))),
+        )?;
+        gauges(
+            &mut enc,
+            "soda_syncer_policy_consecutive_failures",
+            "Scheduled backups of the policy that failed in a row.",
+            None,
+            per_policy(|p| i64::from(p.failures)),
+        )?;
+        gauges(
+            &mut enc,
+            "soda_syncer_policy_last_run_ok",
+            "1 when the policy's newest run ended succeeded, 0 otherwise (the state label says how it ended).",
+            None,
+            ps.iter().filter_map(|p| {
+                let (state, ok) = p.last_run?;
+                Some((
+                    LastRunLabels { policy: p.labels.policy.clone(), name: p.labels.name.clone(), state },
+                    i64::from(ok),
+                ))
+            }),
+        )?;
+        let overdue = |paused: bool| {
+            ps.iter().filter(|p| p.paused == paused && p.deadline.is_some_and(|d| d < now.timestamp())).count() as i64
+        };
+        gauges(
+            &mut enc,
+            "soda_syncer_policies_overdue",
+            "Policies whose backup deadline has passed, split by whether they are paused.",
+            None,
+            [(PausedLabel { paused: "false" }, overdue(false)), (PausedLabel { paused: "true" }, overdue(true))],
+        )?;
+        gauges(
+            &mut enc,
+            "soda_syncer_runs_recorded",
+            "Runs in the agent's run history (trimmed to --keep-runs per policy), by kind and state.",
+            None,
+            scrape
+                .recorded
+                .iter()
+                .map(|(kind, state, n)| (RecordedLabels { kind: kind.clone(), state: state.clone() }, *n as i64)),
+        )?;
+        gauge(&mut enc, "soda_syncer_queue_depth", "Runs waiting for a free slot.", self.sched.queue_depth() as i64)?;
+        gauge(&mut enc, "soda_syncer_running_runs", "Runs executing now.", self.sched.running_count() as i64)?;
+        ConstCounter::new(self.sched.restic().lock_recoveries()).encode(enc.encode_descriptor(
+            "soda_syncer_stale_lock_recoveries",
+            "Repository locks met and cleared of stale entries since start.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let refused = Family::<AuthLabel, Counter>::default();
+        refused.get_or_create(&AuthLabel { route: "v1" }).inc_by(self.auth.refused_tokens.load(Relaxed));
+        refused.get_or_create(&AuthLabel { route: "legacy" }).inc_by(self.auth.refused_legacy.load(Relaxed));
+        refused.encode(enc.encode_descriptor(
+            "soda_syncer_auth_refused",
+            "Requests refused: a missing or wrong token on /v1, or a legacy caller from outside the allowed networks.",
+            None,
+            MetricType::Counter,
+        )?)
+    }
+}
