@@ -550,7 +550,7 @@ impl Restic {
                     unlocked = true;
                     self.recover_lock(repo, "backup", cancel).await?;
                 }
-                Err(e @ ResticError::RepositoryLocked { .. }) => wait.pause(repo, "backup", e, cancel).await?,
+                Err(e @ ResticError::RepositoryLocked { .. }) => wait.pause(self, repo, "backup", e, cancel).await?,
                 other => return other,
             }
         }
@@ -795,7 +795,7 @@ impl Restic {
                     unlocked = true;
                     self.recover_lock(repo, &command, cancel).await?;
                 }
-                Err(e @ ResticError::RepositoryLocked { .. }) => wait.pause(repo, &command, e, cancel).await?,
+                Err(e @ ResticError::RepositoryLocked { .. }) => wait.pause(self, repo, &command, e, cancel).await?,
                 other => return other,
             }
         }
@@ -811,7 +811,8 @@ impl Restic {
 
 /// Waiting out a lock that a live process holds: restic 0.14 has no
 /// `--retry-lock`, so the agent retries with backoff (2 s doubling to
-/// 30 s) rather than failing the run or breaking a lock that is in use.
+/// 30 s) rather than failing the run or breaking a lock that is in use;
+/// between tries, locks whose holder has died are removed.
 struct LockWait {
     limit: Duration,
     waited: Duration,
@@ -825,6 +826,7 @@ impl LockWait {
 
     async fn pause(
         &mut self,
+        restic: &Restic,
         repo: &Repo,
         command: &str,
         locked: ResticError,
@@ -845,7 +847,10 @@ impl LockWait {
         }
         self.waited += self.delay;
         self.delay = (self.delay * 2).min(Duration::from_secs(30));
-        Ok(())
+        // The holder may have died meanwhile: `unlock` removes a lock only
+        // when its process is provably gone (same host, dead PID) or it is
+        // older than 30 minutes, never a live one.
+        restic.unlock(repo, cancel).await
     }
 }
 

@@ -275,3 +275,50 @@ async fn the_run_history_keeps_the_newest_runs_per_policy() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_held_by_a_live_process_is_waited_for_not_broken_or_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fill(&data, 20, 100_000);
+    let state = tmp.path().join("state");
+    let agent = AgentProc::start(&state, &[]).unwrap();
+    let p = agent
+        .create_policy(json!({"name": "waits", "source": {"path": data}, "schedule": {"intervalSeconds": 3600}}))
+        .await;
+    let id = p["id"].as_str().unwrap().to_string();
+    agent.wait_runs(&id, 60, "the first backup", |r| count_state(r, "succeeded") == 1).await;
+    // A live `check --read-data`, slowed to a crawl, holds the exclusive lock.
+    let repo = state.join("repository");
+    let password = std::fs::read_to_string(state.join("repository.password")).unwrap();
+    let mut prune = std::process::Command::new("restic")
+        .args(["check", "--read-data", "--limit-download", "1", "-r"])
+        .arg(&repo)
+        .env("RESTIC_PASSWORD", password.trim())
+        .env("RESTIC_CACHE_DIR", tmp.path().join("cache"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(repo.join("locks")).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "the check never took its lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !agent.log_text().contains("locked by a live process; waiting") {
+        assert!(Instant::now() < deadline, "the backup did not wait for the lock\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let runs = agent.get(&format!("/v1/runs?policy={id}")).await;
+    assert_eq!(runs["runs"][0]["state"], "running", "waiting, not failed: {runs}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(prune.try_wait().unwrap().is_none(), "the check ended on its own");
+    assert!(std::fs::read_dir(repo.join("locks")).unwrap().count() >= 1, "the live check's lock was broken");
+    // The holder dies, leaving its lock: now provably stale, it is removed and the backup goes on.
+    // SAFETY: the check this test started.
+    unsafe { libc::kill(prune.id() as i32, libc::SIGKILL) };
+    let _ = prune.wait();
+    agent.wait_runs(&id, 90, "the backup after the wait", |r| count_state(r, "succeeded") == 2).await;
+}
