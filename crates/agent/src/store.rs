@@ -719,6 +719,16 @@ impl Store {
 
     /// The newest backup of a policy that ended `succeeded`: the yardstick
     /// for judging the next one.
+    /// The backup run that wrote this snapshot, if this agent recorded it.
+    pub fn backup_of_snapshot(&self, policy_id: &str, snapshot_id: &str) -> Result<Option<RunRecord>> {
+        Ok(self
+            .query_runs(
+                "WHERE policy_id = ?1 AND kind = 'backup' AND snapshot_id = ?2 ORDER BY id DESC LIMIT 1",
+                &[&policy_id, &snapshot_id],
+            )?
+            .pop())
+    }
+
     pub fn last_clean_backup(&self, policy_id: &str) -> Result<Option<RunRecord>> {
         Ok(self
             .query_runs(

@@ -165,8 +165,9 @@ mod tests {
 }
 
 /// One entry of `restic ls --json`: a file, directory or link of a
-/// snapshot, at its path inside the snapshot (`/<last path component>/...`
-/// in restic 0.14, which is also what `restore --include` matches).
+/// snapshot, at its path inside the snapshot (the backed-up path: absolute
+/// for the agent's snapshots; the fixture was recorded from a relative
+/// one), which is also what `restore --include` matches.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct LsNode {
     pub name: String,
