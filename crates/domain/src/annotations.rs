@@ -56,6 +56,102 @@ pub mod status_keys {
     pub const STATUS: &str = "soda-syncer.io/status";
 }
 
+/// Application hooks, on a **pod** (Velero's shape, our prefix): a command
+/// run in one of its containers through `pods/exec` before the volume's
+/// snapshot (`pre.`) and after it (`post.`).
+pub mod pod_keys {
+    /// A JSON array argv, e.g. `["/bin/sh","-c","sync"]` (no shell is added).
+    pub const PRE_COMMAND: &str = "pre.hook.soda-syncer.io/command";
+    /// The container to run it in; default: the pod's first container.
+    pub const PRE_CONTAINER: &str = "pre.hook.soda-syncer.io/container";
+    /// Seconds, or `30s` / `2m`; default 30 s. Past it the hook has failed.
+    pub const PRE_TIMEOUT: &str = "pre.hook.soda-syncer.io/timeout";
+    /// `Fail` (default: the backup fails) or `Continue` (a warning on the run).
+    pub const PRE_ON_ERROR: &str = "pre.hook.soda-syncer.io/on-error";
+    pub const POST_COMMAND: &str = "post.hook.soda-syncer.io/command";
+    pub const POST_CONTAINER: &str = "post.hook.soda-syncer.io/container";
+    pub const POST_TIMEOUT: &str = "post.hook.soda-syncer.io/timeout";
+    pub const POST_ON_ERROR: &str = "post.hook.soda-syncer.io/on-error";
+    /// The common ending of the hook keys' prefixes.
+    pub const SUFFIX: &str = "hook.soda-syncer.io/";
+}
+
+/// A hook's timeout when none is annotated.
+pub const DEFAULT_HOOK_TIMEOUT_SECONDS: u64 = 30;
+
+/// What a failed hook does to the backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HookOnError {
+    #[default]
+    Fail,
+    Continue,
+}
+
+/// One application hook of a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodHook {
+    pub command: Vec<String>,
+    /// `None`: the pod's first container.
+    pub container: Option<String>,
+    pub timeout_seconds: u64,
+    pub on_error: HookOnError,
+}
+
+/// A pod's `pre` and `post` hooks.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PodHooks {
+    pub pre: Option<PodHook>,
+    pub post: Option<PodHook>,
+}
+
+/// Read a pod's hook annotations. A key that cannot be understood (or a
+/// container, timeout or on-error without a command) is an error naming it.
+pub fn parse_pod_hooks(a: &BTreeMap<String, String>) -> Result<PodHooks, FieldError> {
+    use pod_keys::*;
+    let one = |command: &str, container: &str, timeout: &str, on_error: &str| -> Result<Option<PodHook>, FieldError> {
+        let get = |k: &str| a.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let Some(cmd) = get(command) else {
+            if let Some(k) = [container, timeout, on_error].into_iter().find(|k| get(k).is_some()) {
+                return Err(FieldError::new(k, format!("is set but {command} is not")));
+            }
+            return Ok(None);
+        };
+        let argv: Vec<String> = serde_json::from_str(cmd).map_err(|_| {
+            FieldError::new(
+                command,
+                format!("{cmd:?} is not a JSON array of strings, e.g. [\"/bin/sh\",\"-c\",\"sync\"]"),
+            )
+        })?;
+        if argv.is_empty() || argv[0].is_empty() {
+            return Err(FieldError::new(command, "the command is empty"));
+        }
+        let container_name = get(container).map(str::to_string);
+        if let Some(c) = &container_name {
+            if !is_dns_subdomain(c) || c.contains('.') || c.len() > 63 {
+                return Err(FieldError::new(container, format!("{c:?} is not a container name")));
+            }
+        }
+        let timeout_seconds = match get(timeout) {
+            None => DEFAULT_HOOK_TIMEOUT_SECONDS,
+            Some(v) => match parse_duration(timeout, v)? {
+                0 => return Err(FieldError::new(timeout, "the timeout must be more than 0 seconds")),
+                n => n,
+            },
+        };
+        let on_error = match get(on_error) {
+            None => HookOnError::Fail,
+            Some(v) if v.eq_ignore_ascii_case("fail") => HookOnError::Fail,
+            Some(v) if v.eq_ignore_ascii_case("continue") => HookOnError::Continue,
+            Some(v) => return Err(FieldError::new(on_error, format!("{v:?} is neither Fail nor Continue"))),
+        };
+        Ok(Some(PodHook { command: argv, container: container_name, timeout_seconds, on_error }))
+    };
+    Ok(PodHooks {
+        pre: one(PRE_COMMAND, PRE_CONTAINER, PRE_TIMEOUT, PRE_ON_ERROR)?,
+        post: one(POST_COMMAND, POST_CONTAINER, POST_TIMEOUT, POST_ON_ERROR)?,
+    })
+}
+
 /// The interval used when a claim opts in without a schedule.
 pub const DEFAULT_INTERVAL_SECONDS: u64 = 3600;
 
@@ -288,6 +384,45 @@ mod tests {
             claim.insert(k.to_string(), v.to_string());
             let e = parse(&claim, &m(&[]), None).unwrap_err();
             assert_eq!(e.field, k, "{v}");
+        }
+    }
+
+    #[test]
+    fn pod_hooks_parse_with_defaults() {
+        assert_eq!(parse_pod_hooks(&m(&[])).unwrap(), PodHooks::default());
+        let h = parse_pod_hooks(&m(&[
+            (pod_keys::PRE_COMMAND, r#"["/bin/sh","-c","sync"]"#),
+            (pod_keys::POST_COMMAND, r#"["/bin/true"]"#),
+            (pod_keys::POST_CONTAINER, "db"),
+            (pod_keys::POST_TIMEOUT, "2m"),
+            (pod_keys::POST_ON_ERROR, "Continue"),
+        ]))
+        .unwrap();
+        let pre = h.pre.unwrap();
+        assert_eq!(pre.command, vec!["/bin/sh", "-c", "sync"]);
+        assert_eq!((pre.container, pre.timeout_seconds, pre.on_error), (None, 30, HookOnError::Fail));
+        let post = h.post.unwrap();
+        assert_eq!(post.container.as_deref(), Some("db"));
+        assert_eq!((post.timeout_seconds, post.on_error), (120, HookOnError::Continue));
+        let h = parse_pod_hooks(&m(&[(pod_keys::PRE_COMMAND, r#"["x"]"#), (pod_keys::PRE_TIMEOUT, "45")])).unwrap();
+        assert_eq!(h.pre.unwrap().timeout_seconds, 45);
+    }
+
+    #[test]
+    fn bad_pod_hook_annotations_name_the_key() {
+        let cmd = (pod_keys::PRE_COMMAND, r#"["/bin/true"]"#);
+        for (pairs, key) in [
+            (vec![(pod_keys::PRE_COMMAND, "/bin/sh -c sync")], pod_keys::PRE_COMMAND),
+            (vec![(pod_keys::POST_COMMAND, "[]")], pod_keys::POST_COMMAND),
+            (vec![(pod_keys::PRE_COMMAND, r#"["a", 1]"#)], pod_keys::PRE_COMMAND),
+            (vec![cmd, (pod_keys::PRE_TIMEOUT, "soon")], pod_keys::PRE_TIMEOUT),
+            (vec![cmd, (pod_keys::PRE_TIMEOUT, "0")], pod_keys::PRE_TIMEOUT),
+            (vec![cmd, (pod_keys::PRE_ON_ERROR, "Ignore")], pod_keys::PRE_ON_ERROR),
+            (vec![cmd, (pod_keys::PRE_CONTAINER, "Bad_Name")], pod_keys::PRE_CONTAINER),
+            (vec![(pod_keys::POST_TIMEOUT, "10s")], pod_keys::POST_TIMEOUT),
+        ] {
+            let e = parse_pod_hooks(&m(&pairs)).unwrap_err();
+            assert_eq!(e.field, key, "{pairs:?}");
         }
     }
 

@@ -330,3 +330,68 @@ async fn wire_errors_are_status_bodies_with_the_matching_code() {
     let sc = doc["resources"].as_array().unwrap().iter().find(|r| r["name"] == "storageclasses").unwrap();
     assert_eq!((sc["namespaced"].as_bool(), &sc["shortNames"]), (Some(false), &json!(["sc"])));
 }
+
+/// `pods/exec` over the WebSocket channel protocol, as kube-rs speaks it:
+/// stdout and stderr, the exit status (Success, NonZeroExitCode with the
+/// code), the record of every exec, 404 for an unknown pod or container,
+/// and no local process unless the test enables it.
+#[tokio::test]
+async fn kube_rs_exec_speaks_the_channel_protocol() {
+    use kube::api::AttachParams;
+    let standin = KubeStandin::start().await;
+    let mut p = pod("app", "node-a");
+    p["spec"]["containers"] = json!([{"name": "app", "image": "busybox"}, {"name": "side", "image": "busybox"}]);
+    standin.apply(p).unwrap();
+    let client = client(&standin).await;
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let params = |c: &str| AttachParams::default().container(c).stdin(false).stdout(true).stderr(true);
+
+    async fn run(
+        pods: &Api<Pod>,
+        name: &str,
+        argv: &[&str],
+        ap: &AttachParams,
+    ) -> kube::Result<(String, String, k8s_openapi::apimachinery::pkg::apis::meta::v1::Status)> {
+        let mut a = pods.exec(name, argv.iter().map(|s| s.to_string()).collect::<Vec<_>>(), ap).await?;
+        let status = a.take_status().unwrap();
+        let (mut out, mut err) = (String::new(), String::new());
+        let (mut so, mut se) = (a.stdout().unwrap(), a.stderr().unwrap());
+        let _ = tokio::join!(so.read_to_string(&mut out), se.read_to_string(&mut err));
+        let status = status.await.expect("a status");
+        a.join().await.unwrap();
+        Ok((out, err, status))
+    }
+
+    // Off by default: nothing runs on the host.
+    let (_, err, status) = run(&pods, "app", &["/bin/echo", "hi"], &params("side")).await.unwrap();
+    assert_eq!(status.status.as_deref(), Some("Failure"));
+    assert!(err.contains("runs no containers"), "{err}");
+
+    standin.exec_runs_locally(true);
+    let (out, _, status) =
+        run(&pods, "app", &["/bin/sh", "-c", "echo out; echo err >&2"], &params("app")).await.unwrap();
+    assert_eq!(out, "out\n");
+    assert_eq!(status.status.as_deref(), Some("Success"));
+    let (_, err, status) = run(&pods, "app", &["/bin/sh", "-c", "echo bad >&2; exit 3"], &params("app")).await.unwrap();
+    assert_eq!(err, "bad\n");
+    assert_eq!(status.status.as_deref(), Some("Failure"));
+    assert_eq!(status.reason.as_deref(), Some("NonZeroExitCode"));
+    let cause = &status.details.unwrap().causes.unwrap()[0];
+    assert_eq!((cause.reason.as_deref(), cause.message.as_deref()), (Some("ExitCode"), Some("3")));
+
+    // Unknown pod or container: a 404 Status, no upgrade.
+    for (name, c) in [("nope", "app"), ("app", "nope")] {
+        match run(&pods, name, &["/bin/true"], &params(c)).await {
+            Err(kube::Error::Api(s)) => assert_eq!((s.code, s.reason.as_str()), (404, "NotFound"), "{s:?}"),
+            other => panic!("expected a refused upgrade for {name}/{c}, got {:?}", other.map(|r| r.2)),
+        }
+    }
+    let execs = standin.execs();
+    assert_eq!(execs.len(), 3, "{execs:?}");
+    assert_eq!(execs[0].container, "side");
+    assert_eq!(execs[1].command, vec!["/bin/sh", "-c", "echo out; echo err >&2"]);
+    assert_eq!(
+        (execs[2].namespace.as_str(), execs[2].pod.as_str(), execs[2].container.as_str()),
+        ("default", "app", "app")
+    );
+}

@@ -51,6 +51,20 @@ struct PodInfo {
     namespace: String,
     active: bool,
     claims: Vec<String>,
+    /// For application hooks (`exec`): the pod's name, its first
+    /// container, and its `pre.hook.`/`post.hook.soda-syncer.io/` annotations.
+    name: String,
+    first_container: String,
+    hooks: BTreeMap<String, String>,
+}
+
+/// A pod on this node that uses a claim, as application hooks need it.
+#[derive(Debug, Clone)]
+pub(super) struct PodUser {
+    pub namespace: String,
+    pub name: String,
+    pub first_container: String,
+    pub hooks: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +127,24 @@ impl View {
     }
     pub(super) fn claim(&self, key: &str) -> Option<ClaimInfo> {
         self.lock().claims.get(key).cloned()
+    }
+    /// The running pods on this node that use a claim (`namespace/claim`), by name.
+    pub(super) fn pods_using(&self, claim: &str) -> Vec<PodUser> {
+        let (namespace, name) = claim.split_once('/').unwrap_or(("", claim));
+        let mut out: Vec<PodUser> = self
+            .lock()
+            .pods
+            .values()
+            .filter(|p| p.active && p.namespace == namespace && p.claims.iter().any(|c| c == name))
+            .map(|p| PodUser {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                first_container: p.first_container.clone(),
+                hooks: p.hooks.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 }
 
@@ -268,6 +300,18 @@ fn pod_info(p: &Pod) -> (String, Option<PodInfo>) {
         namespace: p.metadata.namespace.clone().unwrap_or_default(),
         active: !matches!(phase, "Succeeded" | "Failed"),
         claims,
+        name: p.metadata.name.clone().unwrap_or_default(),
+        first_container: p.spec.as_ref().and_then(|s| s.containers.first()).map(|c| c.name.clone()).unwrap_or_default(),
+        hooks: p
+            .annotations()
+            .iter()
+            .filter(|(k, _)| {
+                k.strip_prefix("pre.")
+                    .or_else(|| k.strip_prefix("post."))
+                    .is_some_and(|r| r.starts_with(annotations::pod_keys::SUFFIX))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     });
     (ns_key(p), info)
 }

@@ -8,6 +8,7 @@
 //! (`fanout`).
 
 mod discovery;
+mod exec;
 mod fanout;
 pub mod lease;
 mod secrets;
@@ -85,6 +86,7 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
     }));
     let mut tasks = tokio::task::JoinSet::new();
     let view = std::sync::Arc::new(discovery::View::default());
+    sched.set_pod_hooks(std::sync::Arc::new(exec::PodExec::new(client.clone(), view.clone())));
     let reporter = status::Reporter::new(client.clone(), config, view.clone());
     discovery::start(client.clone(), sched.clone(), reporter.clone(), view, &mut tasks, cancel.clone());
     tasks.spawn(status::report_runs(sched.clone(), reporter, cancel.clone()));

@@ -265,19 +265,30 @@ impl Scheduler {
             // Creating the repository takes seconds: not while the volume is frozen.
             let _ = self.inner.restic.init(&repo, token).await;
         }
+        // Application hooks in the pods using the claim: pre now, post once
+        // the point-in-time view exists (or after restic for a live backup).
+        let mut pod_hooks = self.pod_hooks_pre(policy, token).await?;
+        run.warning = pod_hooks.warning();
         let prepared = match crate::consistency::prepare(ctx, &self.inner.store, &self.inner.config, token).await {
             Ok(p) => p,
             Err(f) => {
+                pod_hooks.post().await;
                 run.consistency = f.report.and_then(|r| serde_json::to_value(r).ok());
                 return Err(consistency_error(&f.error));
             }
         };
+        // A snapshot exists now; a live backup or a freeze lasts through restic.
+        use soda_syncer_domain::consistency::Method;
+        if !matches!(prepared.method(), Method::None | Method::Fsfreeze) {
+            pod_hooks.post().await;
+        }
         req.view = prepared.view();
         req.ignore_inode = prepared.ignore_inode();
         let consistency_warning = prepared.warning().map(str::to_string);
         let restic_token = prepared.restic_token().clone();
         let backed_up = self.inner.restic.backup(&repo, &req, &restic_token, &mut on_progress).await;
         let released = prepared.release().await;
+        pod_hooks.post().await;
         drop(shared);
         run.consistency = serde_json::to_value(&released.report).ok();
         let post_hook_error = match released.error {
@@ -318,6 +329,9 @@ impl Scheduler {
             (Some(c), Some(w)) => Some(format!("{c}; {w}")),
             (c, w) => c.or(w),
         };
+        if let Some(h) = pod_hooks.warning() {
+            run.warning = Some(run.warning.take().map_or(h.clone(), |w| format!("{w}; {h}")));
+        }
         let short_id = outcome.summary.snapshot_id.clone();
         run.snapshot_id = Some(short_id.clone());
 
@@ -358,6 +372,12 @@ impl Scheduler {
         if let Some(e) = post_hook_error {
             return Err(RunError {
                 code: e.kind().into(),
+                message: format!("the snapshot {short_id} was written, but {e}"),
+            });
+        }
+        if let Some(e) = pod_hooks.post_error() {
+            return Err(RunError {
+                code: "post_hook_failed".into(),
                 message: format!("the snapshot {short_id} was written, but {e}"),
             });
         }

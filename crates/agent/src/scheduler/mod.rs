@@ -8,6 +8,7 @@
 
 pub(crate) mod jobs;
 pub mod legacy;
+mod pod_hooks;
 pub mod policies;
 
 pub use jobs::{MaintenanceParams, RestoreParams};
@@ -79,6 +80,8 @@ struct Inner {
     /// Where policies with a `repository.secretRef` get their keys.
     secrets: std::sync::OnceLock<Arc<dyn SecretSource>>,
     legacy_publisher: std::sync::OnceLock<Arc<dyn legacy::LegacyPublisher>>,
+    /// Runs the application hooks of the pods that use a claim.
+    pod_hooks: std::sync::OnceLock<Arc<dyn PodHooks>>,
     /// When drill schedules were last looked at (they are checked every 5 s).
     drills_checked: Mutex<Option<std::time::Instant>>,
     /// The earliest drill due, so the loop wakes for it.
@@ -92,6 +95,44 @@ pub trait SecretSource: Send + Sync {
         &'a self,
         r: &'a soda_syncer_domain::SecretRef,
     ) -> futures_util::future::BoxFuture<'a, Result<Repo, RunError>>;
+}
+
+/// One application hook to run in a pod's container (`pods/exec`).
+#[derive(Debug, Clone)]
+pub struct PodHookCall {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub command: Vec<String>,
+    pub timeout: Duration,
+    pub on_error: soda_syncer_domain::annotations::HookOnError,
+}
+
+/// The hooks of one pod that uses a claim on this node.
+#[derive(Debug, Clone)]
+pub struct PodHookSet {
+    pub namespace: String,
+    pub pod: String,
+    pub pre: Option<PodHookCall>,
+    pub post: Option<PodHookCall>,
+}
+
+/// How a hook ended once it ran to its end: its exit code (0: success) and
+/// the last bytes of its stdout and stderr.
+#[derive(Debug, Clone)]
+pub struct HookExit {
+    pub code: i32,
+    pub output: String,
+}
+
+/// Runs application hooks inside pods (the Kubernetes adapter: `pods/exec`).
+pub trait PodHooks: Send + Sync {
+    /// The hooks of the pods on this node that use a claim (`namespace/claim`).
+    /// A pod annotation that cannot be understood is an error naming it.
+    fn hooks_for(&self, claim: &str) -> Result<Vec<PodHookSet>, String>;
+    /// Run one hook within its timeout. `Err`: it could not be run or did
+    /// not finish in time (and was abandoned).
+    fn exec<'a>(&'a self, hook: &'a PodHookCall) -> futures_util::future::BoxFuture<'a, Result<HookExit, String>>;
 }
 
 /// How long a policy's snapshot listing is served from memory.
@@ -120,6 +161,7 @@ impl Scheduler {
                 finished: tokio::sync::broadcast::channel(256).0,
                 secrets: std::sync::OnceLock::new(),
                 legacy_publisher: std::sync::OnceLock::new(),
+                pod_hooks: std::sync::OnceLock::new(),
                 drills_checked: Mutex::new(None),
                 next_drill: Mutex::new(None),
             }),
@@ -146,6 +188,11 @@ impl Scheduler {
     /// Set once, by the adapter that can read referenced secrets.
     pub fn set_secret_source(&self, source: Arc<dyn SecretSource>) {
         let _ = self.inner.secrets.set(source);
+    }
+
+    /// Set once, by the adapter that can exec in pods.
+    pub fn set_pod_hooks(&self, hooks: Arc<dyn PodHooks>) {
+        let _ = self.inner.pod_hooks.set(hooks);
     }
 
     /// How to reach a policy's repository: its stored keys, or those in the

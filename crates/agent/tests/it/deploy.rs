@@ -490,6 +490,8 @@ fn cluster_table(read_claim_secrets: bool) -> BTreeSet<(String, String, String)>
         rows.extend(["get", "list", "watch"].map(|v| ("storage.k8s.io", r, v)));
     }
     rows.extend(["create", "patch"].map(|v| ("events.k8s.io", "events", v)));
+    // Only for application hooks (pod annotations run through exec).
+    rows.extend(["create", "get"].map(|v| ("", "pods/exec", v)));
     if read_claim_secrets {
         rows.push(("", "secrets", "get"));
     }

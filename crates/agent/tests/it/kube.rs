@@ -382,3 +382,103 @@ fn local_pv(c: &Cluster, name: &str, path: &Path, node: &str, claim: &str) {
                 "claimRef": {"namespace": "app", "name": claim}}}))
         .unwrap();
 }
+
+/// Application hooks: pod annotations run through `pods/exec` (the
+/// stand-in runs the argv on this host) before and after the snapshot;
+/// `Fail` fails the run and still runs `post`, `Continue` leaves a warning,
+/// a hook past its timeout is abandoned (the process killed) with a clear error.
+#[tokio::test]
+async fn pod_hooks_run_around_the_backup_through_pods_exec() {
+    let c = Cluster::new().await;
+    c.api.exec_runs_locally(true);
+    let mut a = c.node("node-a");
+    let opt_in =
+        json!({"soda-syncer.io/backup": "true", "soda-syncer.io/schedule": "6h", "soda-syncer.io/secret": "repo-keys"});
+    let log = |claim: &str| c.dir.path().join(format!("hooks-{claim}.log"));
+    let append = |claim: &str, line: &str| json!(["/bin/sh", "-c", format!("echo {line} >> {}", log(claim).display())]);
+    let cases = [
+        (
+            "hooked",
+            json!({"pre.hook.soda-syncer.io/command": append("hooked", "pre").to_string(),
+            "post.hook.soda-syncer.io/command": append("hooked", "post").to_string(),
+            "post.hook.soda-syncer.io/container": "side"}),
+        ),
+        (
+            "failpre",
+            json!({"pre.hook.soda-syncer.io/command": r#"["/bin/sh","-c","echo not ready >&2; exit 3"]"#,
+            "post.hook.soda-syncer.io/command": append("failpre", "post").to_string()}),
+        ),
+        (
+            "contpre",
+            json!({"pre.hook.soda-syncer.io/command": r#"["/bin/sh","-c","exit 4"]"#,
+            "pre.hook.soda-syncer.io/on-error": "Continue",
+            "post.hook.soda-syncer.io/command": append("contpre", "post").to_string()}),
+        ),
+        (
+            "slowpre",
+            json!({"pre.hook.soda-syncer.io/command": r#"["/bin/sleep","37"]"#,
+            "pre.hook.soda-syncer.io/timeout": "1s",
+            "post.hook.soda-syncer.io/command": append("slowpre", "post").to_string()}),
+        ),
+    ];
+    for (claim, hooks) in &cases {
+        c.csi_claim(&mut a, claim, opt_in.clone());
+        // The hooks are annotations on the pod, which has two containers.
+        let mut pod = c.api.get("v1", "Pod", Some("app"), &format!("pod-{claim}")).unwrap();
+        pod["metadata"]["annotations"] = hooks.clone();
+        pod["spec"]["containers"] = json!([{"name": "app", "image": "busybox"}, {"name": "side", "image": "busybox"}]);
+        pod["metadata"].as_object_mut().unwrap().remove("resourceVersion");
+        c.api.apply(pod).unwrap();
+    }
+    c.start(&mut a);
+    let agent = a.agent.as_ref().unwrap();
+    let first_run = |claim: &'static str| async move {
+        let p = policy_named(agent, &format!("app-{claim}"), 30).await;
+        let id = p["id"].as_str().unwrap().to_string();
+        let runs = agent
+            .wait_runs(&id, 60, &format!("the backup of {claim}"), |r| {
+                r.iter().any(|r| r["state"] == "succeeded" || r["state"] == "failed")
+            })
+            .await;
+        runs.last().unwrap().clone()
+    };
+    let read = |claim: &str| std::fs::read_to_string(log(claim)).unwrap_or_default();
+
+    // pre, then the snapshot, then post; each in its container.
+    let run = first_run("hooked").await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    assert_eq!(run["warning"], Value::Null, "{run}");
+    assert_eq!(read("hooked"), "pre\npost\n");
+    let execs: Vec<_> = c.api.execs().into_iter().filter(|e| e.pod == "pod-hooked").collect();
+    assert_eq!(execs.len(), 2, "{execs:?}");
+    assert_eq!((execs[0].namespace.as_str(), execs[0].container.as_str()), ("app", "app"), "pre: the first container");
+    assert_eq!(execs[0].command, serde_json::from_value::<Vec<String>>(append("hooked", "pre")).unwrap());
+    assert_eq!(execs[1].container, "side", "post: the named container");
+
+    // on-error Fail (the default): no backup, and post still ran.
+    let run = first_run("failpre").await;
+    assert_eq!(run["state"], "failed", "{run}");
+    assert_eq!(run["error"]["code"], "pre_hook_failed", "{run}");
+    let msg = run["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("exited with code 3") && msg.contains("not ready") && msg.contains("pod-failpre"), "{msg}");
+    assert_eq!(read("failpre"), "post\n");
+    assert_eq!(run["snapshotId"], Value::Null, "{run}");
+
+    // on-error Continue: backed up, with a warning naming the hook.
+    let run = first_run("contpre").await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    let warning = run["warning"].as_str().unwrap_or_default();
+    assert!(warning.contains("exited with code 4") && warning.contains("pod-contpre"), "{run}");
+    assert_eq!(read("contpre"), "post\n");
+
+    // Past its timeout: abandoned (the stand-in kills the process when the
+    // connection closes), a clear error, and post ran.
+    let run = first_run("slowpre").await;
+    assert_eq!(run["error"]["code"], "pre_hook_failed", "{run}");
+    assert!(run["error"]["message"].as_str().unwrap().contains("timeout of 1 s"), "{run}");
+    assert_eq!(read("slowpre"), "post\n");
+    eventually(10, "the timed-out hook's process to be killed", || {
+        crate::support::children_named(std::process::id(), "sleep").is_empty().then_some(())
+    })
+    .await;
+}

@@ -30,6 +30,9 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if let Some((ns, pod)) = super::exec::exec_target(req.uri().path()) {
+        return Ok(exec(&shared, &ns, &pod, req));
+    }
     let (parts, body) = req.into_parts();
     let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
     let mut record = RecordedRequest {
@@ -67,6 +70,27 @@ pub(crate) async fn handle(
     record.status = resp.status().as_u16();
     shared.requests.lock().unwrap().push(record);
     Ok(resp)
+}
+
+/// `pods/exec`: the token check and the record, then the upgrade.
+fn exec(shared: &Arc<Shared>, ns: &str, pod: &str, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let mut record = RecordedRequest {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        query: req.uri().query().unwrap_or_default().to_string(),
+        content_type: None,
+        status: 0,
+    };
+    let token = shared.token.lock().unwrap().clone();
+    let sent = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let answer = match token {
+        Some(t) if sent != Some(&format!("Bearer {t}")) => Err(ApiError::new(401, "Unauthorized", "Unauthorized")),
+        _ => super::exec::handle(shared, ns, pod, req),
+    };
+    let resp = answer.unwrap_or_else(|e| json_reply(e.code, &e.to_status()));
+    record.status = resp.status().as_u16();
+    shared.requests.lock().unwrap().push(record);
+    resp
 }
 
 /// The parsed query string (kube-rs sends `?&a=b`: empty pairs are skipped).

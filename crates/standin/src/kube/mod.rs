@@ -62,6 +62,7 @@
 //! looked up by field name: `containers`, `volumes`, `env` by `name`,
 //! `volumeMounts` by `mountPath`, ...; other lists are replaced).
 
+mod exec;
 mod http;
 mod patch;
 mod store;
@@ -76,6 +77,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
+pub use exec::ExecRecord;
 pub use store::ApiError;
 use store::{Store, RESOURCES};
 
@@ -132,6 +134,9 @@ pub(crate) struct Shared {
     token: Mutex<Option<String>>,
     bookmark_every: Mutex<Duration>,
     addr: Mutex<Option<SocketAddr>>,
+    /// `pods/exec`: run the command on this host; every exec received.
+    exec_local: Mutex<bool>,
+    execs: Mutex<Vec<ExecRecord>>,
 }
 
 impl Shared {
@@ -211,6 +216,8 @@ impl KubeStandin {
             token: Mutex::new(opts.require_token),
             bookmark_every: Mutex::new(opts.bookmark_interval),
             addr: Mutex::new(None),
+            exec_local: Mutex::new(false),
+            execs: Mutex::new(Vec::new()),
         });
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let v = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns},
@@ -244,6 +251,18 @@ impl KubeStandin {
             self.url()
         );
         std::fs::write(path, text)
+    }
+
+    /// `pods/exec` runs the command on the test host (argv as given, no
+    /// shell) when on; when off (the default) every exec fails with exit
+    /// code 126. Only for tests that mean it.
+    pub fn exec_runs_locally(&self, on: bool) {
+        *self.shared.exec_local.lock().unwrap() = on;
+    }
+
+    /// Every `pods/exec` received, in order.
+    pub fn execs(&self) -> Vec<ExecRecord> {
+        self.shared.execs.lock().unwrap().clone()
     }
 
     /// Require this bearer token from now on (None: accept anything).
@@ -382,7 +401,7 @@ async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 let svc = hyper::service::service_fn(move |req| http::handle(shared.clone(), req));
                 conns.spawn(async move {
                     let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).with_upgrades().await;
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
