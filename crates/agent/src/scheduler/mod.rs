@@ -725,8 +725,17 @@ impl Scheduler {
             ),
             s => tracing::warn!(state = s.as_str(), warning = run.warning.as_deref().unwrap_or(""), "run ended"),
         }
-        if let Err(e) = self.inner.store.save_run(&run) {
-            tracing::error!(error = %e, "cannot record the run's end");
+        // The end must be recorded before the policy may run again (a full
+        // state disk, a locked database): retry with backoff until it is, or
+        // until the agent stops (the next start marks the run interrupted).
+        let mut delay = Duration::from_secs(1);
+        while let Err(e) = self.inner.store.save_run(&run) {
+            tracing::error!(error = %e, retry_in_s = delay.as_secs(), "cannot record the run's end; retrying");
+            tokio::select! {
+                _ = self.inner.cancel.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(60));
         }
         self.inner.metrics.run_ended(&policy, &run);
         // Schedule bookkeeping, for backups the scheduler started.
