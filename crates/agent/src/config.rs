@@ -107,6 +107,16 @@ pub struct ServeArgs {
     /// The namespace the agent runs in, for its own objects [default: $POD_NAMESPACE, else soda-syncer].
     #[arg(long, env = "POD_NAMESPACE")]
     pub namespace: Option<String>,
+    /// The SODA API server (hotpot), e.g. http://soda:50040: mirror CSI
+    /// volumes there and take backup policy from its profiles (needs
+    /// Kubernetes). Auth from OPENSDS_AUTH_STRATEGY, OPENSDS_TENANT_ID and
+    /// the OS_* variables [default: off].
+    #[arg(long, env = "OPENSDS_ENDPOINT")]
+    pub soda_endpoint: Option<String>,
+    /// How often SODA's profiles are read and its volumes brought up to
+    /// date, 1 to 3600 [default: 30].
+    #[arg(long, env = "SODA_SYNCER_SODA_POLL_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub soda_poll_seconds: Option<u64>,
 }
 
 /// Whether to connect to a Kubernetes API server.
@@ -152,6 +162,8 @@ struct FileConfig {
     namespace: Option<String>,
     request_read_timeout_seconds: Option<u64>,
     deadline_grace_seconds: Option<u64>,
+    soda_endpoint: Option<String>,
+    soda_poll_seconds: Option<u64>,
 }
 
 /// The resolved configuration the daemon runs with. Tests build it directly.
@@ -204,6 +216,10 @@ pub struct Config {
     /// Added to a policy's next slot and jitter to give its backup
     /// deadline; `None`: one period of its schedule.
     pub deadline_grace: Option<Duration>,
+    /// The SODA API server; `None`: no SODA sync.
+    pub soda_endpoint: Option<String>,
+    /// How often SODA's profiles are polled and its volumes synced.
+    pub soda_poll: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -255,6 +271,8 @@ impl Config {
             require_mountpoints: true,
             request_read_timeout: Duration::from_secs(20),
             deadline_grace: None,
+            soda_endpoint: None,
+            soda_poll: Duration::from_secs(30),
         }
     }
 
@@ -354,6 +372,11 @@ impl Config {
             c.request_read_timeout = Duration::from_secs(v);
         }
         c.deadline_grace = args.deadline_grace_seconds.or(file.deadline_grace_seconds).map(Duration::from_secs);
+        c.soda_endpoint =
+            args.soda_endpoint.clone().or(file.soda_endpoint).map(|e| e.trim().to_string()).filter(|e| !e.is_empty());
+        if let Some(v) = args.soda_poll_seconds.or(file.soda_poll_seconds) {
+            c.soda_poll = Duration::from_secs(v);
+        }
         c.validate()?;
         Ok(c)
     }
@@ -398,6 +421,17 @@ impl Config {
         }
         if self.request_read_timeout.is_zero() {
             return Err(ConfigError::Invalid("--request-read-timeout-seconds must be at least 1".into()));
+        }
+        if !(1..=3600).contains(&self.soda_poll.as_secs()) {
+            return Err(ConfigError::Invalid("--soda-poll-seconds must be between 1 and 3600".into()));
+        }
+        if let Some(e) = &self.soda_endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "--soda-endpoint {:?} is not an http:// or https:// URL",
+                    soda_syncer_domain::secret::redact_url(e)
+                )));
+            }
         }
         if self.hook_timeout.is_zero() {
             return Err(ConfigError::Invalid("--hook-timeout-seconds must be at least 1".into()));

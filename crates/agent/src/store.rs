@@ -780,6 +780,16 @@ impl Store {
     }
 
     /// Repositories whose prune or check is due.
+    /// Every repository's maintenance bookkeeping (for /metrics).
+    pub fn repositories(&self) -> Result<Vec<RepoMaintenance>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT key, next_prune_at, last_prune_at, next_check_at, last_check_at FROM repositories ORDER BY key",
+        )?;
+        let rows = stmt.query_map([], RepoMaintenance::from_row)?.collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     pub fn due_repositories(&self, now: DateTime<Utc>) -> Result<Vec<RepoMaintenance>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(

@@ -80,6 +80,14 @@ pub struct RepositorySpec {
     /// `url`, `password` and `env`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretRef>,
+    /// A SODA profile (its id) whose `customProperties` hold the repository
+    /// (`RESTIC_REPOSITORY`, `RESTIC_PASSWORD`, storage keys), read from SODA
+    /// when each run starts (the copy polled last when SODA does not answer)
+    /// and never stored by the agent. Set by the Kubernetes adapter for
+    /// claims whose profile names a repository; instead of `url`,
+    /// `password`, `env` and `secretRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soda_profile: Option<String>,
     #[serde(default, skip_serializing)]
     #[schema(ignore)]
     pub password_set: Option<IgnoredAny>,
@@ -320,6 +328,24 @@ impl PolicySpec {
                 return Err(FieldError::new("repository.secretRef", "namespace and name must be Kubernetes names"));
             }
         }
+        if let Some(id) = &self.repository.soda_profile {
+            let r = &self.repository;
+            if r.url.is_some() || r.password.is_some() || !r.env.is_empty() || r.secret_ref.is_some() {
+                return Err(FieldError::new(
+                    "repository.sodaProfile",
+                    "the repository comes from the SODA profile: leave url, password, env and secretRef out",
+                ));
+            }
+            let ok = !id.is_empty()
+                && id.len() <= 255
+                && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !ok {
+                return Err(FieldError::new(
+                    "repository.sodaProfile",
+                    "a SODA profile id is 1 to 255 letters, digits, '-', '_' or '.'",
+                ));
+            }
+        }
         if let Some(pw) = &self.repository.password {
             if pw.is_empty() {
                 return Err(FieldError::new("repository.password", "the repository password may not be empty"));
@@ -408,12 +434,13 @@ impl PolicySpec {
     /// The repository URL, which the agent has filled in by the time a
     /// policy is stored.
     /// What identifies the repository (for its maintenance bookkeeping):
-    /// its URL, or the Secret that names it.
+    /// its URL, or the Secret or SODA profile that names it.
     pub fn repository_url(&self) -> std::borrow::Cow<'_, str> {
-        match (&self.repository.url, &self.repository.secret_ref) {
-            (Some(u), _) => u.as_str().into(),
-            (None, Some(r)) => format!("secret:{}/{}", r.namespace, r.name).into(),
-            (None, None) => "".into(),
+        match (&self.repository.url, &self.repository.secret_ref, &self.repository.soda_profile) {
+            (Some(u), _, _) => u.as_str().into(),
+            (None, Some(r), _) => format!("secret:{}/{}", r.namespace, r.name).into(),
+            (None, None, Some(p)) => format!("soda-profile:{p}").into(),
+            (None, None, None) => "".into(),
         }
     }
 }
@@ -492,6 +519,13 @@ mod tests {
             (json!({"tags": ["a,b"]}), "tags[0]"),
             (json!({"exclude": [""]}), "exclude[0]"),
             (json!({"consistency": {"maxFreezeMs": 0}}), "consistency.maxFreezeMs"),
+            (json!({"repository": {"sodaProfile": "p1", "url": "/r"}}), "repository.sodaProfile"),
+            (
+                json!({"repository": {"sodaProfile": "p1", "secretRef": {"namespace": "a", "name": "b"}}}),
+                "repository.sodaProfile",
+            ),
+            (json!({"repository": {"sodaProfile": "a/b"}}), "repository.sodaProfile"),
+            (json!({"repository": {"sodaProfile": ""}}), "repository.sodaProfile"),
         ];
         for (patch, field) in cases {
             let mut v = base();
@@ -500,6 +534,16 @@ mod tests {
             assert_eq!(err.field, field, "{patch}");
             assert!(!err.message.is_empty());
         }
+    }
+
+    #[test]
+    fn a_soda_profile_names_the_repository_alone() {
+        let mut v = base();
+        v["repository"] = json!({"sodaProfile": "1106b972-66ef-11e7-b172-db03f3689c9c"});
+        let s = spec(v).unwrap();
+        assert!(s.validate(Utc::now()).is_ok());
+        assert_eq!(s.repository_url(), "soda-profile:1106b972-66ef-11e7-b172-db03f3689c9c");
+        assert_eq!(serde_json::to_value(&s).unwrap()["repository"], json!({"sodaProfile": s.repository.soda_profile}));
     }
 
     #[test]

@@ -175,6 +175,13 @@ struct RecordedLabels {
     state: String,
 }
 
+/// A repository by the hash the agent keys it with (never its URL, which
+/// may carry a password).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RepoLabel {
+    repository: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AuthLabel {
     route: &'static str,
@@ -197,6 +204,7 @@ struct PolicyRow {
 struct Scrape {
     policies: Vec<PolicyRow>,
     recorded: Vec<(String, String, u64)>,
+    repositories: Vec<crate::store::RepoMaintenance>,
 }
 
 fn read(sched: &Scheduler, now: DateTime<Utc>) -> Result<Scrape, StoreError> {
@@ -225,7 +233,7 @@ fn read(sched: &Scheduler, now: DateTime<Utc>) -> Result<Scrape, StoreError> {
                 .map(|r| (r.state.as_str(), r.state.is_clean_success())),
         });
     }
-    Ok(Scrape { policies, recorded: store.run_counts()? })
+    Ok(Scrape { policies, recorded: store.run_counts()?, repositories: store.repositories()? })
 }
 
 fn gauges<L>(
@@ -337,6 +345,26 @@ impl Collector for StateCollector {
                 .recorded
                 .iter()
                 .map(|(kind, state, n)| (RecordedLabels { kind: kind.clone(), state: state.clone() }, *n as i64)),
+        )?;
+        let repo_times = |f: fn(&crate::store::RepoMaintenance) -> Option<DateTime<Utc>>| {
+            scrape
+                .repositories
+                .iter()
+                .map(move |m| (RepoLabel { repository: m.key.clone() }, f(m).map(|t| t.timestamp()).unwrap_or(0)))
+        };
+        gauges(
+            &mut enc,
+            "soda_syncer_repository_last_prune_timestamp",
+            "When this agent last pruned the repository successfully, in Unix seconds (0: never; another node's agent may be its maintainer).",
+            secs,
+            repo_times(|m| m.last_prune_at),
+        )?;
+        gauges(
+            &mut enc,
+            "soda_syncer_repository_last_check_timestamp",
+            "When this agent last checked the repository successfully, in Unix seconds (0: never).",
+            secs,
+            repo_times(|m| m.last_check_at),
         )?;
         gauge(&mut enc, "soda_syncer_queue_depth", "Runs waiting for a free slot.", self.sched.queue_depth() as i64)?;
         gauge(&mut enc, "soda_syncer_running_runs", "Runs executing now.", self.sched.running_count() as i64)?;

@@ -77,6 +77,9 @@ pub struct RepositoryView {
     /// The Kubernetes Secret the keys are read from at each run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<soda_syncer_domain::SecretRef>,
+    /// The SODA profile (id) the repository and its keys are read from at each run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soda_profile: Option<String>,
 }
 
 /// The agent's own view of a policy's health, beside the user's `paused`.
@@ -309,6 +312,7 @@ pub fn policy_view(p: &PolicyRecord, last: Option<&RunRecord>) -> PolicyView {
                 .map(|(k, v)| (k.clone(), v.as_ref().is_some_and(|v| !v.is_empty())))
                 .collect(),
             secret_ref: s.repository.secret_ref.clone(),
+            soda_profile: s.repository.soda_profile.clone(),
         },
         schedule: s.schedule.clone(),
         jitter_seconds: s.jitter_seconds,

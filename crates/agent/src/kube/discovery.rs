@@ -118,7 +118,10 @@ const ALL_SYNCED: u8 = 0b11111;
 #[derive(Default)]
 pub struct View {
     state: Mutex<State>,
-    changed: Notify,
+    /// Wakes the reconciler (a watch saw a change, or SODA's profiles did).
+    pub(super) changed: Notify,
+    /// SODA's profiles, when the agent talks to SODA.
+    pub(super) profiles: std::sync::OnceLock<Arc<super::profiles::Profiles>>,
 }
 
 impl View {
@@ -511,11 +514,18 @@ async fn reconcile_loop(view: Arc<View>, sched: Scheduler, reporter: Reporter, c
 }
 
 /// The policy a claim asks for.
-fn wanted_spec(v: &DiscoveredVolume, o: &OptIn, path: &std::path::Path, paused: bool) -> Result<PolicySpec, String> {
+fn wanted_spec(
+    v: &DiscoveredVolume,
+    o: &OptIn,
+    soda_profile: Option<&str>,
+    path: &std::path::Path,
+    paused: bool,
+) -> Result<PolicySpec, String> {
     let name = annotations::policy_name(&v.namespace, &v.claim, |s| crate::ids::short_hash(&[s])[..8].to_string());
-    let repository = match &o.secret {
-        Some(s) => serde_json::json!({ "secretRef": { "namespace": v.namespace, "name": s } }),
-        None => serde_json::json!({}),
+    let repository = match (soda_profile, &o.secret) {
+        (Some(p), _) => serde_json::json!({ "sodaProfile": p }),
+        (None, Some(s)) => serde_json::json!({ "secretRef": { "namespace": v.namespace, "name": s } }),
+        (None, None) => serde_json::json!({}),
     };
     serde_json::from_value(serde_json::json!({
         "name": name,
@@ -536,6 +546,7 @@ fn wanted_spec(v: &DiscoveredVolume, o: &OptIn, path: &std::path::Path, paused: 
 fn same(have: &PolicySpec, want: &PolicySpec) -> bool {
     have.source == want.source
         && have.repository.secret_ref == want.repository.secret_ref
+        && have.repository.soda_profile == want.repository.soda_profile
         && have.schedule == want.schedule
         && have.jitter_seconds == want.jitter_seconds
         && have.retention == want.retention
@@ -566,6 +577,8 @@ async fn reconcile(
         tracing::debug!(claim = %key, place = ?v.place, "opted-in claim");
         let existing = ours.remove(&key);
         let claim_node = view.claim(&key).and_then(|c| c.annotations.get(annotations::status_keys::NODE).cloned());
+        // SODA wins for policy: what the claim's profile sets replaces its annotations.
+        let mut profiled = None;
         let problem = match (&v.place, &v.opt_in) {
             (VolumePlace::NotHere(why), _) => {
                 if let Some(p) = existing.filter(|p| p.status_message.as_deref() != Some(why.as_str())) {
@@ -575,24 +588,21 @@ async fn reconcile(
             }
             (VolumePlace::Unsupported(why), _) => Some(("VolumeUnsupported", why.clone())),
             (_, Err(e)) => Some(("InvalidAnnotation", format!("annotation {}: {}", e.field, e.message))),
-            (VolumePlace::Path(path), Ok(o)) if o.profile.is_some() && o.secret.is_none() => {
-                let _ = path;
-                Some((
-                    "ProfileNotApplied",
-                    format!(
-                        "the claim names SODA profile {:?}, but this agent has no SODA endpoint to read it from; name a Secret with soda-syncer.io/secret or configure --soda-endpoint",
-                        o.profile.as_deref().unwrap_or_default()
-                    ),
-                ))
-            }
-            (VolumePlace::Path(_), Ok(_)) => None,
+            (VolumePlace::Path(_), Ok(o)) => match super::profiles::apply(view.profiles.get().map(|p| &**p), o) {
+                super::profiles::Applied::Policy { opt_in, soda_profile } => {
+                    profiled = Some((opt_in, soda_profile));
+                    None
+                }
+                super::profiles::Applied::Problem { reason, message } => Some((reason, message)),
+            },
         };
         if let Some((reason, message)) = problem {
             tracing::warn!(claim = %key, reason, %message, "claim opted in but not backed up as asked");
             reporter.claim_problem(&v.namespace, &v.claim, reason, &message).await;
-            // A typo in an annotation keeps the last good settings running;
-            // a volume that cannot be read pauses its policy.
-            if reason == "VolumeUnsupported" {
+            // A typo in an annotation (or a profile) keeps the last good
+            // settings running; a volume that cannot be read, or a profile
+            // that is gone, pauses its policy.
+            if reason == "VolumeUnsupported" || super::profiles::PAUSING.contains(&reason) {
                 if let Some(p) = existing.filter(|p| p.status_message.as_deref() != Some(message.as_str())) {
                     let _ = sched.set_status(&p.id, PolicyStatus::VolumeGone, Some(message));
                 }
@@ -600,14 +610,18 @@ async fn reconcile(
             continue;
         }
         let (VolumePlace::Path(path), Ok(o)) = (&v.place, &v.opt_in) else { continue };
+        let (o, profile) = match &profiled {
+            Some((o, p)) => (&**o, p.as_deref()),
+            None => (o, None),
+        };
         let result = match &existing {
-            None => wanted_spec(v, o, path, false).map_err(|e| e.to_string()).and_then(|spec| {
+            None => wanted_spec(v, o, profile, path, false).map_err(|e| e.to_string()).and_then(|spec| {
                 sched
                     .create_policy(spec, Origin::Kubernetes, Some(v.pv.clone()), Some(format!("{KEY_PREFIX}{key}")))
                     .map(|p| (p, "BackupPolicyCreated"))
                     .map_err(|e| e.to_string())
             }),
-            Some(p) => wanted_spec(v, o, path, p.spec.paused).map_err(|e| e.to_string()).and_then(|spec| {
+            Some(p) => wanted_spec(v, o, profile, path, p.spec.paused).map_err(|e| e.to_string()).and_then(|spec| {
                 let mut updated = if same(&p.spec, &spec) {
                     Ok((p.clone(), ""))
                 } else {

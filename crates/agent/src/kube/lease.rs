@@ -190,3 +190,33 @@ impl crate::restic::InitGuard for InitLeases {
         })
     }
 }
+
+/// One maintainer per repository across the cluster: the first agent whose
+/// scheduled prune or check comes takes the repository's Lease for a whole
+/// maintenance period and renews it each time; the others skip theirs while
+/// it holds. If the maintainer's node goes away, its Lease expires one
+/// period later and the next agent takes over.
+pub struct MaintainerLeases {
+    pub client: kube::Client,
+    pub namespace: String,
+    pub holder: String,
+    pub period: Duration,
+}
+
+impl crate::scheduler::Maintainership for MaintainerLeases {
+    fn is_maintainer<'a>(&'a self, repo_key: &'a str) -> futures_util::future::BoxFuture<'a, bool> {
+        Box::pin(async move {
+            let name = format!("soda-syncer-maint-{}", &repo_key[..repo_key.len().min(16)]);
+            let lock = LeaseLock::new(self.client.clone(), &self.namespace, &name, &self.holder, self.period);
+            match lock.try_hold().await {
+                Ok(held) => held,
+                Err(e) => {
+                    // Two maintainers are safe (restic's exclusive lock keeps
+                    // their prunes apart), none is not.
+                    tracing::warn!(lease = %name, error = %e, "cannot ask who maintains the repository; maintaining it");
+                    true
+                }
+            }
+        })
+    }
+}

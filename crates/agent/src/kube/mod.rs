@@ -5,13 +5,17 @@
 //! `kubernetes`, reads repository keys from Secrets when a run starts
 //! (`secrets`), writes each result back onto the claim as annotations and
 //! Events (`status`), and spreads the legacy `POST /snapshot` to every node
-//! (`fanout`).
+//! (`fanout`). With `--soda-endpoint`, every agent takes policy from SODA's
+//! profiles (`profiles`) and one leader mirrors the cluster's CSI volumes
+//! in SODA (`soda_sync`).
 
 mod discovery;
 mod exec;
 mod fanout;
 pub mod lease;
+mod profiles;
 mod secrets;
+mod soda_sync;
 mod status;
 
 pub use discovery::{DiscoveredVolume, VolumePlace};
@@ -37,6 +41,8 @@ pub enum KubeError {
     Api(#[from] kube::Error),
     #[error("this node {node:?} is not known to the API server: {message}")]
     NoNode { node: String, message: String },
+    #[error("the SODA client cannot be set up: {0}")]
+    Soda(#[from] crate::soda::SodaError),
 }
 
 const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
@@ -75,10 +81,29 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
     let config = sched.config();
     let Some(client) = client(config).await? else {
         tracing::info!("Kubernetes discovery is off");
+        if config.soda_endpoint.is_some() {
+            tracing::warn!(
+                "--soda-endpoint is set, but the SODA sync works through Kubernetes, which is off: no SODA sync"
+            );
+        }
         return Ok(None);
     };
     tracing::info!(node = %config.node_name, "Kubernetes discovery is on");
-    sched.set_secret_source(std::sync::Arc::new(secrets::Secrets::new(client.clone())));
+    let soda = match &config.soda_endpoint {
+        Some(endpoint) => Some(std::sync::Arc::new(profiles::Profiles::from_env(endpoint)?)),
+        None => None,
+    };
+    let secrets = secrets::Secrets::new(client.clone());
+    match &soda {
+        Some(p) => sched.set_secret_source(std::sync::Arc::new(profiles::Sources { secrets, profiles: p.clone() })),
+        None => sched.set_secret_source(std::sync::Arc::new(secrets)),
+    }
+    sched.set_maintainership(std::sync::Arc::new(lease::MaintainerLeases {
+        client: client.clone(),
+        namespace: config.namespace.clone(),
+        holder: config.node_name.clone(),
+        period: config.prune_every.max(config.check_every) + std::time::Duration::from_secs(86_400),
+    }));
     sched.restic().set_init_guard(std::sync::Arc::new(lease::InitLeases {
         client: client.clone(),
         namespace: config.namespace.clone(),
@@ -86,6 +111,13 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
     }));
     let mut tasks = tokio::task::JoinSet::new();
     let view = std::sync::Arc::new(discovery::View::default());
+    if let Some(p) = &soda {
+        let _ = view.profiles.set(p.clone());
+        tracing::info!(endpoint = %p.client().endpoint(), auth = p.client().config().auth.kind(),
+            poll_seconds = config.soda_poll.as_secs(), "SODA sync is on");
+        tasks.spawn(p.clone().poll_loop(view.clone(), config.soda_poll, cancel.clone()));
+        tasks.spawn(soda_sync::SodaSync::new(client.clone(), p.clone(), config).run(cancel.clone()));
+    }
     sched.set_pod_hooks(std::sync::Arc::new(exec::PodExec::new(client.clone(), view.clone())));
     let reporter = status::Reporter::new(client.clone(), config, view.clone());
     discovery::start(client.clone(), sched.clone(), reporter.clone(), view, &mut tasks, cancel.clone());

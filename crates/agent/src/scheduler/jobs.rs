@@ -519,6 +519,20 @@ impl Scheduler {
         token: &CancellationToken,
     ) -> Result<RunState, RunError> {
         let p: MaintenanceParams = params(run)?;
+        // Scheduled prune and check: only the repository's maintainer in the
+        // cluster runs them (asked by hand, they always run).
+        if run.trigger == RunTrigger::Schedule && (p.prune || p.check) {
+            if let Some(m) = self.inner.maintainership.get() {
+                let key = crate::ids::short_hash(&[&policy.spec.repository_url()]);
+                if !m.is_maintainer(&key).await {
+                    run.warning = Some(format!(
+                        "{MAINTENANCE_SKIPPED}: another node's agent maintains this repository (Lease soda-syncer-maint-{})",
+                        &key[..key.len().min(16)]
+                    ));
+                    return Ok(RunState::Succeeded);
+                }
+            }
+        }
         let repo = self.repo_for(policy).await?;
         let _exclusive = self.repo_lock(&repo, true, token).await?;
         let mut summary = RunSummary::default();
@@ -565,6 +579,9 @@ impl Scheduler {
         let key = crate::ids::short_hash(&[&policy.spec.repository_url()]);
         let Ok(Some(mut m)) = self.inner.store.repository_maintenance(&key) else { return };
         let now = Utc::now();
+        if run.warning.as_deref().is_some_and(|w| w.starts_with(MAINTENANCE_SKIPPED)) {
+            return; // its next times were set when it was queued; nothing was done
+        }
         let ok = run.state == RunState::Succeeded;
         if p.prune {
             if ok {
@@ -585,6 +602,9 @@ impl Scheduler {
         }
     }
 }
+
+/// How a scheduled maintenance run that another agent does instead begins its warning.
+const MAINTENANCE_SKIPPED: &str = "skipped";
 
 /// A drill restores at most this many files by name (`--include` each);
 /// a drill of every file restores the whole snapshot instead.

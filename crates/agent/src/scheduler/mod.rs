@@ -79,6 +79,7 @@ struct Inner {
     finished: tokio::sync::broadcast::Sender<RunRecord>,
     /// Where policies with a `repository.secretRef` get their keys.
     secrets: std::sync::OnceLock<Arc<dyn SecretSource>>,
+    maintainership: std::sync::OnceLock<Arc<dyn Maintainership>>,
     legacy_publisher: std::sync::OnceLock<Arc<dyn legacy::LegacyPublisher>>,
     /// Runs the application hooks of the pods that use a claim.
     pod_hooks: std::sync::OnceLock<Arc<dyn PodHooks>>,
@@ -88,6 +89,13 @@ struct Inner {
     next_drill: Mutex<Option<DateTime<Utc>>>,
 }
 
+/// Across a cluster, one agent maintains (prunes and checks) each
+/// repository; the others skip their scheduled maintenance of it.
+pub trait Maintainership: Send + Sync {
+    /// Whether this agent is (or now becomes) the repository's maintainer.
+    fn is_maintainer<'a>(&'a self, repo_key: &'a str) -> futures_util::future::BoxFuture<'a, bool>;
+}
+
 /// Reads a repository's keys from a secret store when a run starts, so
 /// they are never copied into the agent's database.
 pub trait SecretSource: Send + Sync {
@@ -95,6 +103,24 @@ pub trait SecretSource: Send + Sync {
         &'a self,
         r: &'a soda_syncer_domain::SecretRef,
     ) -> futures_util::future::BoxFuture<'a, Result<Repo, RunError>>;
+
+    /// The repository a SODA profile names (`repository.sodaProfile`), read
+    /// when a run starts. Sources without a SODA connection have none.
+    fn profile_repository<'a>(
+        &'a self,
+        profile_id: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<Repo, RunError>> {
+        Box::pin(async move { Err(no_soda(profile_id)) })
+    }
+}
+
+fn no_soda(profile_id: &str) -> RunError {
+    RunError {
+        code: "secrets_unavailable".into(),
+        message: format!(
+            "the repository is named by SODA profile {profile_id:?}, but this agent has no SODA connection (start it with --kubernetes on and --soda-endpoint)"
+        ),
+    }
 }
 
 /// One application hook to run in a pod's container (`pods/exec`).
@@ -160,6 +186,7 @@ impl Scheduler {
                 snapshot_cache: Mutex::default(),
                 finished: tokio::sync::broadcast::channel(256).0,
                 secrets: std::sync::OnceLock::new(),
+                maintainership: std::sync::OnceLock::new(),
                 legacy_publisher: std::sync::OnceLock::new(),
                 pod_hooks: std::sync::OnceLock::new(),
                 drills_checked: Mutex::new(None),
@@ -185,6 +212,11 @@ impl Scheduler {
     pub fn subscribe_finished(&self) -> tokio::sync::broadcast::Receiver<RunRecord> {
         self.inner.finished.subscribe()
     }
+    /// Set once, by the adapter that coordinates the agents of a cluster.
+    pub fn set_maintainership(&self, m: Arc<dyn Maintainership>) {
+        let _ = self.inner.maintainership.set(m);
+    }
+
     /// Set once, by the adapter that can read referenced secrets.
     pub fn set_secret_source(&self, source: Arc<dyn SecretSource>) {
         let _ = self.inner.secrets.set(source);
@@ -196,8 +228,14 @@ impl Scheduler {
     }
 
     /// How to reach a policy's repository: its stored keys, or those in the
-    /// Secret it references, read now.
+    /// Secret or SODA profile it references, read now.
     pub async fn repo_for(&self, policy: &PolicyRecord) -> Result<Repo, RunError> {
+        if let Some(id) = &policy.spec.repository.soda_profile {
+            return match self.inner.secrets.get() {
+                Some(source) => source.profile_repository(id).await,
+                None => Err(no_soda(id)),
+            };
+        }
         match &policy.spec.repository.secret_ref {
             None => Ok(repo_of(policy)),
             Some(r) => match self.inner.secrets.get() {

@@ -88,8 +88,8 @@ impl Scheduler {
     /// state directory, with its generated password).
     fn apply_defaults(&self, spec: &mut PolicySpec) -> Result<(), FieldError> {
         let config = self.config();
-        if spec.repository.secret_ref.is_some() {
-            return Ok(()); // its keys are read from the Secret at each run
+        if spec.repository.secret_ref.is_some() || spec.repository.soda_profile.is_some() {
+            return Ok(()); // its keys are read from the Secret or SODA profile at each run
         }
         if spec.repository.url.is_none() {
             match &config.default_repository {
@@ -134,6 +134,13 @@ impl Scheduler {
             )
             .into());
         }
+        if spec.repository.soda_profile.is_some() && origin != Origin::Kubernetes {
+            return Err(FieldError::new(
+                "repository.sodaProfile",
+                "only policies made from Kubernetes claims may reference a SODA profile; give url and password instead",
+            )
+            .into());
+        }
         check_supported(self.config(), &spec)?;
         check_source(self.config(), &spec.source.path)?;
         self.apply_defaults(&mut spec)?;
@@ -173,11 +180,19 @@ impl Scheduler {
             )
             .into());
         }
+        if spec.repository.soda_profile.is_some() && p.origin != Origin::Kubernetes {
+            return Err(FieldError::new(
+                "repository.sodaProfile",
+                "only policies made from Kubernetes claims may reference a SODA profile; give url and password instead",
+            )
+            .into());
+        }
         check_supported(self.config(), &spec)?;
         check_source(self.config(), &spec.source.path)?;
         // A URL sent back as shown (its password redacted) means "unchanged".
         let shown = p.spec.repository.url.as_deref().map(soda_syncer_domain::secret::redact_url);
-        if spec.repository.secret_ref.is_none() && (spec.repository.url.is_none() || spec.repository.url == shown) {
+        let by_reference = spec.repository.secret_ref.is_some() || spec.repository.soda_profile.is_some();
+        if !by_reference && (spec.repository.url.is_none() || spec.repository.url == shown) {
             spec.repository.url = p.spec.repository.url.clone();
         }
         if spec.repository.password.is_none() && spec.repository.url == p.spec.repository.url {

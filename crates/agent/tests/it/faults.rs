@@ -584,7 +584,11 @@ async fn a_full_state_disk_is_refused_clearly_loses_nothing_and_recovers() {
         if r["state"] != "running" && r["state"] != "queued" {
             break r;
         }
-        assert!(Instant::now() < deadline, "the run that ended while full was never recorded: {r}\n{}", agent.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "the run that ended while full was never recorded: {r}\n{}",
+            agent.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let busy_policy = agent.get(&format!("/v1/policies/{busy}")).await;

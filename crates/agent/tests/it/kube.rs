@@ -10,28 +10,28 @@ use std::time::{Duration, Instant};
 
 use crate::support::{count_state, fill, restic, AgentProc, BindMount};
 
-fn b64(s: &str) -> Value {
+pub(crate) fn b64(s: &str) -> Value {
     serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec())).unwrap()
 }
 
 /// One node of the test cluster: its kubelet root, state and agent.
-struct Node {
-    name: String,
-    kubelet: PathBuf,
-    state: PathBuf,
-    mounts: Vec<BindMount>,
-    agent: Option<AgentProc>,
+pub(crate) struct Node {
+    pub(crate) name: String,
+    pub(crate) kubelet: PathBuf,
+    pub(crate) state: PathBuf,
+    pub(crate) mounts: Vec<BindMount>,
+    pub(crate) agent: Option<AgentProc>,
 }
 
-struct Cluster {
-    api: KubeStandin,
-    dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-    repo: PathBuf,
+pub(crate) struct Cluster {
+    pub(crate) api: KubeStandin,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) kubeconfig: PathBuf,
+    pub(crate) repo: PathBuf,
 }
 
 impl Cluster {
-    async fn new() -> Cluster {
+    pub(crate) async fn new() -> Cluster {
         let api = KubeStandin::start().await;
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
@@ -49,7 +49,7 @@ impl Cluster {
         Cluster { api, dir, kubeconfig, repo }
     }
 
-    fn node(&self, name: &str) -> Node {
+    pub(crate) fn node(&self, name: &str) -> Node {
         self.api
             .apply(json!({"apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}}}))
@@ -65,27 +65,28 @@ impl Cluster {
         }
     }
 
-    fn start(&self, node: &mut Node) {
+    pub(crate) fn start(&self, node: &mut Node) {
+        self.start_with(node, &[]);
+    }
+
+    pub(crate) fn start_with(&self, node: &mut Node, extra: &[&str]) {
         let (kc, kd) = (self.kubeconfig.display().to_string(), node.kubelet.display().to_string());
-        node.agent = Some(
-            AgentProc::start(
-                &node.state,
-                &[
-                    "--kubernetes=on",
-                    &format!("--kubeconfig={kc}"),
-                    &format!("--kubelet-dir={kd}"),
-                    &format!("--node-name={}", node.name),
-                    "--namespace=soda-syncer",
-                    "--rescan-seconds=1",
-                ],
-            )
-            .unwrap(),
-        );
+        let mut args = vec![
+            "--kubernetes=on".to_string(),
+            format!("--kubeconfig={kc}"),
+            format!("--kubelet-dir={kd}"),
+            format!("--node-name={}", node.name),
+            "--namespace=soda-syncer".into(),
+            "--rescan-seconds=1".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        node.agent = Some(AgentProc::start(&node.state, &args).unwrap());
     }
 
     /// A claim bound to a CSI volume, used by a running pod on `node`, its
     /// data really mounted where the kubelet would mount it.
-    fn csi_claim(&self, node: &mut Node, claim: &str, annotations: Value) -> PathBuf {
+    pub(crate) fn csi_claim(&self, node: &mut Node, claim: &str, annotations: Value) -> PathBuf {
         let pv = format!("pv-{claim}");
         self.api
             .apply(json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
@@ -120,7 +121,7 @@ impl Cluster {
         data
     }
 
-    fn claim(&self, claim: &str, pv: &str, annotations: Value) {
+    pub(crate) fn claim(&self, claim: &str, pv: &str, annotations: Value) {
         self.api
             .apply(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                 "metadata": {"name": claim, "namespace": "app", "annotations": annotations},
@@ -130,11 +131,11 @@ impl Cluster {
             .unwrap();
     }
 
-    fn pvc(&self, claim: &str) -> Value {
+    pub(crate) fn pvc(&self, claim: &str) -> Value {
         self.api.get("v1", "PersistentVolumeClaim", Some("app"), claim).unwrap_or(Value::Null)
     }
 
-    fn annotate(&self, claim: &str, key: &str, value: Option<&str>) {
+    pub(crate) fn annotate(&self, claim: &str, key: &str, value: Option<&str>) {
         let mut pvc = self.pvc(claim);
         let a = pvc["metadata"]["annotations"].as_object_mut().unwrap();
         match value {
@@ -146,7 +147,7 @@ impl Cluster {
     }
 
     /// The reasons of the Events about a claim, oldest first.
-    fn event_reasons(&self, claim: &str) -> Vec<String> {
+    pub(crate) fn event_reasons(&self, claim: &str) -> Vec<String> {
         self.api
             .list("events.k8s.io/v1", "Event", Some("app"))
             .into_iter()
@@ -156,7 +157,7 @@ impl Cluster {
     }
 }
 
-async fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) async fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         if let Some(v) = f() {
@@ -167,7 +168,7 @@ async fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
-async fn policy_named(agent: &AgentProc, name: &str, secs: u64) -> Value {
+pub(crate) async fn policy_named(agent: &AgentProc, name: &str, secs: u64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let (st, v) = agent.call("GET", &format!("/v1/policies/{name}"), None).await;
@@ -179,7 +180,13 @@ async fn policy_named(agent: &AgentProc, name: &str, secs: u64) -> Value {
     }
 }
 
-async fn wait_policy(agent: &AgentProc, name: &str, secs: u64, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_policy(
+    agent: &AgentProc,
+    name: &str,
+    secs: u64,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let v = agent.get(&format!("/v1/policies/{name}")).await;
@@ -481,4 +488,33 @@ async fn pod_hooks_run_around_the_backup_through_pods_exec() {
         crate::support::children_named(std::process::id(), "sleep").is_empty().then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn one_agent_maintains_a_repository_shared_across_nodes() {
+    let c = Cluster::new().await;
+    let (mut a, mut b) = (c.node("node-a"), c.node("node-b"));
+    let opt_in = json!({"soda-syncer.io/backup": "true", "soda-syncer.io/secret": "repo-keys"});
+    c.csi_claim(&mut a, "shared-a", opt_in.clone());
+    c.csi_claim(&mut b, "shared-b", opt_in);
+    let fast = ["--prune-every-seconds=2", "--check-every-seconds=2", "--maintenance-jitter-seconds=0"];
+    c.start_with(&mut a, &fast);
+    c.start_with(&mut b, &fast);
+    let (agent_a, agent_b) = (a.agent.as_ref().unwrap(), b.agent.as_ref().unwrap());
+    let pa = policy_named(agent_a, "app-shared-a", 30).await;
+    let pb = policy_named(agent_b, "app-shared-b", 30).await;
+    let maint = |r: &Value| matches!(r["kind"].as_str(), Some("prune" | "check")) && r["state"] == "succeeded";
+    let done = |r: &Value| maint(r) && r["warning"].is_null();
+    let skipped = |r: &Value| maint(r) && r["warning"].as_str().is_some_and(|w| w.starts_with("skipped"));
+    let ra = agent_a.wait_runs(pa["id"].as_str().unwrap(), 90, "maintenance on a", |r| r.iter().any(maint)).await;
+    let rb = agent_b.wait_runs(pb["id"].as_str().unwrap(), 90, "maintenance on b", |r| r.iter().any(maint)).await;
+    let lease = c.api.list("coordination.k8s.io/v1", "Lease", Some("soda-syncer"));
+    let maintainer = lease
+        .iter()
+        .find(|l| l["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("soda-syncer-maint-")))
+        .map(|l| l["spec"]["holderIdentity"].as_str().unwrap_or("").to_string())
+        .unwrap_or_else(|| panic!("no maintenance Lease: {lease:?}"));
+    let (mine, other) = if maintainer == "node-a" { (&ra, &rb) } else { (&rb, &ra) };
+    assert!(mine.iter().any(done) && !mine.iter().any(skipped), "the maintainer maintains: {mine:?}");
+    assert!(other.iter().any(skipped) && !other.iter().any(done), "the other skips: {other:?}");
 }

@@ -1,0 +1,327 @@
+//! The SODA sync with real agent binaries, the real restic and real bind
+//! mounts, against both stand-ins: the Kubernetes API server
+//! (`soda_syncer_standin::kube`, list/watch, Leases with 409 on a stale
+//! resourceVersion, Events) and the SODA hotpot API server
+//! (`soda_syncer_standin::soda`: 202 on volume create and delete, the dock's
+//! `creating` → `available`, merge-only metadata, `{code, message}` errors,
+//! connection refused while stopped with the data kept).
+//!
+//! Kubernetes → SODA: CSI PVs mirrored as SODA volumes by one leader, with
+//! failover. SODA → Kubernetes: a claim's policy from its SODA profile,
+//! following changes within a poll, paused when the profile goes; a SODA
+//! outage never holds up a backup and loses no update.
+
+use serde_json::{json, Value};
+use soda_syncer::soda::{SodaAuth, SodaClient, SodaConfig};
+use soda_syncer_domain::soda::{NewVolume, DEFAULT_TENANT_ID};
+use soda_syncer_standin::soda::{SodaStandin, StandinAuth};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::kube::{eventually, policy_named, wait_policy, Cluster, Node};
+use crate::support::{count_state, restic, AgentProc};
+
+const PASSWORD: &str = "soda-profile-repo-pw";
+
+/// Start the node's agent with the SODA sync on, polling every `poll` seconds.
+fn start(c: &Cluster, node: &mut Node, soda: &SodaStandin, poll: u64) {
+    let (kc, kd) = (c.kubeconfig.display().to_string(), node.kubelet.display().to_string());
+    node.agent = Some(
+        AgentProc::start(
+            &node.state,
+            &[
+                "--kubernetes=on",
+                &format!("--kubeconfig={kc}"),
+                &format!("--kubelet-dir={kd}"),
+                &format!("--node-name={}", node.name),
+                "--namespace=soda-syncer",
+                "--rescan-seconds=1",
+                &format!("--soda-endpoint={}", soda.url()),
+                &format!("--soda-poll-seconds={poll}"),
+            ],
+        )
+        .unwrap(),
+    );
+}
+
+/// A cluster whose class `fast` is a soda-csi class naming profile `gold`,
+/// whose repository is a local directory.
+async fn setup() -> (Cluster, SodaStandin, String, PathBuf) {
+    let c = Cluster::new().await;
+    let soda = SodaStandin::start(StandinAuth::NoAuth).await;
+    let repo = c.dir.path().join("soda-repo");
+    let profile = soda.put_profile(gold(None, &repo, 3600));
+    c.api
+        .apply(json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "fast"},
+            "provisioner": "soda-csi", "parameters": {"profile": profile}}))
+        .unwrap();
+    (c, soda, profile, repo)
+}
+
+fn gold(id: Option<&str>, repo: &std::path::Path, interval: u64) -> Value {
+    let mut p = json!({"name": "gold", "storageType": "block", "description": "backed up by soda-syncer",
+        "customProperties": {"RESTIC_REPOSITORY": repo, "RESTIC_PASSWORD": PASSWORD, "TimeInterval": interval},
+        "snapshotProperties": {"retention": {"number": 5}}});
+    if let Some(id) = id {
+        p["id"] = json!(id);
+    }
+    p
+}
+
+fn pv_uid(c: &Cluster, pv: &str) -> String {
+    c.api.get("v1", "PersistentVolume", None, pv).unwrap()["metadata"]["uid"].as_str().unwrap().to_string()
+}
+
+/// The SODA volumes that mirror a PV.
+fn mirrors(soda: &SodaStandin, uid: &str) -> Vec<Value> {
+    soda.volumes().into_iter().filter(|v| v["metadata"]["soda-syncer.pvUid"] == uid).collect()
+}
+
+fn mirror(soda: &SodaStandin, uid: &str) -> Option<Value> {
+    let m = mirrors(soda, uid);
+    assert!(m.len() <= 1, "more than one SODA volume for PV {uid}: {m:?}");
+    m.into_iter().next()
+}
+
+/// A CSI PV with no claim.
+fn bare_pv(c: &Cluster, name: &str) {
+    c.api
+        .apply(json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+            "spec": {"capacity": {"storage": "2500Mi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "fast",
+                "csi": {"driver": "csi.example.com", "volumeHandle": format!("h-{name}")}},
+            "status": {"phase": "Available"}}))
+        .unwrap();
+}
+
+/// SIGTERM, then wait without blocking the runtime the stand-ins serve on
+/// (the agent hands its lease back to them while it stops).
+async fn stop(agent: &mut AgentProc) {
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the agent did not stop within 20 s\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn log_of(node: &Node) -> String {
+    node.agent.as_ref().map(|a| a.log_text()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_csi_volume_is_mirrored_in_soda_and_its_profile_is_the_claims_policy() {
+    let (c, soda, profile, repo) = setup().await;
+    let mut a = c.node("node-a");
+    // Opted in by its class alone (a soda-csi class naming a profile).
+    c.csi_claim(&mut a, "data", json!({"soda-syncer.io/schedule": "6h", "soda-syncer.io/retention": "keepLast=2"}));
+    start(&c, &mut a, &soda, 1);
+    let agent = a.agent.as_ref().unwrap();
+
+    // Kubernetes → SODA: the PV, its claim, class, driver, node and use.
+    let uid = pv_uid(&c, "pv-data");
+    let vol =
+        eventually(30, "the PV's SODA volume in use", || mirror(&soda, &uid).filter(|v| v["status"] == "inUse")).await;
+    assert_eq!((vol["name"].as_str(), vol["size"].as_i64()), (Some("pv-data"), Some(1)), "{vol}");
+    assert_eq!(vol["profileId"], profile.as_str(), "{vol}");
+    let m = &vol["metadata"];
+    for (k, want) in [
+        ("soda-syncer.managed", "true"),
+        ("k8s.pvName", "pv-data"),
+        ("k8s.phase", "Bound"),
+        ("k8s.capacityBytes", "1073741824"),
+        ("k8s.claimNamespace", "app"),
+        ("k8s.claimName", "data"),
+        ("k8s.storageClass", "fast"),
+        ("k8s.csiDriver", "csi.example.com"),
+        ("k8s.volumeHandle", "h-data"),
+        ("k8s.node", "node-a"),
+        ("k8s.volumeMode", "Filesystem"),
+    ] {
+        assert_eq!(m[k], want, "{k} in {m}");
+    }
+
+    // Sync lag: a PV created now is in SODA within a few seconds.
+    let t = Instant::now();
+    bare_pv(&c, "pv-late");
+    let late_uid = pv_uid(&c, "pv-late");
+    let late = eventually(10, "the new PV in SODA", || mirror(&soda, &late_uid)).await;
+    let lag = t.elapsed();
+    eprintln!("sync lag, PV created to SODA volume listed: {} ms", lag.as_millis());
+    assert!(lag < Duration::from_secs(5), "{lag:?}");
+    assert_eq!((late["size"].as_i64(), late["name"].as_str()), (Some(3), Some("pv-late")), "2500Mi is 3 GiB: {late}");
+
+    // SODA → Kubernetes: the profile wins for schedule, retention, repository.
+    let p = policy_named(agent, "app-data", 30).await;
+    assert_eq!(p["repository"]["sodaProfile"], profile.as_str(), "{p}");
+    assert_eq!(p["repository"]["url"], Value::Null, "the repository is not stored: {p}");
+    assert_eq!(p["schedule"]["intervalSeconds"], 3600, "TimeInterval, not the 6h annotation: {p}");
+    assert_eq!(p["retention"]["keepLast"], 5, "snapshotProperties.retention.number: {p}");
+    let id = p["id"].as_str().unwrap().to_string();
+    let runs = agent.wait_runs(&id, 60, "the first backup", |r| count_state(r, "succeeded") >= 1).await;
+    let snapshot = runs[0]["snapshotId"].as_str().unwrap().to_string();
+    let out = restic(&repo.display().to_string(), PASSWORD, &[], &["snapshots", "--json"]).unwrap();
+    assert!(out.contains(&snapshot), "the profile's repository holds the snapshot: {out}");
+    assert!(!agent.log_text().contains(PASSWORD), "the profile's password reached the log");
+
+    // The backup, as the node agent wrote it on the claim, reaches SODA.
+    let vol = eventually(20, "the last backup in SODA's metadata", || {
+        mirror(&soda, &uid).filter(|v| v["metadata"]["soda-syncer.lastSnapshotId"] == snapshot.as_str())
+    })
+    .await;
+    assert_eq!(vol["metadata"]["soda-syncer.lastBackupState"], "succeeded", "{vol}");
+    assert!(vol["metadata"]["soda-syncer.lastBackupTime"].as_str().is_some_and(|t| t.ends_with('Z')), "{vol}");
+
+    // A changed TimeInterval is the policy's within about one poll.
+    let t = Instant::now();
+    soda.put_profile(gold(Some(&profile), &repo, 600));
+    wait_policy(agent, "app-data", 10, "the profile's new interval", |p| p["schedule"]["intervalSeconds"] == 600).await;
+    eprintln!("profile change to policy change: {} ms", t.elapsed().as_millis());
+
+    // The profile deleted: the policy paused, a warning on the claim.
+    soda.delete_profile(&profile);
+    let p = wait_policy(agent, "app-data", 10, "the pause", |p| p["status"]["state"] == "volumeGone").await;
+    assert!(p["status"]["message"].as_str().unwrap().contains("was deleted"), "{p}");
+    eventually(10, "the ProfileDeleted Event", || {
+        c.event_reasons("data").contains(&"ProfileDeleted".to_string()).then_some(())
+    })
+    .await;
+    // Back again: the policy resumes.
+    soda.put_profile(gold(Some(&profile), &repo, 600));
+    wait_policy(agent, "app-data", 10, "the resumption", |p| p["status"]["state"] == "active").await;
+
+    // The PV deleted: its SODA volume (in use) is made available and deleted.
+    c.api.delete("v1", "PersistentVolume", None, "pv-data").unwrap();
+    eventually(15, "the SODA volume's deletion", || mirrors(&soda, &uid).is_empty().then_some(())).await;
+    assert!(mirror(&soda, &late_uid).is_some(), "the other PV's volume stays");
+}
+
+#[tokio::test]
+async fn a_soda_outage_holds_up_no_backup_and_the_newest_state_is_pushed_when_soda_returns() {
+    let (c, soda, _profile, repo) = setup().await;
+    let mut a = c.node("node-a");
+    c.csi_claim(&mut a, "data", json!({}));
+    start(&c, &mut a, &soda, 1);
+    let agent = a.agent.as_ref().unwrap();
+    let uid = pv_uid(&c, "pv-data");
+    let p = policy_named(agent, "app-data", 30).await;
+    let id = p["id"].as_str().unwrap().to_string();
+    let runs = agent.wait_runs(&id, 60, "the first backup", |r| count_state(r, "succeeded") >= 1).await;
+    let first = runs[0]["snapshotId"].as_str().unwrap().to_string();
+    eventually(20, "the first backup in SODA", || {
+        mirror(&soda, &uid).filter(|v| v["metadata"]["soda-syncer.lastSnapshotId"] == first.as_str())
+    })
+    .await;
+
+    // SODA goes away (connection refused). A backup starts at once and uses
+    // the profile as last polled.
+    soda.stop().await;
+    let t = Instant::now();
+    let (st, v) = agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    assert_eq!(st, 202, "{v}");
+    let runs = agent.wait_runs(&id, 30, "the backup during the outage", |r| count_state(r, "succeeded") >= 2).await;
+    let took = t.elapsed();
+    eprintln!("backup during the SODA outage: {} ms", took.as_millis());
+    let second = runs[0]["snapshotId"].as_str().unwrap().to_string();
+    assert_ne!(first, second);
+    let out = restic(&repo.display().to_string(), PASSWORD, &[], &["snapshots", "--json"]).unwrap();
+    assert!(out.contains(&second), "{out}");
+    assert!(agent.log_text().contains("using the profile as last polled"), "{}", agent.log_text());
+    // More changes while SODA is away: a new PV.
+    bare_pv(&c, "pv-while-away");
+    let away_uid = pv_uid(&c, "pv-while-away");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(soda.volumes().iter().all(|v| v["metadata"]["soda-syncer.lastSnapshotId"] != second.as_str()));
+
+    // SODA back: the newest state is pushed; nothing was lost.
+    soda.restart().await;
+    let t = Instant::now();
+    eventually(20, "the state made during the outage in SODA", || {
+        let ok = mirror(&soda, &uid).is_some_and(|v| v["metadata"]["soda-syncer.lastSnapshotId"] == second.as_str())
+            && mirror(&soda, &away_uid).is_some();
+        ok.then_some(())
+    })
+    .await;
+    eprintln!("SODA restarted to caught up: {} ms", t.elapsed().as_millis());
+    let log = agent.log_text();
+    assert_eq!(log.matches("SODA sync pass failed; retrying").count(), 1, "logged once:\n{log}");
+    assert!(log.contains("SODA sync works again"), "{log}");
+}
+
+#[tokio::test]
+async fn one_leader_mirrors_each_pv_once_and_another_agent_takes_over_when_it_stops() {
+    let c = Cluster::new().await;
+    let soda = SodaStandin::start(StandinAuth::NoAuth).await;
+    for pv in ["pv-1", "pv-2", "pv-3"] {
+        bare_pv(&c, pv);
+    }
+    // A crash left two volumes for pv-1; another tool's volume is not ours.
+    let client =
+        SodaClient::new(SodaConfig::new(soda.url(), SodaAuth::NoAuth { tenant_id: DEFAULT_TENANT_ID.into() })).unwrap();
+    let cancel = CancellationToken::new();
+    let uid1 = pv_uid(&c, "pv-1");
+    for name in ["pv-1", "pv-1-dup"] {
+        let mut metadata = std::collections::BTreeMap::new();
+        metadata.insert("soda-syncer.managed".to_string(), "true".to_string());
+        metadata.insert("soda-syncer.pvUid".to_string(), uid1.clone());
+        let v = NewVolume { name: name.into(), size: 1, metadata, ..Default::default() };
+        client.create_volume(&v, &cancel).await.unwrap();
+    }
+    let foreign = client
+        .create_volume(&NewVolume { name: "someone-elses".into(), size: 7, ..Default::default() }, &cancel)
+        .await
+        .unwrap();
+
+    let (mut a, mut b) = (c.node("node-a"), c.node("node-b"));
+    // Polling every 30 s: what happens sooner is the watch's doing.
+    start(&c, &mut a, &soda, 30);
+    start(&c, &mut b, &soda, 30);
+    let uids: Vec<String> = ["pv-1", "pv-2", "pv-3"].iter().map(|p| pv_uid(&c, p)).collect();
+    eventually(20, "one SODA volume per PV", || uids.iter().all(|u| mirrors(&soda, u).len() == 1).then_some(())).await;
+    // Several passes later, with two agents running: still one each.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for u in &uids {
+        assert_eq!(mirrors(&soda, u).len(), 1, "{:?}", soda.volumes());
+    }
+    // With a 30 s poll, a new PV is synced soon after the watch sees it.
+    let t = Instant::now();
+    bare_pv(&c, "pv-5");
+    let uid5 = pv_uid(&c, "pv-5");
+    eventually(5, "pv-5 in SODA", || mirror(&soda, &uid5)).await;
+    eprintln!("sync lag with a 30 s poll, PV created to SODA volume listed: {} ms", t.elapsed().as_millis());
+    let f = soda.volume(&foreign.id).unwrap();
+    assert_eq!((f["size"].as_i64(), f["name"].as_str()), (Some(7), Some("someone-elses")), "untouched: {f}");
+    assert_eq!(f["metadata"], Value::Null, "untouched: {f}");
+
+    let holder = |c: &Cluster| {
+        c.api.get("coordination.k8s.io/v1", "Lease", Some("soda-syncer"), "soda-syncer-soda-sync").unwrap()["spec"]
+            ["holderIdentity"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let leader = holder(&c);
+    let (gone, stays) = match leader.as_str() {
+        "node-a" => (&mut a, &mut b),
+        "node-b" => (&mut b, &mut a),
+        other => panic!("lease holder {other:?}\n{}\n{}", log_of(&a), log_of(&b)),
+    };
+    assert!(log_of(gone).contains("now leads the cluster-wide SODA sync"));
+    assert!(!log_of(stays).contains("now leads the cluster-wide SODA sync"), "{}", log_of(stays));
+
+    // The leader stops: the other agent takes over and syncs.
+    let t = Instant::now();
+    stop(gone.agent.as_mut().unwrap()).await;
+    eprintln!("leader stopped in {} ms", t.elapsed().as_millis());
+    let t = Instant::now();
+    bare_pv(&c, "pv-4");
+    let uid4 = pv_uid(&c, "pv-4");
+    eventually(10, "the new leader's sync", || mirror(&soda, &uid4)).await;
+    eprintln!("leader stopped to the next PV synced by the new leader: {} ms", t.elapsed().as_millis());
+    assert_eq!(holder(&c), stays.name, "{}", log_of(stays));
+    c.api.delete("v1", "PersistentVolume", None, "pv-2").unwrap();
+    eventually(15, "pv-2's volume deleted by the new leader", || mirrors(&soda, &uids[1]).is_empty().then_some(()))
+        .await;
+    assert!(soda.volume(&foreign.id).is_some());
+}
