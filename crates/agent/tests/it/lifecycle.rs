@@ -322,3 +322,43 @@ async fn a_lock_held_by_a_live_process_is_waited_for_not_broken_or_failed() {
     let _ = prune.wait();
     agent.wait_runs(&id, 90, "the backup after the wait", |r| count_state(r, "succeeded") == 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_keeps_the_last_good_snapshot_after_a_suspicious_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fill(&data, 10, 1000);
+    let repo = tmp.path().join("repo");
+    let agent = AgentProc::start(&tmp.path().join("state"), &[]).unwrap();
+    let p = agent
+        .create_policy(json!({"name": "kept", "source": {"path": data}, "schedule": {"intervalSeconds": 3600},
+            "repository": {"url": repo, "password": "keep-pw"}, "retention": {"keepLast": 1}}))
+        .await;
+    let id = p["id"].as_str().unwrap().to_string();
+    agent.wait_runs(&id, 60, "the good backup", |r| count_state(r, "succeeded") == 1).await;
+    let snapshots = || {
+        let out =
+            crate::support::restic(&repo.display().to_string(), "keep-pw", &[], &["snapshots", "--json"]).unwrap();
+        serde_json::from_str::<Vec<serde_json::Value>>(&out).unwrap()
+    };
+    let good = snapshots();
+    assert_eq!(good.len(), 1);
+    // The volume is emptied: the backup is suspicious, and retention (keep 1)
+    // must not push the good snapshot out for it.
+    for e in std::fs::read_dir(&data).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    let runs = agent.wait_runs(&id, 60, "the suspicious backup", |r| count_state(r, "suspicious") == 1).await;
+    assert_eq!(runs[0]["summary"]["snapshotsForgotten"].as_u64().unwrap_or(0), 0, "{}", runs[0]);
+    let after = snapshots();
+    assert_eq!(after.len(), 2, "the good snapshot is kept beside the suspicious one: {after:?}");
+    assert!(after.iter().any(|s| s["id"] == good[0]["id"]));
+    // A good backup follows: now retention applies and keeps only it.
+    fill(&data, 10, 1000);
+    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    agent.wait_runs(&id, 60, "the next good backup", |r| count_state(r, "succeeded") == 2).await;
+    let last = snapshots();
+    assert_eq!(last.len(), 1, "{last:?}");
+    assert!(last[0]["id"] != good[0]["id"]);
+}
