@@ -414,17 +414,7 @@ pub fn run_client(args: &ClientArgs, cmd: Command) -> i32 {
     }
 }
 
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
+use crate::ids::percent_encode as enc;
 
 async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> {
     use reqwest::Method;

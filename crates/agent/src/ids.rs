@@ -39,6 +39,20 @@ pub fn short_hash(parts: &[&str]) -> String {
     format!("{h:016x}")
 }
 
+/// One URL path segment or query value, percent-encoded (RFC 3986 unreserved
+/// characters kept), for the clients of the agent's and SODA's APIs.
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -293,17 +293,7 @@ fn error_message(body: &[u8]) -> (bool, String) {
     (is_soda, msg)
 }
 
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
+use crate::ids::percent_encode as enc;
 
 /// reqwest's error text without the URL, and with its causes.
 fn describe(e: &reqwest::Error) -> String {
