@@ -179,6 +179,8 @@ impl Agent {
             if let Some(mut k) = kube {
                 while k.tasks.join_next().await.is_some() {}
             }
+            let store = sched.store().clone();
+            let _ = tokio::task::spawn_blocking(move || crate::consistency::discard_all_kept(&store)).await;
             drop(sched); // the last handle on the database closes it
             let _ = std::fs::remove_file(url_file);
             http_stop.cancel();

@@ -188,11 +188,72 @@ fn fs_lock(key: (u32, u32)) -> Arc<tokio::sync::Mutex<()>> {
     LOCKS.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone()
 }
 
+/// A policy's reflink copy, kept from one backup to the next.
+///
+/// A fresh copy gives every file a new inode number and ctime, so restic
+/// writes new tree metadata for the whole volume at every backup (measured:
+/// unchanged backups 9-13 % slower than of the live directory). A kept copy
+/// is brought up to date by cloning only what changed, so unchanged files
+/// keep their inode, ctime and tree blobs, and making the view walks the
+/// tree instead of cloning every file. Its cost: until the next backup it
+/// pins the extents of the files changed since (at most the data written
+/// between two backups), and memory for one stamp per file. It is removed
+/// when the policy is edited, paused or deleted, when a run fails while
+/// making it, and at the next start of the agent (it is recorded like any
+/// clone; the in-memory stamps do not survive a restart).
+struct Kept {
+    src: PathBuf,
+    copy: tree::TreeCopy,
+    held: Held,
+}
+
+fn kept() -> std::sync::MutexGuard<'static, HashMap<String, Kept>> {
+    static KEPT: LazyLock<Mutex<HashMap<String, Kept>>> = LazyLock::new(Mutex::default);
+    KEPT.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn removals() -> std::sync::MutexGuard<'static, Vec<std::thread::JoinHandle<()>>> {
+    static REMOVALS: LazyLock<Mutex<Vec<std::thread::JoinHandle<()>>>> = LazyLock::new(Mutex::default);
+    REMOVALS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Remove a policy's kept reflink copy, if any (in the background: a large
+/// tree takes a while to delete; [`discard_all_kept`] waits for it).
+pub fn discard_kept(policy_id: &str, store: &Store) {
+    let Some(k) = kept().remove(policy_id) else { return };
+    let store = store.clone();
+    let spawned = std::thread::Builder::new().name("kept-copy-removal".into()).spawn(move || {
+        resources::release(&store, &k.held);
+    });
+    if let Ok(h) = spawned {
+        let mut pending = removals();
+        pending.retain(|h| !h.is_finished());
+        pending.push(h);
+    }
+}
+
+/// At shutdown (after the scheduler stopped): remove every kept copy and
+/// wait for removals under way, so a stopped agent leaves nothing in its
+/// volumes' filesystems. What cannot be removed is retried at the next start.
+pub fn discard_all_kept(store: &Store) {
+    let all: Vec<Kept> = kept().drain().map(|(_, k)| k).collect();
+    for k in all {
+        resources::release(store, &k.held);
+    }
+    let pending = std::mem::take(&mut *removals());
+    for h in pending {
+        let _ = h.join();
+    }
+}
+
 /// A point-in-time view, ready for restic, until released.
 pub struct Prepared {
     mode: ConsistencyMode,
     method: Method,
     run_id: String,
+    policy_id: String,
+    /// The reflink copy made or reused by this run, kept for the next one.
+    kept: Option<Kept>,
     store: Option<Store>,
     view: Option<PathBuf>,
     ignore_inode: bool,
@@ -280,6 +341,21 @@ impl Prepared {
                 resources::release(store, &held);
             }
         }
+        if let Some(k) = self.kept.take() {
+            // Deleted while this run went on: not kept.
+            let wanted = self.store.as_ref().is_some_and(|s| s.get_policy(&self.policy_id).is_ok());
+            if !wanted {
+                if let Some(store) = &self.store {
+                    resources::release(store, &k.held);
+                }
+            } else if let Some(old) = kept().insert(self.policy_id.clone(), k) {
+                // Another copy for the same policy (not expected: runs of
+                // one policy never overlap): the older one goes.
+                if let Some(store) = &self.store {
+                    resources::release(store, &old.held);
+                }
+            }
+        }
         self.fs_guard = None;
         self.released = true;
         error
@@ -331,7 +407,9 @@ impl Drop for Prepared {
         // (Freeze's own Drop), then the rest in a thread of its own.
         drop(self.freeze.take());
         let post = self.post_pending.then(|| self.hooks.take()).flatten();
-        let held = std::mem::take(&mut self.held);
+        let mut held = std::mem::take(&mut self.held);
+        // A copy whose run ended this way is not trusted for the next one.
+        held.extend(self.kept.take().map(|k| k.held));
         let store = self.store.clone();
         if post.is_none() && held.is_empty() {
             return;
@@ -387,6 +465,8 @@ pub async fn prepare(
         mode,
         method: Method::None,
         run_id: ctx.run_id.clone(),
+        policy_id: ctx.policy_id.clone(),
+        kept: None,
         store: None,
         view: None,
         ignore_inode: false,
@@ -575,17 +655,56 @@ impl Prepared {
 
     /// A reflink copy of the source's files: cloned live, then made one
     /// instant under a short freeze (see `tree`).
+    /// The copy is kept for the policy's next backup (see [`Kept`]).
     fn reflink(&mut self, ins: &Inspected, cancel: &CancellationToken) -> Result<(), ConsistencyError> {
         let dir = ins.scratch_dir();
-        create_private_dir(&dir).map_err(|e| snap_err("reflink", &dir, e))?;
-        let copy_root = dir.join(&self.run_id);
-        self.hold(Kind::CloneTree, &copy_root)?;
-        let skip = dir.starts_with(&ins.real_path).then_some(dir.as_path());
-        let mut copy = tree::TreeCopy::create(&ins.real_path, &copy_root, skip).map_err(|e| tree_err("reflink", e))?;
-        self.freeze_and_fix(&mut copy, Path::new(&ins.mount.mount_point), true, cancel, "reflink")?;
-        self.view = Some(copy_root);
-        self.ignore_inode = true;
-        Ok(())
+        let prior = kept().remove(&self.policy_id);
+        let reuse = match prior {
+            Some(k) if k.src == ins.real_path && k.copy.dst().is_dir() => Some(k),
+            Some(k) => {
+                resources::release(self.store(), &k.held);
+                None
+            }
+            None => None,
+        };
+        let reused = reuse.is_some();
+        let mut k = match reuse {
+            Some(k) => k,
+            None => {
+                let copy_root = dir.join(format!("policy-{}", file_safe(&self.policy_id)));
+                // Left by a run that could not remove it: start afresh.
+                resources::undo(Kind::CloneTree, &copy_root).map_err(|e| ConsistencyError::Snapshot {
+                    method: "reflink",
+                    message: format!("cannot remove the old copy {}: {e}", copy_root.display()),
+                })?;
+                // (After the removal: an empty scratch directory goes with it.)
+                create_private_dir(&dir).map_err(|e| snap_err("reflink", &dir, e))?;
+                let held =
+                    resources::hold(self.store(), &format!("kept:{}", self.policy_id), Kind::CloneTree, &copy_root)?;
+                let skip = dir.starts_with(&ins.real_path).then_some(dir.as_path());
+                match tree::TreeCopy::create(&ins.real_path, &copy_root, skip) {
+                    Ok(copy) => Kept { src: ins.real_path.clone(), copy, held },
+                    Err(e) => {
+                        resources::release(self.store(), &held);
+                        return Err(tree_err("reflink", e));
+                    }
+                }
+            }
+        };
+        match self.freeze_and_fix(&mut k.copy, Path::new(&ins.mount.mount_point), true, cancel, "reflink") {
+            Ok(()) => {
+                tracing::debug!(reused, copy = %k.copy.dst().display(), "reflink copy ready");
+                self.view = Some(k.copy.dst().to_path_buf());
+                self.ignore_inode = true;
+                self.kept = Some(k);
+                Ok(())
+            }
+            Err(e) => {
+                // Half brought up to date: not trusted for the next run.
+                resources::release(self.store(), &k.held);
+                Err(e)
+            }
+        }
     }
 
     /// Freeze `mount`, read what changed since the copy was made, thaw,
@@ -760,6 +879,11 @@ impl Prepared {
         let device = PathBuf::from(format!("/dev/{}/{name}", lv.vg));
         self.mount_read_only(&device, &ins.facts.fs_type, ins, state_dir, "lvm")
     }
+}
+
+/// A policy id as one path component.
+fn file_safe(id: &str) -> String {
+    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
 fn tree_err(method: &'static str, e: tree::TreeError) -> ConsistencyError {

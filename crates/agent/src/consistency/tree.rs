@@ -161,24 +161,31 @@ impl TreeCopy {
         Ok(copy)
     }
 
+    /// Where the copy is.
+    pub fn dst(&self) -> &Path {
+        &self.dst
+    }
+
     /// Bring the copy up to date while the source is live (FICLONE).
     pub fn sync_live(&mut self, cancel: &CancellationToken) -> Result<usize, TreeError> {
         let changes = self.diff(&Pass::Live, Some(cancel))?;
         let n = changes.len();
-        self.apply(changes, true)?;
+        self.apply(changes, None)?;
         Ok(n)
     }
 
     /// While the source's filesystem is frozen: read what differs from the
     /// copy. Returns the changes to `apply_frozen` after the thaw.
     pub fn scan_frozen(&self, deadline: Instant, budget: u64) -> Result<FrozenChanges, TreeError> {
-        self.diff(&Pass::Frozen { deadline, budget }, None).map(FrozenChanges)
+        // Any time within the freeze: a write after the thaw moves a ctime past it.
+        let during = SystemTime::now();
+        self.diff(&Pass::Frozen { deadline, budget }, None).map(|c| FrozenChanges(c, during))
     }
 
     /// After the thaw: write what was read during the freeze.
     pub fn apply_frozen(&mut self, changes: FrozenChanges) -> Result<usize, TreeError> {
         let n = changes.0.len();
-        self.apply(changes.0, false)?;
+        self.apply(changes.0, Some(changes.1))?;
         Ok(n)
     }
 
@@ -312,28 +319,46 @@ impl TreeCopy {
         Ok(())
     }
 
-    fn apply(&mut self, changes: Vec<Change>, live: bool) -> Result<(), TreeError> {
-        let mut dirs: Vec<(PathBuf, Metadata)> = Vec::new();
+    /// `frozen_at`: a moment of the freeze the changes were read in (None:
+    /// a live pass). An entry is clean (its stamp alone tells whether it
+    /// changed later) when it was quiet for a tick before that moment, or
+    /// for a live pass before now.
+    fn apply(&mut self, changes: Vec<Change>, frozen_at: Option<SystemTime>) -> Result<(), TreeError> {
+        let clean = |stamp: &Stamp| stamp.quiet_before(frozen_at.unwrap_or_else(SystemTime::now));
+        let mut dirs: Vec<(PathBuf, Metadata, bool)> = Vec::new();
+        // Directories whose entries this pass adds, removes or rewrites: their
+        // times must be set again. Others keep theirs (and their ctime, so
+        // restic sees the same tree as at the last backup of a kept copy).
+        let mut touched: HashSet<PathBuf> = HashSet::new();
+        let mut touch = |rel: &Path| {
+            touched.insert(rel.parent().map(Path::to_path_buf).unwrap_or_default());
+        };
         // Names of one inode become hard links in the copy too.
         let mut by_ino: HashMap<u64, PathBuf> = HashMap::new();
         for change in changes {
             match change {
-                Change::Remove(rel) => self.remove(&rel)?,
+                Change::Remove(rel) => {
+                    touch(&rel);
+                    self.remove(&rel)?
+                }
                 Change::Dir { rel, meta, xattrs, new } => {
                     let p = self.dst.join(&rel);
                     if new && !rel.as_os_str().is_empty() {
+                        touch(&rel);
                         self.remove(&rel)?;
                         std::fs::DirBuilder::new().mode(0o700).create(&p).map_err(|e| io_err(&p, e))?;
                     }
+                    // None: unchanged since the last pass (see `diff`).
+                    let changed = new || xattrs.is_some();
                     if let Some(x) = xattrs {
                         replace_xattrs(&p, &x)?;
                     }
                     let stamp = Stamp::of(&meta);
-                    self.entries
-                        .insert(rel.clone(), Entry { clean: live && stamp.quiet_before(SystemTime::now()), stamp });
-                    dirs.push((p, meta));
+                    self.entries.insert(rel.clone(), Entry { clean: clean(&stamp), stamp });
+                    dirs.push((rel, meta, changed));
                 }
                 Change::File { rel, meta, data, xattrs } => {
+                    touch(&rel);
                     let p = self.dst.join(&rel);
                     if meta.nlink() > 1 {
                         if let Some(first) = by_ino.get(&meta.ino()) {
@@ -351,7 +376,8 @@ impl TreeCopy {
                         Some(data) => {
                             write_file(&p, &data)?;
                             self.finish(&p, &meta, &xattrs)?;
-                            self.entries.insert(rel, Entry { stamp: Stamp::of(&meta), clean: false });
+                            let stamp = Stamp::of(&meta);
+                            self.entries.insert(rel, Entry { clean: clean(&stamp), stamp });
                         }
                         None => match clone_file(&self.src.join(&rel), &p)? {
                             Some(c) => {
@@ -363,14 +389,16 @@ impl TreeCopy {
                     }
                 }
                 Change::Symlink { rel, meta, target, xattrs } => {
+                    touch(&rel);
                     let p = self.dst.join(&rel);
                     let _ = std::fs::remove_file(&p);
                     std::os::unix::fs::symlink(&target, &p).map_err(|e| io_err(&p, e))?;
                     self.finish(&p, &meta, &xattrs)?;
                     let stamp = Stamp::of(&meta);
-                    self.entries.insert(rel, Entry { clean: live && stamp.quiet_before(SystemTime::now()), stamp });
+                    self.entries.insert(rel, Entry { clean: clean(&stamp), stamp });
                 }
                 Change::Special { rel, meta } => {
+                    touch(&rel);
                     let p = self.dst.join(&rel);
                     let _ = std::fs::remove_file(&p);
                     match sys::mknod(&p, meta.mode(), meta.rdev()) {
@@ -379,14 +407,17 @@ impl TreeCopy {
                         Err(e) => tracing::debug!(path = %p.display(), error = %e, "special file not copied"),
                     }
                     let stamp = Stamp::of(&meta);
-                    self.entries.insert(rel, Entry { clean: live && stamp.quiet_before(SystemTime::now()), stamp });
+                    self.entries.insert(rel, Entry { clean: clean(&stamp), stamp });
                 }
             }
         }
         // Directories last and deepest first, so adding their entries does
         // not move their times again.
-        for (p, meta) in dirs.iter().rev() {
-            sys::set_meta(p, meta).map_err(|e| io_err(p, e))?;
+        for (rel, meta, changed) in dirs.iter().rev() {
+            if *changed || touched.contains(rel) {
+                let p = self.dst.join(rel);
+                sys::set_meta(&p, meta).map_err(|e| io_err(&p, e))?;
+            }
         }
         Ok(())
     }
@@ -398,7 +429,7 @@ impl TreeCopy {
 }
 
 /// Changes read while frozen, to be written after the thaw.
-pub struct FrozenChanges(Vec<Change>);
+pub struct FrozenChanges(Vec<Change>, SystemTime);
 
 struct Cloned {
     /// The source right after the clone.
@@ -558,6 +589,63 @@ mod tests {
         copy.apply_frozen(scanned.unwrap()).unwrap();
         std::fs::write(src.join("a/f6"), "after the thaw").unwrap(); // not in the copy
         same(&at_freeze, &describe(&dst));
+    }
+
+    /// Inode and ctime of everything in a tree: what restic's tree blobs
+    /// record besides content and the times the copy sets.
+    fn identities(root: &Path) -> BTreeMap<PathBuf, (u64, i64, i64)> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            let m = std::fs::symlink_metadata(root.join(&rel)).unwrap();
+            if m.is_dir() {
+                stack.extend(std::fs::read_dir(root.join(&rel)).unwrap().flatten().map(|e| rel.join(e.file_name())));
+            }
+            out.insert(rel, (m.ino(), m.ctime(), m.ctime_nsec()));
+        }
+        out
+    }
+
+    #[test]
+    fn a_kept_copy_brought_up_to_date_again_rewrites_only_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(fs) = LoopFs::new(dir.path(), &["mkfs.xfs", "-q", "-m", "reflink=1"]) else { return };
+        let src = fs.mnt.join("vol");
+        std::fs::create_dir_all(src.join("a/b")).unwrap();
+        for i in 0..20 {
+            std::fs::write(src.join(format!("a/f{i}")), format!("old {i}")).unwrap();
+        }
+        std::fs::write(src.join("a/b/g"), "g").unwrap();
+        std::fs::write(src.join("top"), "t").unwrap();
+        let root = sys::open_dir(&fs.mnt).unwrap();
+        // One backup's worth: clone live, fix up under a freeze.
+        let cycle = |copy: &mut TreeCopy| {
+            std::thread::sleep(QUIET_MARGIN * 2);
+            copy.sync_live(&CancellationToken::new()).unwrap();
+            sys::freeze(&root).unwrap();
+            let scanned = copy.scan_frozen(Instant::now() + Duration::from_secs(5), 1 << 30);
+            sys::thaw(&root).unwrap();
+            copy.apply_frozen(scanned.unwrap()).unwrap();
+        };
+        let dst = fs.mnt.join(".soda-copy");
+        let mut copy = TreeCopy::create(&src, &dst, None).unwrap();
+        cycle(&mut copy);
+        let first = identities(&dst);
+
+        cycle(&mut copy);
+        assert_eq!(first, identities(&dst), "nothing changed: the kept copy is left as it was");
+        same(&describe(&src), &describe(&dst));
+
+        std::fs::write(src.join("a/f3"), "new 3, longer").unwrap();
+        cycle(&mut copy);
+        let third = identities(&dst);
+        let moved: Vec<&PathBuf> = first.keys().filter(|k| first.get(*k) != third.get(*k)).collect();
+        assert!(moved.contains(&&PathBuf::from("a/f3")), "{moved:?}");
+        assert!(
+            moved.iter().all(|p| *p == Path::new("a/f3") || *p == Path::new("a")),
+            "only the changed file and its directory are rewritten: {moved:?}"
+        );
+        same(&describe(&src), &describe(&dst));
     }
 
     #[test]

@@ -227,6 +227,8 @@ impl Scheduler {
         p.secrets_error = None;
         p.updated_at = now;
         self.store().update_policy(&p)?;
+        // An edit may move the source or change the method: copy afresh.
+        crate::consistency::discard_kept(&p.id, self.store());
         if p.spec.paused && !was_paused {
             self.policy_paused(&p.id);
         }
@@ -260,6 +262,7 @@ impl Scheduler {
         self.store().update_policy(&p)?;
         if paused {
             self.policy_paused(id);
+            crate::consistency::discard_kept(id, self.store());
         } else if p.next_run_at.is_some() || self.store().last_run_of(id)?.is_none_or(|r| r.state.is_terminal()) {
             self.reschedule(&mut p)?;
         }
@@ -270,6 +273,7 @@ impl Scheduler {
     pub fn delete_policy(&self, id: &str) -> Result<(), PolicyError> {
         let p = self.store().get_policy(id)?;
         self.policy_deleted(id);
+        crate::consistency::discard_kept(id, self.store());
         self.metrics().policy_deleted(&p);
         self.store().delete_policy(id)?;
         tracing::info!(policy = %id, "policy deleted");
@@ -291,6 +295,7 @@ impl Scheduler {
             self.reschedule(&mut p)?;
         } else {
             self.policy_paused(id);
+            crate::consistency::discard_kept(id, self.store());
         }
         Ok(())
     }

@@ -709,3 +709,56 @@ async fn lvm_snapshots_restore_consistent_where_device_mapper_exists() {
     sh(&["mount", &lv, mnt.to_str().unwrap()]);
     every_snapshot_is_consistent(tmp.path(), &mnt.join("vol"), "lvm").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reflink_copy_kept_between_backups_makes_an_unchanged_backup_add_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("xfs");
+    let _fs = LoopFs::new(&tmp.path().join("xfs.img"), "512M", &["mkfs.xfs", "-q", "-m", "reflink=1"], &mnt);
+    let source = mnt.join("vol");
+    for d in 0..5 {
+        fill(&source.join(format!("d{d}")), 20, 4096);
+    }
+    let agent = AgentProc::start(&tmp.path().join("state"), &[]).unwrap();
+    let p = agent
+        .create_policy(json!({
+            "name": "kept", "source": {"path": source}, "paused": true,
+            "schedule": {"intervalSeconds": 3600}, "consistency": {"mode": "reflink"},
+        }))
+        .await;
+    let id = p["id"].as_str().unwrap().to_string();
+    let copy = mnt.join(".soda-syncer-snapshots").join(format!("policy-{id}"));
+    let mut last = Vec::new();
+    for n in 1..=3 {
+        if n == 3 {
+            std::fs::write(source.join("d2/f00003"), "changed").unwrap();
+        }
+        let (st, run) = agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+        assert_eq!(st, 202, "{run}");
+        last = agent.wait_runs(&id, 60, "the backup", |r| count_state(r, "succeeded") == n).await;
+        assert_eq!(last[0]["consistency"]["method"], "reflink", "{}", last[0]);
+        assert!(copy.is_dir(), "the copy is kept for the next backup");
+        if n == 2 {
+            let s = &last[0]["summary"];
+            assert_eq!((s["filesNew"].as_u64(), s["filesChanged"].as_u64()), (Some(0), Some(0)), "{s}");
+            // Same inodes and ctimes as at the last backup: not even tree metadata is new.
+            assert_eq!(s["dataAdded"], 0, "an unchanged backup through the kept copy adds nothing: {s}");
+        }
+    }
+    let s = &last[0]["summary"];
+    assert_eq!((s["filesNew"].as_u64(), s["filesChanged"].as_u64()), (Some(0), Some(1)), "{s}");
+    // The third snapshot has the change (restic reads the copy at the volume's path).
+    let (repo, pw) = local_repo(&agent);
+    let snap = last[0]["snapshotId"].as_str().unwrap();
+    let out = restic(&repo, &pw, &[], &["dump", snap, &format!("{}/d2/f00003", source.display())]).unwrap();
+    assert_eq!(out, "changed");
+
+    // Deleting the policy removes its copy.
+    let (st, _) = agent.call("DELETE", &format!("/v1/policies/{id}"), None).await;
+    assert_eq!(st, 204);
+    let t = std::time::Instant::now();
+    while copy.exists() && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!copy.exists() && !mnt.join(".soda-syncer-snapshots").exists(), "the copy is gone with its policy");
+}
