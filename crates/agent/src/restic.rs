@@ -148,6 +148,31 @@ pub struct Restic {
     init_guard: Arc<std::sync::OnceLock<Arc<dyn InitGuard>>>,
     /// How often a lock conflict was met and stale locks were removed.
     lock_recoveries: Arc<std::sync::atomic::AtomicU64>,
+    /// Says whether another host's agent is gone (Kubernetes: its Lease).
+    lock_holders: Arc<std::sync::OnceLock<Arc<dyn LockHolders>>>,
+}
+
+/// Whether the agent that ran restic on another host is provably gone, so
+/// the locks its restic left can be removed without waiting for restic's
+/// own 30-minute staleness rule.
+pub trait LockHolders: Send + Sync {
+    fn is_gone<'a>(&'a self, hostname: &'a str) -> futures_util::future::BoxFuture<'a, bool>;
+}
+
+/// A lock file as `restic cat lock` shows it.
+#[derive(Debug, serde::Deserialize)]
+struct LockInfo {
+    #[serde(default)]
+    hostname: String,
+    #[serde(default)]
+    pid: u64,
+    #[serde(default)]
+    exclusive: bool,
+}
+
+/// The host name restic writes into its locks (this UTS namespace's).
+pub fn own_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }
 
 /// A lock held across the agents of a cluster while a repository is
@@ -171,7 +196,13 @@ impl Restic {
             init_lock: Arc::default(),
             init_guard: Arc::default(),
             lock_recoveries: Arc::default(),
+            lock_holders: Arc::default(),
         }
+    }
+
+    /// Set once, by the Kubernetes adapter.
+    pub fn set_lock_holders(&self, holders: Arc<dyn LockHolders>) {
+        let _ = self.lock_holders.set(holders);
     }
 
     /// Set once, by the Kubernetes adapter.
@@ -468,7 +499,50 @@ impl Restic {
     async fn recover_lock(&self, repo: &Repo, command: &str, cancel: &CancellationToken) -> Result<(), ResticError> {
         self.lock_recoveries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(repository = %repo.display(), command, "repository locked: removing stale locks and trying once more");
-        self.unlock(repo, cancel).await
+        self.unlock(repo, cancel).await?;
+        self.break_locks_of_gone_hosts(repo, cancel).await;
+        Ok(())
+    }
+
+    /// Remove the locks left by restic on other hosts whose agent is gone
+    /// (see [`LockHolders`]). Only for repositories whose files the agent
+    /// can delete itself (a local path, restic's REST server); for others
+    /// restic's own rule (no refresh for 30 minutes) applies. Returns how
+    /// many were removed; what cannot be read is left alone.
+    pub async fn break_locks_of_gone_hosts(&self, repo: &Repo, cancel: &CancellationToken) -> usize {
+        let Some(holders) = self.lock_holders.get() else { return 0 };
+        let Some(remover) = LockRemover::for_url(&repo.url) else { return 0 };
+        let no_lock = || -> Vec<OsString> { vec!["--no-lock".into()] };
+        let Ok(ids) = self.simple(repo, [vec!["list".into(), "locks".into()], no_lock()].concat(), cancel).await else {
+            return 0;
+        };
+        let me = own_hostname();
+        let mut removed = 0;
+        for id in ids.lines().map(str::trim).filter(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit())) {
+            let args = [vec!["cat".into(), "lock".into(), id.into()], no_lock()].concat();
+            let Ok(text) = self.simple(repo, args, cancel).await else { continue };
+            let Ok(lock) = serde_json::from_str::<LockInfo>(&text) else { continue };
+            if lock.hostname.is_empty() || lock.hostname == me || !holders.is_gone(&lock.hostname).await {
+                continue;
+            }
+            match remover.remove(id).await {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::warn!(
+                        repository = %repo.display(),
+                        lock = &id[..8],
+                        host = %lock.hostname,
+                        pid = lock.pid,
+                        exclusive = lock.exclusive,
+                        "removed a lock whose holder is gone: its host's agent lease expired"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(repository = %repo.display(), lock = &id[..8], error = %e, "cannot remove a dead host's lock")
+                }
+            }
+        }
+        removed
     }
 
     pub fn lock_recoveries(&self) -> u64 {
@@ -849,8 +923,57 @@ impl LockWait {
         self.delay = (self.delay * 2).min(Duration::from_secs(30));
         // The holder may have died meanwhile: `unlock` removes a lock only
         // when its process is provably gone (same host, dead PID) or it is
-        // older than 30 minutes, never a live one.
-        restic.unlock(repo, cancel).await
+        // older than 30 minutes, never a live one; and another host's lock
+        // goes once that host's agent is gone.
+        restic.unlock(repo, cancel).await?;
+        restic.break_locks_of_gone_hosts(repo, cancel).await;
+        Ok(())
+    }
+}
+
+/// Deletes one lock file of a repository, for the backends the agent can
+/// reach without restic.
+enum LockRemover {
+    Local(PathBuf),
+    Rest(reqwest::Url),
+}
+
+impl LockRemover {
+    fn for_url(url: &str) -> Option<LockRemover> {
+        if let Some(rest) = url.strip_prefix("rest:") {
+            let u = reqwest::Url::parse(rest).ok()?;
+            return matches!(u.scheme(), "http" | "https").then_some(LockRemover::Rest(u));
+        }
+        crate::consistency::local_repository(url).map(LockRemover::Local)
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), String> {
+        match self {
+            LockRemover::Local(dir) => match tokio::fs::remove_file(dir.join("locks").join(id)).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e.to_string()),
+            },
+            LockRemover::Rest(base) => {
+                let mut u = base.clone();
+                let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+                let (user, pass) = (decode(u.username()), u.password().map(decode));
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+                let path = format!("{}/locks/{id}", u.path().trim_end_matches('/'));
+                u.set_path(&path);
+                let mut req = reqwest::Client::new().delete(u).timeout(Duration::from_secs(30));
+                if !user.is_empty() {
+                    req = req.basic_auth(user, pass);
+                }
+                // The error names no URL (it could carry the password).
+                let r = req.send().await.map_err(|e| e.without_url().to_string())?;
+                match r.status() {
+                    s if s.is_success() || s == reqwest::StatusCode::NOT_FOUND => Ok(()),
+                    s => Err(format!("the REST server answered {s}")),
+                }
+            }
+        }
     }
 }
 

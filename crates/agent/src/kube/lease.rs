@@ -220,3 +220,61 @@ impl crate::scheduler::Maintainership for MaintainerLeases {
         })
     }
 }
+
+/// How long an agent's liveness Lease lasts without renewal (renewed every
+/// third of it).
+pub const LIVENESS: Duration = Duration::from_secs(30);
+/// Past its expiry, how much longer a liveness Lease must have gone
+/// unrenewed before its host's locks are removed: room for clock skew
+/// between nodes and for a restic child still being stopped.
+const LIVENESS_GRACE: Duration = Duration::from_secs(30);
+
+/// The Lease that says the agent on host `hostname` is alive; `hostname` is
+/// what restic writes into its locks (the pod's host name).
+pub fn host_lease_name(hostname: &str) -> String {
+    let h: String = hostname
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' })
+        .take(200)
+        .collect();
+    format!("soda-syncer-host-{}", h.trim_matches(|c| c == '-' || c == '.'))
+}
+
+/// This agent's liveness Lease, renewed while it runs and handed back on a
+/// clean stop (after its restic children have ended).
+pub fn keep_alive(client: kube::Client, namespace: &str, hostname: &str, cancel: CancellationToken) {
+    let lock = LeaseLock::new(client, namespace, &host_lease_name(hostname), hostname, LIVENESS);
+    let _held = lock.run(cancel);
+}
+
+/// Answers restic's "is the agent behind this lock gone?" from the other
+/// hosts' liveness Leases: gone when its Lease was handed back or has not
+/// been renewed for its duration plus a grace. No Lease (an agent of an
+/// older version, or restic run by hand): not provably gone.
+pub struct HostLeases {
+    pub api: Api<Lease>,
+}
+
+impl crate::restic::LockHolders for HostLeases {
+    fn is_gone<'a>(&'a self, hostname: &'a str) -> futures_util::future::BoxFuture<'a, bool> {
+        Box::pin(async move {
+            let lease = match self.api.get_opt(&host_lease_name(hostname)).await {
+                Ok(Some(l)) => l,
+                Ok(None) => return false,
+                Err(e) => {
+                    tracing::warn!(host = hostname, error = %e, "cannot read the host's liveness lease; its locks stay");
+                    return false;
+                }
+            };
+            let Some(spec) = lease.spec else { return false };
+            let holder = spec.holder_identity.as_deref().unwrap_or("");
+            if !holder.is_empty() && holder != hostname {
+                return false; // someone else's Lease of that name: not ours to judge
+            }
+            let Some(renewed) = spec.renew_time else { return true }; // handed back on a clean stop
+            let lasts = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64) + LIVENESS_GRACE;
+            renewed.0.as_second().saturating_add(lasts.as_secs() as i64) < Utc::now().timestamp()
+        })
+    }
+}

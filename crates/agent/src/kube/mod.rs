@@ -109,6 +109,13 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
         namespace: config.namespace.clone(),
         holder: config.node_name.clone(),
     }));
+    // Liveness, so other nodes can break the locks this host's restic left
+    // if this agent dies, and can tell when another host's agent died.
+    let hostname = crate::restic::own_hostname();
+    lease::keep_alive(client.clone(), &config.namespace, &hostname, cancel.clone());
+    sched.restic().set_lock_holders(std::sync::Arc::new(lease::HostLeases {
+        api: kube::Api::namespaced(client.clone(), &config.namespace),
+    }));
     let mut tasks = tokio::task::JoinSet::new();
     let view = std::sync::Arc::new(discovery::View::default());
     if let Some(p) = &soda {

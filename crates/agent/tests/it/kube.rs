@@ -518,3 +518,95 @@ async fn one_agent_maintains_a_repository_shared_across_nodes() {
     assert!(mine.iter().any(done) && !mine.iter().any(skipped), "the maintainer maintains: {mine:?}");
     assert!(other.iter().any(skipped) && !other.iter().any(done), "the other skips: {other:?}");
 }
+
+/// restic run by "another node's agent": its own UTS namespace, so its
+/// locks carry that host name.
+fn restic_on_host(host: &str, repo: &Path, password: &str, cache: &Path, args: &[&str]) -> std::process::Child {
+    std::process::Command::new("unshare")
+        .args(["--uts", "--", "sh", "-c", "hostname \"$0\" && exec restic \"$@\"", host])
+        .args(args)
+        .arg("-r")
+        .arg(repo)
+        .env("RESTIC_PASSWORD", password)
+        .env("RESTIC_CACHE_DIR", cache)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn liveness_lease(c: &Cluster, host: &str, renewed_secs_ago: i64) {
+    let t = chrono::Utc::now() - chrono::Duration::seconds(renewed_secs_ago);
+    let micro = t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    c.api
+        .apply(json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": format!("soda-syncer-host-{host}"), "namespace": "soda-syncer"},
+            "spec": {"holderIdentity": host, "leaseDurationSeconds": 30, "renewTime": micro, "acquireTime": micro}}))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_left_on_another_node_is_broken_once_that_nodes_agent_lease_expires_not_before() {
+    let c = Cluster::new().await;
+    let mut a = c.node("node-a");
+    let data = c.dir.path().join("data");
+    fill(&data, 5, 1000);
+    c.start_with(&mut a, &[&format!("--allowed-root={}", c.dir.path().display())]);
+    let agent = a.agent.as_ref().unwrap();
+    // This agent keeps a liveness Lease named after its host.
+    let me = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.api.get("coordination.k8s.io/v1", "Lease", Some("soda-syncer"), &format!("soda-syncer-host-{me}")).is_none()
+    {
+        assert!(Instant::now() < deadline, "no liveness lease for {me}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let p = agent
+        .create_policy(json!({"name": "shared", "source": {"path": data}, "paused": true,
+            "schedule": {"intervalSeconds": 3600},
+            "repository": {"url": c.repo, "password": "k8s-repo-pw"}}))
+        .await;
+    let id = p["id"].as_str().unwrap().to_string();
+    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    agent.wait_runs(&id, 60, "the first backup", |r| count_state(r, "succeeded") == 1).await;
+
+    // node-b's agent is alive (fresh Lease); its restic holds the exclusive lock.
+    liveness_lease(&c, "node-b-pod", 0);
+    let cache = c.dir.path().join("cache-b");
+    let mut check = restic_on_host(
+        "node-b-pod",
+        &c.repo,
+        "k8s-repo-pw",
+        &cache,
+        &["check", "--read-data", "--limit-download", "1"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(c.repo.join("locks")).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "the check never took its lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !agent.log_text().contains("locked by a live process; waiting") {
+        assert!(Instant::now() < deadline, "the backup did not wait for the lock\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Its restic dies with node-b (kill -9 leaves the lock), but node-b's
+    // Lease is still fresh: nothing proves the holder dead, the lock stays.
+    // SAFETY: the process this test started.
+    unsafe { libc::kill(check.id() as i32, libc::SIGKILL) };
+    let _ = check.wait();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let runs = agent.get(&format!("/v1/runs?policy={id}")).await;
+    assert_eq!(runs["runs"][0]["state"], "running", "still waiting: {runs}");
+    assert_eq!(std::fs::read_dir(c.repo.join("locks")).unwrap().count(), 1, "a lock of a live node was broken");
+    assert!(!agent.log_text().contains("holder is gone"));
+
+    // node-b's agent stops renewing: once its Lease has expired (plus the
+    // grace), its lock goes and the waiting backup goes on by itself.
+    liveness_lease(&c, "node-b-pod", 120);
+    let runs = agent.wait_runs(&id, 90, "the backup after the wait", |r| count_state(r, "succeeded") == 2).await;
+    assert_eq!(runs[0]["trigger"], "manual");
+    assert!(agent.log_text().contains("removed a lock whose holder is gone"), "{}", agent.log_text());
+    assert_eq!(std::fs::read_dir(c.repo.join("locks")).unwrap().count(), 0);
+}
