@@ -59,6 +59,9 @@ pub struct ServeArgs {
     /// Spread each repository's maintenance by up to this many seconds [default: 3600].
     #[arg(long, env = "SODA_SYNCER_MAINTENANCE_JITTER_SECONDS")]
     pub maintenance_jitter_seconds: Option<u64>,
+    /// Start a prune or check only when no backup of the repository runs or is due within this many seconds [default: 300].
+    #[arg(long, env = "SODA_SYNCER_MAINTENANCE_GAP_SECONDS")]
+    pub maintenance_gap_seconds: Option<u64>,
     /// Keep this many finished runs per policy in the database [default: 1000].
     #[arg(long, env = "SODA_SYNCER_KEEP_RUNS")]
     pub keep_runs: Option<usize>,
@@ -148,6 +151,7 @@ struct FileConfig {
     check_every_seconds: Option<u64>,
     check_read_data_subset: Option<String>,
     maintenance_jitter_seconds: Option<u64>,
+    maintenance_gap_seconds: Option<u64>,
     keep_runs: Option<usize>,
     hook_allow: Option<Vec<PathBuf>>,
     hook_timeout_seconds: Option<u64>,
@@ -185,6 +189,8 @@ pub struct Config {
     pub check_every: Duration,
     pub check_read_data_subset: Option<String>,
     pub maintenance_jitter: Duration,
+    /// A prune or check waits for a gap this long between the repository's backups.
+    pub maintenance_gap: Duration,
     /// Finished runs kept per policy.
     pub keep_runs: usize,
     pub token_file: Option<PathBuf>,
@@ -252,6 +258,7 @@ impl Config {
             check_every: Duration::from_secs(7 * 86400),
             check_read_data_subset: None,
             maintenance_jitter: Duration::from_secs(3600),
+            maintenance_gap: Duration::from_secs(300),
             keep_runs: 1000,
             token_file: None,
             secrets_key_file: None,
@@ -332,6 +339,9 @@ impl Config {
             c.check_every = Duration::from_secs(v);
         }
         c.check_read_data_subset = args.check_read_data_subset.clone().or(file.check_read_data_subset);
+        if let Some(v) = args.maintenance_gap_seconds.or(file.maintenance_gap_seconds) {
+            c.maintenance_gap = Duration::from_secs(v);
+        }
         if let Some(v) = args.maintenance_jitter_seconds.or(file.maintenance_jitter_seconds) {
             c.maintenance_jitter = Duration::from_secs(v);
         }

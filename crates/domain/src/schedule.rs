@@ -327,3 +327,59 @@ mod tests {
         }
     }
 }
+
+/// Whether a repository's due prune or check starts now. It waits for a
+/// gap: no backup of the repository running or queued on this node, and
+/// none due within `gap`. A repository whose backups never leave such a
+/// gap is maintained anyway once its maintenance has waited `max_wait`
+/// (its backups then wait on restic's lock instead): maintenance is never
+/// starved into silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaintenanceStart {
+    /// In a gap.
+    Now,
+    /// No gap came within `max_wait`: now, with a warning.
+    NowWithoutGap,
+    /// Wait for a gap.
+    Wait,
+}
+
+pub fn maintenance_start(
+    now: DateTime<Utc>,
+    due_since: DateTime<Utc>,
+    backup_busy: bool,
+    next_backup: Option<DateTime<Utc>>,
+    gap: Duration,
+    max_wait: Duration,
+) -> MaintenanceStart {
+    let in_gap = !backup_busy && next_backup.is_none_or(|t| t > now + gap);
+    if in_gap {
+        MaintenanceStart::Now
+    } else if now - due_since >= max_wait {
+        MaintenanceStart::NowWithoutGap
+    } else {
+        MaintenanceStart::Wait
+    }
+}
+
+#[cfg(test)]
+mod maintenance_tests {
+    use super::*;
+
+    #[test]
+    fn maintenance_starts_in_a_gap_waits_otherwise_and_never_forever() {
+        let now = Utc::now();
+        let (gap, max) = (Duration::seconds(300), Duration::hours(6));
+        let mins = Duration::minutes;
+        assert_eq!(maintenance_start(now, now, false, None, gap, max), MaintenanceStart::Now);
+        assert_eq!(maintenance_start(now, now, false, Some(now + mins(10)), gap, max), MaintenanceStart::Now);
+        assert_eq!(maintenance_start(now, now, false, Some(now + mins(4)), gap, max), MaintenanceStart::Wait);
+        assert_eq!(maintenance_start(now, now, true, None, gap, max), MaintenanceStart::Wait);
+        assert_eq!(maintenance_start(now, now - mins(359), true, None, gap, max), MaintenanceStart::Wait);
+        assert_eq!(maintenance_start(now, now - mins(360), true, None, gap, max), MaintenanceStart::NowWithoutGap);
+        assert_eq!(
+            maintenance_start(now, now - mins(400), false, Some(now + mins(1)), gap, max),
+            MaintenanceStart::NowWithoutGap
+        );
+    }
+}

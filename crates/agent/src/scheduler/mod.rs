@@ -477,14 +477,48 @@ impl Scheduler {
         policies.sort_by_key(|p| p.created_at);
         let c = &self.inner.config;
         for mut m in due {
-            let Some(policy) = policies
-                .iter()
-                .find(|p| p.schedulable() && crate::ids::short_hash(&[&p.spec.repository_url()]) == m.key)
-            else {
+            let sharing: Vec<&PolicyRecord> =
+                policies.iter().filter(|p| crate::ids::short_hash(&[&p.spec.repository_url()]) == m.key).collect();
+            let Some(policy) = sharing.iter().copied().find(|p| p.schedulable()) else {
                 continue;
             };
             let prune = m.next_prune_at.is_some_and(|t| t <= now);
             let check = m.next_check_at.is_some_and(|t| t <= now);
+            // In a gap between the repository's backups on this node (see
+            // `maintenance_start`); waited for at most a quarter of the
+            // shorter maintenance period, and never more than 6 hours.
+            let due_since = [m.next_prune_at.filter(|_| prune), m.next_check_at.filter(|_| check)]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(now);
+            let busy = {
+                let slots = self.slots();
+                sharing.iter().any(|p| slots.running.contains_key(&p.id) || slots.queued.contains_key(&p.id))
+            };
+            let next_backup = sharing.iter().filter(|p| p.schedulable()).filter_map(|p| p.next_run_at).min();
+            let max_wait = (c.prune_every.min(c.check_every) / 4).min(Duration::from_secs(6 * 3600));
+            use soda_syncer_domain::schedule::{maintenance_start, MaintenanceStart};
+            let chrono_of = |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+            match maintenance_start(
+                now,
+                due_since,
+                busy,
+                next_backup,
+                chrono_of(c.maintenance_gap),
+                chrono_of(max_wait),
+            ) {
+                MaintenanceStart::Now => {}
+                MaintenanceStart::Wait => {
+                    tracing::debug!(repository = %m.key, busy, ?next_backup, "maintenance due: waiting for a gap between backups");
+                    continue;
+                }
+                MaintenanceStart::NowWithoutGap => tracing::warn!(
+                    repository = %m.key,
+                    waited_s = (now - due_since).num_seconds(),
+                    "the repository's backups left no gap for its maintenance: maintaining now; its backups wait for the lock"
+                ),
+            }
             let params =
                 MaintenanceParams { forget: false, prune, check, read_data_subset: c.check_read_data_subset.clone() };
             let kind = params.kind();

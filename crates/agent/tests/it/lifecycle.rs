@@ -362,3 +362,50 @@ async fn retention_keeps_the_last_good_snapshot_after_a_suspicious_one() {
     assert_eq!(last.len(), 1, "{last:?}");
     assert!(last[0]["id"] != good[0]["id"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scheduled_prune_starts_in_a_gap_between_the_repositorys_backups() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    fill(&a, 5, 1000);
+    fill(&b, 5, 2000);
+    let args = [
+        "--prune-every-seconds=20",
+        "--check-every-seconds=100000",
+        "--maintenance-jitter-seconds=0",
+        "--maintenance-gap-seconds=2",
+    ];
+    let agent = AgentProc::start(&tmp.path().join("state"), &args).unwrap();
+    // Two policies of one repository (the agent's default), due every 8 s, about a second apart.
+    let pa = agent.create_policy(json!({"name": "a", "source": {"path": a}, "schedule": {"intervalSeconds": 8}})).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pb = agent.create_policy(json!({"name": "b", "source": {"path": b}, "schedule": {"intervalSeconds": 8}})).await;
+    let is_prune = |r: &Value| r["kind"] == "prune" && r["state"] == "succeeded";
+    let t0 = Instant::now();
+    let (mut runs, mut prunes) = (Vec::new(), Vec::new());
+    while t0.elapsed() < Duration::from_secs(90) && prunes.is_empty() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        runs = agent.get("/v1/runs?limit=500").await["runs"].as_array().unwrap().clone();
+        prunes = runs.iter().filter(|r| is_prune(r)).cloned().collect();
+    }
+    assert!(!prunes.is_empty(), "no prune within 90 s:\n{}", agent.log_text());
+    let at =
+        |r: &Value, k: &str| r[k].as_str().map(|s| chrono::DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis());
+    for p in &prunes {
+        let start = at(p, "startedAt").unwrap();
+        for r in runs.iter().filter(|r| r["kind"] == "backup") {
+            let (s, f) = (at(r, "startedAt"), at(r, "finishedAt"));
+            // Queued before the prune and started after it: it waited for
+            // the repository, which is the point.
+            let running_then = s.is_some_and(|s| s <= start) && f.is_none_or(|f| f > start);
+            assert!(!running_then, "a prune started while a backup ran:\nprune {p}\nbackup {r}");
+            let due = at(r, "dueAt").unwrap_or(i64::MIN);
+            assert!(
+                !(due > start && due < start - 100 + 2000) || r["trigger"] != "schedule",
+                "a backup was due within the gap after the prune started:\nprune {p}\nbackup {r}"
+            );
+        }
+    }
+    assert!(!agent.log_text().contains("left no gap"), "{}", agent.log_text());
+    let _ = (pa, pb);
+}
