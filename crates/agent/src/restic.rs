@@ -65,6 +65,8 @@ pub enum ResticError {
     DiskFull { stderr: String },
     #[error("restic {command} was cancelled")]
     Cancelled { command: String },
+    #[error("restic {command} was not run or was stopped: {reason}")]
+    Fenced { command: String, reason: String },
     #[error("restic {command} ran longer than {seconds} s and was killed; raise --run-timeout-seconds if the volume is that large")]
     TimedOut { command: String, seconds: u64 },
     #[error("{0}")]
@@ -87,6 +89,7 @@ impl ResticError {
             ResticError::SourceMissing { .. } => "source_missing",
             ResticError::DiskFull { .. } => "disk_full",
             ResticError::Cancelled { .. } => "cancelled",
+            ResticError::Fenced { .. } => "node_fenced",
             ResticError::TimedOut { .. } => "timed_out",
             ResticError::Failed { .. } => "restic_failed",
             ResticError::Credentials(_) => "secrets_unavailable",
@@ -150,6 +153,24 @@ pub struct Restic {
     lock_recoveries: Arc<std::sync::atomic::AtomicU64>,
     /// Says whether another host's agent is gone (Kubernetes: its Lease).
     lock_holders: Arc<std::sync::OnceLock<Arc<dyn LockHolders>>>,
+    fence: Arc<Fence>,
+}
+
+/// While this node cannot prove it is alive (its liveness Lease could not
+/// be renewed), other nodes may remove its restic locks; so no restic runs
+/// here then: running ones are stopped, new ones refused, until the Lease
+/// is renewed again.
+#[derive(Default)]
+struct Fence {
+    reason: Mutex<Option<String>>,
+    token: Mutex<CancellationToken>,
+}
+
+impl Fence {
+    fn state(&self) -> (Option<String>, CancellationToken) {
+        let reason = self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        (reason, self.token.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
 }
 
 /// Whether the agent that ran restic on another host is provably gone, so
@@ -197,7 +218,27 @@ impl Restic {
             init_guard: Arc::default(),
             lock_recoveries: Arc::default(),
             lock_holders: Arc::default(),
+            fence: Arc::default(),
         }
+    }
+
+    /// Stop every restic command and refuse new ones (`Some(why)`), or
+    /// allow them again (`None`).
+    pub fn set_fenced(&self, why: Option<String>) {
+        let mut reason = self.fence.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let mut token = self.fence.token.lock().unwrap_or_else(|p| p.into_inner());
+        match &why {
+            Some(w) if reason.is_none() => {
+                tracing::error!(reason = %w, "restic fenced: running commands are stopped, new ones refused");
+                token.cancel();
+            }
+            None if reason.is_some() => {
+                tracing::info!("restic allowed again");
+                *token = CancellationToken::new();
+            }
+            _ => {}
+        }
+        *reason = why;
     }
 
     /// Set once, by the Kubernetes adapter.
@@ -273,6 +314,10 @@ impl Restic {
         bind: Option<(&std::path::Path, &std::path::Path)>,
     ) -> Result<Exec, ResticError> {
         let command = args.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+        let (fenced, fence) = self.fence.state();
+        if let Some(reason) = fenced {
+            return Err(ResticError::Fenced { command, reason });
+        }
         let mut cmd = Command::new(&self.bin);
         cmd.args(args)
             .env_clear()
@@ -345,6 +390,7 @@ impl Restic {
         enum End {
             Exited(std::io::Result<std::process::ExitStatus>),
             Cancelled,
+            Fenced,
             TimedOut,
             Unreachable(Duration),
         }
@@ -358,6 +404,7 @@ impl Restic {
                 },
                 status = child.wait(), if !stdout_open => break End::Exited(status),
                 _ = cancel.cancelled() => break End::Cancelled,
+                _ = fence.cancelled() => break End::Fenced,
                 _ = &mut deadline => break End::TimedOut,
                 _ = tick.tick() => {
                     if let Some(d) = tail.lock().unwrap_or_else(|p| p.into_inner()).retrying_for() {
@@ -381,6 +428,10 @@ impl Restic {
         let stderr_tail = scrub(&tail.lines.iter().cloned().collect::<Vec<_>>().join("\n"), &secrets);
         match end {
             End::Cancelled => Err(ResticError::Cancelled { command }),
+            End::Fenced => {
+                let reason = self.fence.state().0.unwrap_or_else(|| "this node was fenced".into());
+                Err(ResticError::Fenced { command, reason })
+            }
             End::TimedOut => Err(ResticError::TimedOut { command, seconds: self.timeout.as_secs() }),
             End::Unreachable(d) => Err(ResticError::RepositoryUnreachable {
                 repo: repo.display(),

@@ -94,18 +94,25 @@ impl LeaseLock {
             let every = (self.duration / 3).max(Duration::from_millis(200));
             let mut last_held: Option<std::time::Instant> = None;
             loop {
-                let held = match self.try_hold().await {
-                    Ok(h) => h,
-                    Err(e) => {
-                        tracing::warn!(lease = %self.name, error = %e, "cannot renew the lease");
+                // kube's client retries 503s and 429s with backoff for a
+                // minute or more: a renewal that takes longer than its
+                // period counts as failed, so losing the lease is noticed in time.
+                let held = match tokio::time::timeout(every, self.try_hold()).await {
+                    Ok(Ok(h)) => {
+                        last_held = h.then(std::time::Instant::now);
+                        h
+                    }
+                    failed => {
+                        let error = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("no answer within {} ms", every.as_millis()),
+                        };
+                        tracing::warn!(lease = %self.name, error, "cannot renew the lease");
                         last_held.is_some_and(|t| t.elapsed() < self.duration)
                     }
                 };
-                if held {
-                    last_held = Some(std::time::Instant::now());
-                } else {
-                    last_held = None;
-                }
+                // (A failed renewal leaves `last_held` as it was: the lease
+                // counts as ours only until it would have expired.)
                 tx.send_if_modified(|v| std::mem::replace(v, held) != held);
                 tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -242,10 +249,40 @@ pub fn host_lease_name(hostname: &str) -> String {
 }
 
 /// This agent's liveness Lease, renewed while it runs and handed back on a
-/// clean stop (after its restic children have ended).
-pub fn keep_alive(client: kube::Client, namespace: &str, hostname: &str, cancel: CancellationToken) {
-    let lock = LeaseLock::new(client, namespace, &host_lease_name(hostname), hostname, LIVENESS);
-    let _held = lock.run(cancel);
+/// clean stop (after its restic children have ended). Once held, losing it
+/// (no renewal for its whole duration: the API server unreachable, or
+/// someone else took the name) fences restic on this node until it is
+/// held again: other nodes may break this host's locks from 30 s after
+/// that (the grace), by which time its restic commands have been stopped.
+pub fn keep_alive(
+    client: kube::Client,
+    namespace: &str,
+    hostname: &str,
+    restic: crate::restic::Restic,
+    cancel: CancellationToken,
+) {
+    let name = host_lease_name(hostname);
+    let lock = LeaseLock::new(client, namespace, &name, hostname, LIVENESS);
+    let mut held = lock.run(cancel.clone());
+    tokio::spawn(async move {
+        let mut was_held = false;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                changed = held.changed() => if changed.is_err() { break },
+            }
+            let now = *held.borrow_and_update();
+            if now {
+                restic.set_fenced(None);
+            } else if was_held {
+                restic.set_fenced(Some(format!(
+                    "this node's liveness Lease {name} could not be renewed for {} s (is the Kubernetes API server reachable?), so other nodes may remove its repository locks; backups resume once it is renewed",
+                    LIVENESS.as_secs()
+                )));
+            }
+            was_held = now;
+        }
+    });
 }
 
 /// Answers restic's "is the agent behind this lock gone?" from the other

@@ -112,7 +112,7 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
     // Liveness, so other nodes can break the locks this host's restic left
     // if this agent dies, and can tell when another host's agent died.
     let hostname = crate::restic::own_hostname();
-    lease::keep_alive(client.clone(), &config.namespace, &hostname, cancel.clone());
+    lease::keep_alive(client.clone(), &config.namespace, &hostname, sched.restic().clone(), cancel.clone());
     sched.restic().set_lock_holders(std::sync::Arc::new(lease::HostLeases {
         api: kube::Api::namespaced(client.clone(), &config.namespace),
     }));

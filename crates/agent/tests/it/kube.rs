@@ -610,3 +610,50 @@ async fn a_lock_left_on_another_node_is_broken_once_that_nodes_agent_lease_expir
     assert!(agent.log_text().contains("removed a lock whose holder is gone"), "{}", agent.log_text());
     assert_eq!(std::fs::read_dir(c.repo.join("locks")).unwrap().count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_cannot_renew_its_liveness_lease_stops_running_restic_until_it_can() {
+    let c = Cluster::new().await;
+    let mut a = c.node("node-a");
+    let data = c.dir.path().join("data");
+    fill(&data, 5, 1000);
+    c.start_with(&mut a, &[&format!("--allowed-root={}", c.dir.path().display())]);
+    let agent = a.agent.as_ref().unwrap();
+    let me = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let lease = format!("soda-syncer-host-{me}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.api.get("coordination.k8s.io/v1", "Lease", Some("soda-syncer"), &lease).is_none() {
+        assert!(Instant::now() < deadline, "no liveness lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let p = agent
+        .create_policy(json!({"name": "fenced", "source": {"path": data}, "paused": true,
+            "schedule": {"intervalSeconds": 3600},
+            "repository": {"url": c.repo, "password": "k8s-repo-pw"}}))
+        .await;
+    let id = p["id"].as_str().unwrap().to_string();
+    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    agent.wait_runs(&id, 60, "the first backup", |r| count_state(r, "succeeded") == 1).await;
+
+    // The API server stops answering: after the Lease's 30 s the node is fenced.
+    c.api.fail_next(u32::MAX, 503);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !agent.log_text().contains("restic fenced") {
+        assert!(Instant::now() < deadline, "never fenced:\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    let runs = agent.wait_runs(&id, 30, "the fenced backup", |r| r.len() == 2 && r[0]["state"] == "failed").await;
+    assert_eq!(runs[0]["error"]["code"], "node_fenced", "{}", runs[0]);
+    assert!(runs[0]["error"]["message"].as_str().unwrap().contains("liveness Lease"), "{}", runs[0]);
+
+    // Back: the Lease is renewed and backups run again.
+    c.api.fail_next(0, 503);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !agent.log_text().contains("restic allowed again") {
+        assert!(Instant::now() < deadline, "never allowed again:\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    agent.wait_runs(&id, 60, "a backup after the fence", |r| count_state(r, "succeeded") == 2).await;
+}
