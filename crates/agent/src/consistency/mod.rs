@@ -777,6 +777,13 @@ impl Prepared {
                 .map_err(|e| snap_err("blockclone", &clone, e))?
         };
         let mount = PathBuf::from(&ins.mount.mount_point);
+        // The volume's own flush lands in the image's page cache, which
+        // FICLONE must write back before it clones: flush both while
+        // writers still run, so the freeze holds only the clone.
+        if let Ok(dir) = sys::open_dir(&mount) {
+            let _ = sys::syncfs(&dir);
+        }
+        let _ = src.sync_data();
         let freeze = self.freeze(&mount, CancellationToken::new())?;
         let at = Utc::now();
         let cloned = sys::ficlone(&dst, &src);
