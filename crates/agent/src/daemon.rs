@@ -77,6 +77,9 @@ impl Agent {
         config.validate()?;
         prepare_state_dir(&config)?;
         let store = open_store(&config)?;
+        // Start-up (and the scheduler's first pass) read every policy a few
+        // times: give that memory back once it has settled, then now and then.
+        store.release_memory_every(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
         crate::consistency::recover_at_start(&store); // thaw and remove what a crash left
         let restic =
             Restic::new(config.restic.clone(), config.cache_dir(), config.node_name.clone(), config.run_timeout)

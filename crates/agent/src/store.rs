@@ -290,6 +290,89 @@ pub struct Store {
     /// Seals secrets before they are written (see `sealed`); without one
     /// they are stored as plain JSON (only in tests).
     seal: Option<Arc<crate::sealed::SealKey>>,
+    /// What listings show of each policy's secrets, by policy id, with the
+    /// secrets column it was read from: a listing unseals a policy's
+    /// secrets once per change of that column, not on every request. It
+    /// holds no secret (flags and redacted URLs only).
+    shown: Arc<Mutex<ShownCache>>,
+}
+
+/// Policy id -> (its secrets column, what may be shown of it).
+type ShownCache = HashMap<String, (String, Arc<ShownSecrets>)>;
+
+/// What the API may say about a policy's stored secrets: whether each is
+/// set, and the repository URL with its password replaced by `***`. Never
+/// a secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecretsShown {
+    pub password_set: bool,
+    /// Each stored variable: whether it is non-empty.
+    pub env_set: BTreeMap<String, bool>,
+    /// The stored URL (one with a password in it), redacted.
+    pub url: Option<String>,
+}
+
+type ShownSecrets = std::result::Result<SecretsShown, String>;
+
+impl SecretsShown {
+    fn of(s: &StoredSecrets) -> SecretsShown {
+        SecretsShown {
+            password_set: s.password.as_ref().is_some_and(|p| !p.is_empty()),
+            env_set: s.env.iter().map(|(k, v)| (k.clone(), !v.is_empty())).collect(),
+            url: s.url.as_ref().map(|u| soda_syncer_domain::secret::redact_url(u.expose())),
+        }
+    }
+}
+
+/// See [`Store::data_version`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataVersion {
+    own: u64,
+    others: i64,
+}
+
+/// The newest run of a policy, as the policy listing shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastRun {
+    pub id: String,
+    pub kind: RunKind,
+    pub state: RunState,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub snapshot_id: Option<String>,
+}
+
+impl From<&RunRecord> for LastRun {
+    fn from(r: &RunRecord) -> LastRun {
+        LastRun {
+            id: r.id.clone(),
+            kind: r.kind,
+            state: r.state,
+            finished_at: r.finished_at,
+            snapshot_id: r.snapshot_id.clone(),
+        }
+    }
+}
+
+/// One policy of a listing page: its record without secrets (`spec` as
+/// stored: no password, env values null, a URL with a password redacted;
+/// `secrets_error` set when they cannot be unsealed), what may be said
+/// about its secrets, and its newest run.
+#[derive(Debug, Clone)]
+pub struct ListedPolicy {
+    pub policy: PolicyRecord,
+    pub secrets: SecretsShown,
+    pub last_run: Option<LastRun>,
+}
+
+fn release_memory(conn: &Mutex<Connection>) {
+    if let Err(e) = conn.lock().unwrap_or_else(|p| p.into_inner()).release_memory() {
+        tracing::debug!(error = %e, "cannot release SQLite's page cache");
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only works on glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn opt_time(s: Option<String>) -> Option<DateTime<Utc>> {
@@ -318,7 +401,11 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
-        let store = Store { conn: Arc::new(Mutex::new(conn)), seal: None };
+        // Plans never depend on bound values (there are no statistics to
+        // probe them against): without this, a statement with a range on a
+        // bound value (`name > ?1`) is compiled again at each execution.
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true).map_err(open_err)?;
+        let store = Store { conn: Arc::new(Mutex::new(conn)), seal: None, shown: Arc::default() };
         store.migrate()?;
         Ok(store)
     }
@@ -327,6 +414,7 @@ impl Store {
     /// clear (by an older version).
     pub fn with_seal_key(mut self, key: crate::sealed::SealKey) -> Result<Store> {
         self.seal = Some(Arc::new(key));
+        self.shown_cache().clear();
         // Only rows an older version stored in the clear need sealing.
         let clear = |table: &str| -> Result<Vec<String>> {
             let conn = self.conn();
@@ -368,10 +456,69 @@ impl Store {
         serde_json::from_str(&json).map_err(|e| format!("stored secrets are unreadable: {e}"))
     }
 
+    fn shown_cache(&self) -> std::sync::MutexGuard<'_, ShownCache> {
+        self.shown.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What may be shown of the secrets column `text` of policy `id`, or
+    /// why it cannot be unsealed: unsealed only when the column changed
+    /// since the last call. (A column in the clear, only without a key, is
+    /// read each time: the cache keeps sealed text only.)
+    fn secrets_shown(&self, id: &str, text: &str) -> Arc<ShownSecrets> {
+        let shown = |text| Arc::new(self.unseal_secrets(text).map(|s| SecretsShown::of(&s)));
+        if !crate::sealed::is_sealed(text) {
+            return shown(text);
+        }
+        if let Some((seen, cached)) = self.shown_cache().get(id) {
+            if seen == text {
+                return cached.clone();
+            }
+        }
+        let fresh = shown(text);
+        self.shown_cache().insert(id.to_string(), (text.to_string(), fresh.clone()));
+        fresh
+    }
+
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite itself consistent
         // (statements are atomic), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Give back memory that is no longer used: SQLite's cached pages (read
+    /// again from the OS's page cache when needed) and what the allocator
+    /// keeps of freed allocations. Start-up reads every policy several
+    /// times; without this, that stays in the process's memory.
+    pub fn release_memory(&self) {
+        release_memory(&self.conn);
+    }
+
+    /// [`Store::release_memory`] after `first`, then every `every`, until
+    /// the store is closed (no handle on it is held in between). Needs a
+    /// Tokio runtime.
+    ///
+    /// Also, for the whole process: glibc keeps what is freed at the top of
+    /// each thread's heap up to a threshold it raises (up to 32 MiB) after
+    /// large allocations, and `malloc_trim` does not shrink the heaps of
+    /// threads other than the main one; the threshold is pinned at its
+    /// 128 KiB default, so what the worker threads free goes back too.
+    pub fn release_memory_every(&self, first: std::time::Duration, every: std::time::Duration) {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: sets one of glibc's malloc parameters; no memory is touched.
+        unsafe {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 128 * 1024);
+        }
+        let conn = Arc::downgrade(&self.conn);
+        tokio::spawn(async move {
+            tokio::time::sleep(first).await;
+            loop {
+                let Some(conn) = conn.upgrade() else { return };
+                if tokio::task::spawn_blocking(move || release_memory(&conn)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
     }
 
     fn migrate(&self) -> Result<()> {
@@ -564,8 +711,88 @@ impl Store {
         self.query_policies("WHERE name > ?1 ORDER BY name LIMIT ?2", &[&after, &(limit as i64)])
     }
 
+    /// Changes whenever the database may have changed: a write by this
+    /// store or a commit by another connection. What was read at one
+    /// version is still what the database holds while it is unchanged.
+    pub fn data_version(&self) -> Result<DataVersion> {
+        Self::data_version_of(&self.conn())
+    }
+
+    /// [`Store::data_version`], or None at once if the database is busy
+    /// (for callers that must not wait, such as async tasks).
+    pub fn try_data_version(&self) -> Option<DataVersion> {
+        let conn = match self.conn.try_lock() {
+            Ok(c) => c,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Self::data_version_of(&conn).ok()
+    }
+
+    fn data_version_of(conn: &Connection) -> Result<DataVersion> {
+        // total_changes counts this connection's rows written (rolled back
+        // or not); data_version changes with other connections' commits.
+        let others: i64 = conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+        Ok(DataVersion { own: conn.total_changes(), others })
+    }
+
+    /// Up to `limit` policies by name, after the name `after` (`""`: from
+    /// the first), each with its newest run, for listings, and the
+    /// [`DataVersion`] they were read at: one statement (one index probe
+    /// per policy for its last run), and no secret is unsealed unless it
+    /// changed since the last listing.
+    pub fn list_policies_page_shown(&self, after: &str, limit: usize) -> Result<(DataVersion, Vec<ListedPolicy>)> {
+        let conn = self.conn();
+        // Before the read, under the same lock: a later change shows as a
+        // newer version, never the other way round.
+        let version = Self::data_version_of(&conn)?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT p.id, p.origin, p.spec, p.secrets, p.volume, p.legacy_key, p.status, p.status_message,
+                    p.created_at, p.updated_at, p.last_slot, p.next_slot, p.next_run_at, p.consecutive_failures,
+                    p.last_failed_at, r.id, r.kind, r.state, r.finished_at, r.snapshot_id
+             FROM policies p
+             LEFT JOIN runs r ON r.rowid = (SELECT rowid FROM runs WHERE policy_id = p.id ORDER BY id DESC LIMIT 1)
+             WHERE p.name > ?1 ORDER BY p.name LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![after, limit as i64], |row| {
+                let (raw,) = Self::policy_from_row(row)?;
+                let last = match row.get::<_, Option<String>>(15)? {
+                    Some(id) => Some(LastRunRaw {
+                        id,
+                        kind: row.get(16)?,
+                        state: row.get(17)?,
+                        finished_at: row.get(18)?,
+                        snapshot_id: row.get(19)?,
+                    }),
+                    None => None,
+                };
+                Ok((raw, last))
+            })?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        drop(stmt);
+        drop(conn);
+        let listed = rows
+            .into_iter()
+            .map(|(raw, last)| {
+                let (mut policy, secrets_text) = raw.into_stored_record()?;
+                let secrets = match &*self.secrets_shown(&policy.id, &secrets_text) {
+                    Ok(s) => s.clone(),
+                    Err(e) => {
+                        policy.secrets_error = Some(e.clone());
+                        SecretsShown::default()
+                    }
+                };
+                Ok(ListedPolicy { policy, secrets, last_run: last.map(LastRunRaw::into_last_run).transpose()? })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((version, listed))
+    }
+
     pub fn delete_policy(&self, id: &str) -> Result<()> {
-        match self.conn().execute("DELETE FROM policies WHERE id = ?1", params![id])? {
+        let n = self.conn().execute("DELETE FROM policies WHERE id = ?1", params![id])?;
+        self.shown_cache().remove(id);
+        match n {
             0 => Err(StoreError::NotFound),
             _ => Ok(()),
         }
@@ -700,17 +927,6 @@ impl Store {
             &[],
         )?;
         Ok(runs.into_iter().map(|r| (r.policy_id.clone(), r)).collect())
-    }
-
-    /// The newest run of each of these policies.
-    pub fn last_runs_of(&self, policy_ids: &[&str]) -> Result<std::collections::HashMap<String, RunRecord>> {
-        let mut out = std::collections::HashMap::new();
-        for id in policy_ids {
-            if let Some(r) = self.last_run_of(id)? {
-                out.insert(id.to_string(), r);
-            }
-        }
-        Ok(out)
     }
 
     pub fn last_run_of(&self, policy_id: &str) -> Result<Option<RunRecord>> {
@@ -960,22 +1176,33 @@ struct PolicyRecordRaw {
 
 impl PolicyRecordRaw {
     fn into_record(self, store: &Store) -> Result<PolicyRecord> {
-        let mut spec: PolicySpec = serde_json::from_str(&self.spec)?;
+        let (mut p, secrets) = self.into_stored_record()?;
         // A secret that cannot be unsealed leaves the policy readable; its
         // runs fail with the reason.
-        let (secrets, secrets_error) = match store.unseal_secrets(&self.secrets) {
-            Ok(s) => (s, None),
-            Err(e) => (StoredSecrets::default(), Some(e)),
+        let secrets = match store.unseal_secrets(&secrets) {
+            Ok(s) => s,
+            Err(e) => {
+                p.secrets_error = Some(e);
+                StoredSecrets::default()
+            }
         };
-        spec.repository.password = secrets.password;
+        let repo = &mut p.spec.repository;
+        repo.password = secrets.password;
         for (k, v) in secrets.env {
-            spec.repository.env.insert(k, Some(v));
+            repo.env.insert(k, Some(v));
         }
         if let Some(url) = secrets.url {
-            spec.repository.url = Some(url.expose().to_string());
+            repo.url = Some(url.expose().to_string());
         }
-        Ok(PolicyRecord {
-            secrets_error,
+        Ok(p)
+    }
+
+    /// The record with its spec as stored (without secrets), and the
+    /// secrets column.
+    fn into_stored_record(self) -> Result<(PolicyRecord, String)> {
+        let spec: PolicySpec = serde_json::from_str(&self.spec)?;
+        let record = PolicyRecord {
+            secrets_error: None,
             origin: Origin::parse(&self.origin)
                 .ok_or_else(|| StoreError::Corrupt(format!("origin {:?}", self.origin)))?,
             id: self.id,
@@ -991,6 +1218,28 @@ impl PolicyRecordRaw {
             next_run_at: opt_time(self.next_run_at),
             consecutive_failures: self.consecutive_failures,
             last_failed_at: opt_time(self.last_failed_at),
+        };
+        Ok((record, self.secrets))
+    }
+}
+
+struct LastRunRaw {
+    id: String,
+    kind: String,
+    state: String,
+    finished_at: Option<String>,
+    snapshot_id: Option<String>,
+}
+
+impl LastRunRaw {
+    fn into_last_run(self) -> Result<LastRun> {
+        let bad = |what: &str, v: &str| StoreError::Corrupt(format!("run {} has {what} {v:?}", self.id));
+        Ok(LastRun {
+            kind: RunKind::parse(&self.kind).ok_or_else(|| bad("kind", &self.kind))?,
+            state: RunState::parse(&self.state).ok_or_else(|| bad("state", &self.state))?,
+            finished_at: opt_time(self.finished_at),
+            snapshot_id: self.snapshot_id,
+            id: self.id,
         })
     }
 }
@@ -1113,6 +1362,60 @@ mod tests {
             store.conn().query_row("SELECT spec FROM policies WHERE id=?1", [&p.id], |r| r.get(0)).unwrap();
         assert!(!spec_col.contains("hunter2") && !spec_col.contains("s3cr3t"), "{spec_col}");
         assert!(matches!(store.insert_policy(&record("a")), Err(StoreError::NameTaken(_))));
+    }
+
+    #[test]
+    fn a_listing_page_has_each_policys_newest_run_and_no_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = || crate::sealed::SealKey::from_hex(&"ab".repeat(32), "test").unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap().with_seal_key(key()).unwrap();
+        let (a, b, c) = (record("a"), record("b"), record("c"));
+        for p in [&c, &a, &b] {
+            store.insert_policy(p).unwrap();
+        }
+        let now = Utc::now();
+        // Saved out of order: the newest id wins, not the last saved.
+        for (policy, id) in [(&a, "02"), (&a, "03"), (&a, "01"), (&c, "05")] {
+            store
+                .save_run(&RunRecord::new(format!("{id:0>20}"), &policy.id, RunKind::Backup, RunTrigger::Manual, now))
+                .unwrap();
+        }
+        let v1 = store.data_version().unwrap();
+        let (v, page) = store.list_policies_page_shown("", 10).unwrap();
+        assert_eq!(v, v1);
+        assert_eq!(page.iter().map(|l| l.policy.spec.name.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+        for l in &page {
+            assert_eq!(l.last_run, store.last_run_of(&l.policy.id).unwrap().as_ref().map(LastRun::from));
+            assert!(l.policy.spec.repository.password.is_none(), "listings carry no secret");
+            assert!(l.policy.spec.repository.env.values().all(Option::is_none));
+            assert_eq!(
+                l.secrets,
+                SecretsShown {
+                    password_set: true,
+                    env_set: [("AWS_SECRET_ACCESS_KEY".to_string(), true)].into(),
+                    url: None
+                }
+            );
+        }
+        assert_eq!(page[0].last_run.as_ref().unwrap().id, format!("{:0>20}", "03"));
+        assert_eq!(page[1].last_run, None);
+        let (_, after) = store.list_policies_page_shown("a", 1).unwrap();
+        assert_eq!(after.iter().map(|l| l.policy.spec.name.as_str()).collect::<Vec<_>>(), ["b"]);
+        store
+            .save_run(&RunRecord::new(format!("{:0>20}", "04"), &b.id, RunKind::Backup, RunTrigger::Manual, now))
+            .unwrap();
+        assert_ne!(store.data_version().unwrap(), v1, "a write is a new version");
+
+        // Reopened under another key: listed, with the reason and nothing set.
+        drop(store);
+        let other = crate::sealed::SealKey::from_hex(&"cd".repeat(32), "test").unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap().with_seal_key(other).unwrap();
+        let (_, page) = store.list_policies_page_shown("", 10).unwrap();
+        for l in &page {
+            assert_eq!(l.policy.secrets_error, store.get_policy(&l.policy.id).unwrap().secrets_error);
+            assert!(l.policy.secrets_error.is_some());
+            assert_eq!(l.secrets, SecretsShown::default());
+        }
     }
 
     #[test]

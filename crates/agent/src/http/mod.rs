@@ -30,13 +30,13 @@ pub use error::ApiError;
 use error::{parse_json, ApiJson, ErrorBody};
 use openapi::{PolicyPatch, RunEvent};
 use views::{
-    policy_view, run_view, CancelRunResponse, DatabaseState, HealthResponse, PolicyList, PolicyView, ReadyResponse,
-    ResticState, RunList, RunView, SchedulerState, SnapshotList,
+    listed_policy_view, policy_view, run_view, CancelRunResponse, DatabaseState, HealthResponse, PolicyList,
+    PolicyView, ReadyResponse, ResticState, RunList, RunView, SchedulerState, SnapshotList,
 };
 
 use crate::scheduler::legacy::{LegacySnapshotRequest, LegacySnapshotResponse};
 use crate::scheduler::{MaintenanceParams, RestoreParams, Scheduler};
-use crate::store::{PolicyRecord, RunFilter, StoreError};
+use crate::store::{DataVersion, PolicyRecord, RunFilter, StoreError};
 
 /// Bodies above this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -89,7 +89,56 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(body_deadline, slow::body_deadline))
         .layer(axum::middleware::from_fn_with_state(registry.clone(), metrics::track))
         .layer(Extension(registry))
+        .layer(Extension(Arc::new(PolicyPages::default())))
         .with_state(state)
+}
+
+/// `GET /v1/policies` pages as sent, each with the [`DataVersion`] it was
+/// read at: while the database is unchanged, a page is sent again as it is
+/// (a listing is otherwise a query, parsing and JSON for every policy).
+/// Few and small: pages of other versions are dropped as soon as one is
+/// stored, and at most [`PolicyPages::MAX_PAGES`] pages of together at most
+/// [`PolicyPages::MAX_BYTES`] are kept (the oldest go first).
+#[derive(Default)]
+struct PolicyPages {
+    pages: Mutex<Vec<PolicyPage>>,
+}
+
+struct PolicyPage {
+    after: String,
+    limit: usize,
+    version: DataVersion,
+    body: Bytes,
+}
+
+impl PolicyPages {
+    const MAX_PAGES: usize = 16;
+    const MAX_BYTES: usize = 2 * 1024 * 1024;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<PolicyPage>> {
+        self.pages.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, after: &str, limit: usize, version: DataVersion) -> Option<Bytes> {
+        let pages = self.lock();
+        pages.iter().find(|p| p.version == version && p.limit == limit && p.after == after).map(|p| p.body.clone())
+    }
+
+    fn put(&self, after: &str, limit: usize, version: DataVersion, body: Bytes) {
+        let size = |after: &str, body: &Bytes| after.len() + body.len();
+        if size(after, &body) > Self::MAX_BYTES {
+            return;
+        }
+        let mut pages = self.lock();
+        pages.retain(|p| p.version == version && !(p.limit == limit && p.after == after));
+        // The newest last, so the oldest go first.
+        let mut total: usize = pages.iter().map(|p| size(&p.after, &p.body)).sum::<usize>() + size(after, &body);
+        while !pages.is_empty() && (total > Self::MAX_BYTES || pages.len() >= Self::MAX_PAGES) {
+            let old = pages.remove(0);
+            total -= size(&old.after, &old.body);
+        }
+        pages.push(PolicyPage { after: after.to_string(), limit, version, body });
+    }
 }
 
 fn find_policy(state: &AppState, id_or_name: &str) -> Result<PolicyRecord, ApiError> {
@@ -176,6 +225,7 @@ struct PoliciesQuery {
 )]
 async fn list_policies(
     State(state): State<AppState>,
+    Extension(pages): Extension<Arc<PolicyPages>>,
     q: Result<Query<PoliciesQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| {
@@ -190,22 +240,34 @@ async fn list_policies(
             "limit must be between 1 and 1000",
         ));
     }
+    let after = q.after.unwrap_or_default();
+    let json = |body: Bytes| ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response();
+    // The page as sent before, if the database is unchanged since: checked
+    // here if that does not wait for the database.
+    if let Some(body) = state.sched.store().try_data_version().and_then(|v| pages.get(&after, limit, v)) {
+        return Ok(json(body));
+    }
     // SQLite work off the async workers.
     let sched = state.sched.clone();
-    let list = tokio::task::spawn_blocking(move || -> Result<PolicyList, crate::store::StoreError> {
+    let body = tokio::task::spawn_blocking(move || -> Result<Bytes, ApiError> {
         let store = sched.store();
-        let mut policies = store.list_policies_page(q.after.as_deref().filter(|a| !a.is_empty()), limit + 1)?;
+        if let Some(body) = pages.get(&after, limit, store.data_version()?) {
+            return Ok(body);
+        }
+        let (version, mut policies) = store.list_policies_page_shown(&after, limit + 1)?;
         let next = (policies.len() > limit).then(|| {
             policies.truncate(limit);
-            policies.last().map(|p| p.spec.name.clone()).unwrap_or_default()
+            policies.last().map(|p| p.policy.spec.name.clone()).unwrap_or_default()
         });
-        let ids: Vec<&str> = policies.iter().map(|p| p.id.as_str()).collect();
-        let last = store.last_runs_of(&ids)?;
-        Ok(PolicyList { policies: policies.iter().map(|p| policy_view(p, last.get(&p.id))).collect(), next })
+        let list = PolicyList { policies: policies.iter().map(listed_policy_view).collect(), next };
+        let body =
+            Bytes::from(serde_json::to_vec(&list).map_err(|_| ApiError::internal("listing the policies failed"))?);
+        pages.put(&after, limit, version, body.clone());
+        Ok(body)
     })
     .await
     .map_err(|_| ApiError::internal("listing the policies failed"))??;
-    Ok(Json(list).into_response())
+    Ok(json(body))
 }
 
 /// Create a policy.
@@ -801,4 +863,192 @@ async fn metrics(Extension(m): Extension<Arc<metrics::Metrics>>) -> Result<Respo
 )]
 async fn openapi_json() -> Response {
     ([(axum::http::header::CONTENT_TYPE, "application/json")], openapi::json()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use serde_json::{json, Value};
+    use std::collections::BTreeMap;
+    use tower::ServiceExt;
+
+    const TOKEN: &str = "test-token-0123456789";
+    const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    const OTHER_KEY: &str = "ff0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    const SECRETS: [&str; 4] = ["hunter2", "urlpass", "s3cr3tkey", "n3wpass"];
+
+    struct Harness {
+        app: Router,
+        store: crate::store::Store,
+        db: std::path::PathBuf,
+        data: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    /// The router over a store that seals secrets, as the agent runs it.
+    fn harness() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let data = dir.path().join("allowed/data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&state_dir).unwrap();
+        std::fs::write(state_dir.join("repository.password"), "pw").unwrap();
+        std::fs::write(state_dir.join("token"), format!("{TOKEN}\n")).unwrap();
+        let mut config = crate::Config::with_state_dir(state_dir.clone());
+        config.allowed_roots = vec![dir.path().join("allowed")];
+        let db = config.db_path();
+        let store = crate::store::Store::open(&db)
+            .unwrap()
+            .with_seal_key(crate::sealed::SealKey::from_hex(KEY, "test").unwrap())
+            .unwrap();
+        let restic = crate::restic::Restic::new(
+            "restic".into(),
+            config.cache_dir(),
+            "n1".into(),
+            std::time::Duration::from_secs(60),
+        );
+        let sched = Scheduler::new(store.clone(), restic, config, tokio_util::sync::CancellationToken::new());
+        let auth = auth::Auth::new(state_dir.join("token"), auth::LegacyMode::Network, vec![]);
+        let app = router(AppState {
+            sched,
+            restic_version: Arc::new(Mutex::new(Ok("0.14.0".into()))),
+            started: Instant::now(),
+            auth: Arc::new(auth),
+        });
+        Harness { app, store, db, data, _dir: dir }
+    }
+
+    async fn call(h: &Harness, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, String) {
+        let req = Request::builder().method(method).uri(uri).header("authorization", format!("Bearer {TOKEN}"));
+        let req = match body {
+            Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        };
+        let resp = h.app.clone().oneshot(req.unwrap()).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    /// Every policy of the listing, each checked to be exactly what its own
+    /// GET shows, and no secret anywhere.
+    async fn listing(h: &Harness) -> BTreeMap<String, Value> {
+        let (st, text) = call(h, "GET", "/v1/policies?limit=1000", None).await;
+        assert_eq!(st, StatusCode::OK, "{text}");
+        for secret in SECRETS {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        let list: Value = serde_json::from_str(&text).unwrap();
+        let mut out = BTreeMap::new();
+        for p in list["policies"].as_array().unwrap() {
+            let (st, one) = call(h, "GET", &format!("/v1/policies/{}", p["id"].as_str().unwrap()), None).await;
+            assert_eq!(st, StatusCode::OK, "{one}");
+            assert_eq!(p, &serde_json::from_str::<Value>(&one).unwrap(), "the listing differs from GET");
+            out.insert(p["name"].as_str().unwrap().to_string(), p.clone());
+        }
+        out
+    }
+
+    fn run(h: &Harness, policy_id: &str, state: RunState) -> String {
+        let now = chrono::Utc::now();
+        let mut r =
+            crate::store::RunRecord::new(crate::ids::new_id(), policy_id, RunKind::Backup, RunTrigger::Manual, now);
+        r.state = state;
+        r.finished_at = Some(now);
+        r.snapshot_id = Some("ab".repeat(32));
+        h.store.save_run(&r).unwrap();
+        r.id
+    }
+
+    #[tokio::test]
+    async fn the_listing_shows_each_policy_as_its_get_does_and_every_change_at_once() {
+        let h = harness();
+        let a = json!({
+            "name": "a", "source": {"path": h.data}, "schedule": {"intervalSeconds": 3600},
+            "repository": {"url": "rest:http://user:urlpass@127.0.0.1:1/r/", "password": "hunter2",
+                           "env": {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "s3cr3tkey"}},
+        });
+        let b = json!({"name": "b", "source": {"path": h.data}, "schedule": {"intervalSeconds": 60}, "paused": true});
+        let mut ids = BTreeMap::new();
+        for spec in [a, b] {
+            let (st, text) = call(&h, "POST", "/v1/policies", Some(spec)).await;
+            assert_eq!(st, StatusCode::CREATED, "{text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            ids.insert(v["name"].as_str().unwrap().to_string(), v["id"].as_str().unwrap().to_string());
+        }
+        let l = listing(&h).await;
+        assert_eq!(l["a"]["repository"]["url"], "rest:http://user:***@127.0.0.1:1/r/");
+        assert_eq!(l["a"]["repository"]["passwordSet"], true);
+        assert_eq!(l["a"]["repository"]["envSet"], json!({"AWS_ACCESS_KEY_ID": false, "AWS_SECRET_ACCESS_KEY": true}));
+        assert_eq!(l["a"]["lastRun"], Value::Null);
+
+        // The same page twice is the same bytes.
+        let (_, first) = call(&h, "GET", "/v1/policies", None).await;
+        let (_, again) = call(&h, "GET", "/v1/policies", None).await;
+        assert_eq!(first, again);
+
+        // Runs: the newest shows, also one recorded while the page is kept.
+        run(&h, &ids["a"], RunState::Failed);
+        let newest = run(&h, &ids["a"], RunState::Succeeded);
+        let l = listing(&h).await;
+        assert_eq!(l["a"]["lastRun"]["id"], newest.as_str());
+        assert_eq!(l["a"]["lastRun"]["state"], "succeeded");
+
+        // Edits through the API: spec and secrets.
+        let patch =
+            json!({"tags": ["edited"], "repository": {"password": "n3wpass", "env": {"AWS_ACCESS_KEY_ID": "id"}}});
+        let (st, text) = call(&h, "PATCH", "/v1/policies/a", Some(patch)).await;
+        assert_eq!(st, StatusCode::OK, "{text}");
+        let l = listing(&h).await;
+        assert_eq!(l["a"]["tags"], json!(["edited"]));
+        assert_eq!(l["a"]["repository"]["envSet"]["AWS_ACCESS_KEY_ID"], true);
+        let (st, _) = call(&h, "POST", "/v1/policies/b/resume", None).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(listing(&h).await["b"]["paused"], false);
+
+        // Writes by another connection to the same database.
+        let outside = rusqlite::Connection::open(&h.db).unwrap();
+        outside.execute("UPDATE policies SET status_message = 'from outside' WHERE name = 'b'", []).unwrap();
+        assert_eq!(listing(&h).await["b"]["status"]["message"], "from outside");
+        // Secrets sealed under another key: the policy stays listed, without them.
+        let other = crate::sealed::SealKey::from_hex(OTHER_KEY, "test").unwrap();
+        outside
+            .execute("UPDATE policies SET secrets = ?1 WHERE name = 'a'", [other.seal(br#"{"password":"hunter2"}"#)])
+            .unwrap();
+        let l = listing(&h).await;
+        assert!(l["a"]["secretsUnavailable"].as_str().is_some_and(|m| !m.is_empty()), "{}", l["a"]);
+        assert_eq!(l["a"]["repository"]["passwordSet"], false);
+
+        let (st, _) = call(&h, "DELETE", "/v1/policies/b", None).await;
+        assert_eq!(st, StatusCode::NO_CONTENT);
+        assert_eq!(listing(&h).await.keys().collect::<Vec<_>>(), ["a"]);
+    }
+
+    #[test]
+    fn kept_pages_are_few_small_and_of_one_version() {
+        let store = crate::store::Store::open(&tempfile::tempdir().unwrap().path().join("s.db")).unwrap();
+        let v1 = store.data_version().unwrap();
+        let pages = PolicyPages::default();
+        for i in 0..PolicyPages::MAX_PAGES + 4 {
+            pages.put(&format!("p{i}"), 100, v1, Bytes::from_static(b"{}"));
+        }
+        assert_eq!(pages.lock().len(), PolicyPages::MAX_PAGES);
+        assert!(pages.get("p0", 100, v1).is_none(), "the oldest went first");
+        assert!(pages.get(&format!("p{}", PolicyPages::MAX_PAGES + 3), 100, v1).is_some());
+        assert!(pages.get(&format!("p{}", PolicyPages::MAX_PAGES + 3), 10, v1).is_none(), "another limit");
+        pages.put("big", 1000, v1, Bytes::from(vec![b' '; PolicyPages::MAX_BYTES]));
+        assert!(pages.get("big", 1000, v1).is_none(), "too big to keep");
+        assert_eq!(store.data_version().unwrap(), v1, "reads change nothing");
+        store.count_policies().unwrap();
+        assert_eq!(store.data_version().unwrap(), v1, "reads change nothing");
+        store.ensure_repository("k", chrono::Utc::now(), chrono::Utc::now()).unwrap();
+        let v2 = store.data_version().unwrap();
+        assert_ne!(v1, v2);
+        assert!(pages.get("p19", 100, v2).is_none());
+        pages.put("", 100, v2, Bytes::from_static(b"{}"));
+        assert_eq!(pages.lock().len(), 1, "pages of the older version were dropped");
+    }
 }

@@ -17,7 +17,7 @@ use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, Type}
 use utoipa::ToSchema;
 
 use crate::ids::fmt_time;
-use crate::store::{PolicyRecord, PolicyStatus, RunRecord};
+use crate::store::{LastRun, ListedPolicy, PolicyRecord, PolicyStatus, RunRecord};
 
 /// A policy as the API shows it: its spec without secrets, plus what the
 /// agent knows about it.
@@ -293,6 +293,41 @@ fn map_of_nulls() -> Schema {
 }
 
 pub fn policy_view(p: &PolicyRecord, last: Option<&RunRecord>) -> PolicyView {
+    let r = &p.spec.repository;
+    let repository = RepositoryView {
+        url: r.url.as_deref().map(redact_url),
+        password: (),
+        password_set: r.password.as_ref().is_some_and(|p| !p.is_empty()),
+        env: r.env.keys().map(|k| (k.clone(), ())).collect(),
+        env_set: r.env.iter().map(|(k, v)| (k.clone(), v.as_ref().is_some_and(|v| !v.is_empty()))).collect(),
+        secret_ref: r.secret_ref.clone(),
+        soda_profile: r.soda_profile.clone(),
+    };
+    view_of(p, repository, last.map(LastRun::from).as_ref())
+}
+
+/// A policy of a listing page: the same view as [`policy_view`] of the
+/// record with its secrets, built from the record without them.
+pub fn listed_policy_view(l: &ListedPolicy) -> PolicyView {
+    let r = &l.policy.spec.repository;
+    let s = &l.secrets;
+    // As the store merges them: each stored variable over the spec's keys.
+    let mut env_set: BTreeMap<String, bool> =
+        r.env.iter().map(|(k, v)| (k.clone(), v.as_ref().is_some_and(|v| !v.is_empty()))).collect();
+    env_set.extend(s.env_set.iter().map(|(k, v)| (k.clone(), *v)));
+    let repository = RepositoryView {
+        url: s.url.clone().or_else(|| r.url.as_deref().map(redact_url)),
+        password: (),
+        password_set: s.password_set,
+        env: env_set.keys().map(|k| (k.clone(), ())).collect(),
+        env_set,
+        secret_ref: r.secret_ref.clone(),
+        soda_profile: r.soda_profile.clone(),
+    };
+    view_of(&l.policy, repository, l.last_run.as_ref())
+}
+
+fn view_of(p: &PolicyRecord, repository: RepositoryView, last: Option<&LastRun>) -> PolicyView {
     let s = &p.spec;
     let paused = s.paused || p.status != PolicyStatus::Active;
     PolicyView {
@@ -300,20 +335,7 @@ pub fn policy_view(p: &PolicyRecord, last: Option<&RunRecord>) -> PolicyView {
         name: s.name.clone(),
         origin: p.origin,
         source: s.source.clone(),
-        repository: RepositoryView {
-            url: s.repository.url.as_deref().map(redact_url),
-            password: (),
-            password_set: s.repository.password.as_ref().is_some_and(|p| !p.is_empty()),
-            env: s.repository.env.keys().map(|k| (k.clone(), ())).collect(),
-            env_set: s
-                .repository
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_ref().is_some_and(|v| !v.is_empty())))
-                .collect(),
-            secret_ref: s.repository.secret_ref.clone(),
-            soda_profile: s.repository.soda_profile.clone(),
-        },
+        repository,
         schedule: s.schedule.clone(),
         jitter_seconds: s.jitter_seconds,
         retention: s.retention.clone(),
