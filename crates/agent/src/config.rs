@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// absolute path (repeat, or comma-separated). Unset: hooks are refused.
     #[arg(long = "hook-allow", env = "SODA_SYNCER_HOOK_ALLOW", value_delimiter = ',')]
     pub hook_allow: Vec<PathBuf>,
+    /// A directory below which local restic repositories may lie, besides
+    /// the state directory (repeat, or comma-separated).
+    #[arg(long = "repository-root", env = "SODA_SYNCER_REPOSITORY_ROOTS", value_delimiter = ',')]
+    pub repository_roots: Vec<PathBuf>,
     /// Kill a consistency hook that runs longer than this [default: 60].
     #[arg(long, env = "SODA_SYNCER_HOOK_TIMEOUT_SECONDS")]
     pub hook_timeout_seconds: Option<u64>,
@@ -154,6 +158,7 @@ struct FileConfig {
     maintenance_gap_seconds: Option<u64>,
     keep_runs: Option<usize>,
     hook_allow: Option<Vec<PathBuf>>,
+    repository_roots: Option<Vec<PathBuf>>,
     hook_timeout_seconds: Option<u64>,
     token_file: Option<PathBuf>,
     secrets_key_file: Option<PathBuf>,
@@ -201,6 +206,8 @@ pub struct Config {
     pub legacy_allow_cidrs: Vec<crate::http::auth::Cidr>,
     /// Executables policies may name as consistency hooks.
     pub hook_allow: Vec<PathBuf>,
+    /// Where local repositories may lie besides the state directory.
+    pub repository_roots: Vec<PathBuf>,
     pub hook_timeout: Duration,
     /// A backup whose file count or size falls by more than this fraction
     /// against the last good one is `suspicious`.
@@ -267,6 +274,7 @@ impl Config {
             legacy: crate::http::auth::LegacyMode::Network,
             legacy_allow_cidrs: vec!["127.0.0.0/8".parse().expect("static"), "::1/128".parse().expect("static")],
             hook_allow: Vec::new(),
+            repository_roots: Vec::new(),
             hook_timeout: Duration::from_secs(60),
             suspicious_drop_fraction: 0.5,
             kubernetes: KubeMode::Off,
@@ -370,6 +378,11 @@ impl Config {
         }
         c.hook_allow =
             if args.hook_allow.is_empty() { file.hook_allow.unwrap_or_default() } else { args.hook_allow.clone() };
+        c.repository_roots = if args.repository_roots.is_empty() {
+            file.repository_roots.unwrap_or_default()
+        } else {
+            args.repository_roots.clone()
+        };
         if let Some(v) = args.hook_timeout_seconds.or(file.hook_timeout_seconds) {
             c.hook_timeout = Duration::from_secs(v);
         }
@@ -426,6 +439,9 @@ impl Config {
         if self.kubernetes == KubeMode::Off && self.kubeconfig.is_some() {
             return Err(ConfigError::Invalid("--kubeconfig was given but --kubernetes is off".into()));
         }
+        if let Some(r) = self.repository_roots.iter().find(|r| !r.is_absolute()) {
+            return Err(ConfigError::Invalid(format!("--repository-root {} must be an absolute path", r.display())));
+        }
         if let Some(h) = self.hook_allow.iter().find(|h| !h.is_absolute()) {
             return Err(ConfigError::Invalid(format!("--hook-allow {} must be an absolute path", h.display())));
         }
@@ -474,6 +490,13 @@ impl Config {
     pub fn allowed_roots_in_effect(&self) -> Vec<PathBuf> {
         let mut roots = vec![self.kubelet_dir.clone()];
         roots.extend(self.allowed_roots.iter().cloned());
+        roots
+    }
+    /// Where local restic repositories may lie: the state directory and
+    /// the roots the operator listed.
+    pub fn repository_roots_in_effect(&self) -> Vec<PathBuf> {
+        let mut roots = vec![self.state_dir.clone()];
+        roots.extend(self.repository_roots.iter().cloned());
         roots
     }
     /// The key that seals secrets in the database.

@@ -229,7 +229,17 @@ impl Scheduler {
 
     /// How to reach a policy's repository: its stored keys, or those in the
     /// Secret or SODA profile it references, read now.
+    /// The policy's repository with its keys, read now from wherever they
+    /// live; a local path outside the repository roots is refused here too
+    /// (a Secret or SODA profile may name one).
     pub async fn repo_for(&self, policy: &PolicyRecord) -> Result<Repo, RunError> {
+        let repo = self.repo_unchecked(policy).await?;
+        policies::check_repository(&self.inner.config, &repo.url)
+            .map_err(|e| RunError { code: "repository_not_allowed".into(), message: e.message })?;
+        Ok(repo)
+    }
+
+    async fn repo_unchecked(&self, policy: &PolicyRecord) -> Result<Repo, RunError> {
         if let Some(id) = &policy.spec.repository.soda_profile {
             return match self.inner.secrets.get() {
                 Some(source) => source.profile_repository(id).await,

@@ -82,6 +82,51 @@ pub fn check_source(config: &Config, path: &str) -> Result<(), FieldError> {
     check_allowed(config, p)
 }
 
+/// restic's backends that are not a local path.
+const REMOTE_SCHEMES: [&str; 8] = ["sftp:", "rest:", "s3:", "azure:", "gs:", "swift:", "b2:", "rclone:"];
+
+/// A local repository must lie below the state directory or a
+/// `--repository-root`: the agent runs restic as root, so a repository path
+/// is a place where it creates files (`restic init`). Relative paths are
+/// refused (they would depend on the agent's working directory); `..` and
+/// symlinks are resolved first, for the part of the path that exists.
+pub fn check_repository(config: &Config, url: &str) -> Result<(), FieldError> {
+    if REMOTE_SCHEMES.iter().any(|s| url.starts_with(s)) {
+        return Ok(());
+    }
+    let field = |m: String| FieldError::new("repository.url", m);
+    let path = Path::new(url.strip_prefix("local:").unwrap_or(url));
+    if !path.is_absolute() {
+        return Err(field(format!(
+            "{url} is neither an absolute path nor a restic backend URL ({}...)",
+            REMOTE_SCHEMES.join(", ")
+        )));
+    }
+    if path.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(field(format!("{url}: give the repository's path without '..'")));
+    }
+    // The longest part that exists, resolved; the rest is created by restic.
+    let mut existing = path;
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        let Some(parent) = existing.parent() else { break };
+        rest.push(existing.file_name().unwrap_or_default().to_owned());
+        existing = parent;
+    }
+    let mut real = std::fs::canonicalize(existing).unwrap_or_else(|_| existing.to_path_buf());
+    real.extend(rest.iter().rev());
+    let roots = config.repository_roots_in_effect();
+    let ok = roots.iter().any(|root| real.starts_with(std::fs::canonicalize(root).unwrap_or_else(|_| root.clone())));
+    if ok {
+        return Ok(());
+    }
+    let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+    Err(field(format!(
+        "the local repository {url} is outside the repository roots ({}); put it below one of them, or start the agent with --repository-root DIR",
+        roots.join(", ")
+    )))
+}
+
 impl Scheduler {
     /// Fill in the agent's defaults: a policy that names no repository uses
     /// the default one (the configured URL, or the local repository in the
@@ -144,6 +189,9 @@ impl Scheduler {
         check_supported(self.config(), &spec)?;
         check_source(self.config(), &spec.source.path)?;
         self.apply_defaults(&mut spec)?;
+        if let Some(url) = &spec.repository.url {
+            check_repository(self.config(), url)?;
+        }
         let mut p = PolicyRecord {
             id: new_id(),
             origin,
@@ -221,6 +269,9 @@ impl Scheduler {
             }
         }
         self.apply_defaults(&mut spec)?;
+        if let Some(url) = &spec.repository.url {
+            check_repository(self.config(), url)?;
+        }
         let was_paused = p.spec.paused;
         let schedule_changed = spec.schedule != p.spec.schedule || spec.jitter_seconds != p.spec.jitter_seconds;
         p.spec = spec;

@@ -36,6 +36,7 @@ fn harness() -> Harness {
     std::fs::write(state.join("repository.password"), "pw").unwrap();
     let mut config = Config::with_state_dir(state.clone());
     config.allowed_roots = vec![allowed];
+    config.repository_roots = vec![dir.path().to_path_buf(), "/tmp".into()];
     let store = Store::open(&config.db_path()).unwrap();
     let restic = Restic::new("restic".into(), config.cache_dir(), "n1".into(), std::time::Duration::from_secs(60));
     let sched = Scheduler::new(store, restic, config, tokio_util::sync::CancellationToken::new());
@@ -719,5 +720,39 @@ async fn policies_are_listed_in_pages_by_name() {
         let (st, v) = send(&h.app, "GET", bad, None, Body::empty()).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}: {v}");
         assert_error_shape(&v);
+    }
+}
+
+#[tokio::test]
+async fn a_local_repository_outside_the_repository_roots_is_refused() {
+    let h = harness();
+    let root = h._dir.path();
+    let evil = h.outside.join("link");
+    std::os::unix::fs::symlink("/etc", &evil).unwrap();
+    let cases = [
+        ("/etc/soda-syncer-repo".to_string(), "outside the repository roots"),
+        ("local:/etc/soda-syncer-repo".to_string(), "outside the repository roots"),
+        ("relative/repo".to_string(), "neither an absolute path"),
+        (format!("{}/../../etc/x", root.display()), "without '..'"),
+        // Inside a root by name, /etc by a symlink.
+        (format!("{}/new-repo", evil.display()), "outside the repository roots"),
+    ];
+    for (url, why) in cases {
+        let body = json!({"name": "r", "source": {"path": h.data}, "schedule": {"intervalSeconds": 3600},
+            "repository": {"url": url, "password": "pw"}});
+        let (st, err) = json_req(&h.app, "POST", "/v1/policies", body).await;
+        assert_eq!(st, 422, "{url}: {err}");
+        assert_eq!(err["error"]["field"], "repository.url", "{url}: {err}");
+        assert!(err["error"]["message"].as_str().unwrap().contains(why), "{url}: {err}");
+    }
+    assert!(!std::path::Path::new("/etc/soda-syncer-repo").exists());
+    // Below a root, or a remote backend: accepted.
+    for url in [format!("{}/repos/a", root.display()), "s3:http://127.0.0.1:1/bucket".to_string()] {
+        let body = json!({"name": "ok", "source": {"path": h.data}, "paused": true, "schedule": {"intervalSeconds": 3600},
+            "repository": {"url": url, "password": "pw"}});
+        let (st, p) = json_req(&h.app, "POST", "/v1/policies", body).await;
+        assert_eq!(st, 201, "{url}: {p}");
+        let id = p["id"].as_str().unwrap();
+        send(&h.app, "DELETE", &format!("/v1/policies/{id}"), None, Body::empty()).await;
     }
 }

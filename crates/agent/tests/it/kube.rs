@@ -657,3 +657,25 @@ async fn a_node_that_cannot_renew_its_liveness_lease_stops_running_restic_until_
     agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
     agent.wait_runs(&id, 60, "a backup after the fence", |r| count_state(r, "succeeded") == 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_naming_a_local_repository_outside_the_roots_fails_the_run_and_creates_nothing() {
+    let c = Cluster::new().await;
+    let mut a = c.node("node-a");
+    let evil = format!("/etc/soda-syncer-evil-{}", std::process::id());
+    c.api
+        .apply(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "evil-keys", "namespace": "app"},
+            "data": {"RESTIC_REPOSITORY": b64(&evil), "RESTIC_PASSWORD": b64("pw")}}))
+        .unwrap();
+    c.csi_claim(&mut a, "evil", json!({"soda-syncer.io/backup": "true", "soda-syncer.io/secret": "evil-keys"}));
+    c.start(&mut a);
+    let agent = a.agent.as_ref().unwrap();
+    let p = policy_named(agent, "app-evil", 30).await;
+    let runs = agent
+        .wait_runs(p["id"].as_str().unwrap(), 60, "the refused backup", |r| r.iter().any(|r| r["state"] == "failed"))
+        .await;
+    let failed = runs.iter().find(|r| r["state"] == "failed").unwrap();
+    assert_eq!(failed["error"]["code"], "repository_not_allowed", "{failed}");
+    assert!(failed["error"]["message"].as_str().unwrap().contains("--repository-root"), "{failed}");
+    assert!(!std::path::Path::new(&evil).exists(), "the agent created {evil}");
+}

@@ -111,6 +111,8 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     let args: Vec<String> = [
         "--allowed-root",
         allowed.to_str().unwrap(),
+        "--repository-root",
+        root.to_str().unwrap(),
         "--restic",
         guard.to_str().unwrap(),
         "--kubelet-dir",

@@ -61,7 +61,7 @@ impl AgentProc {
             .arg("serve")
             .arg("--state-dir")
             .arg(state_dir)
-            .args(["--listen", "127.0.0.1:0", "--allowed-root", "/tmp"])
+            .args(["--listen", "127.0.0.1:0", "--allowed-root", "/tmp", "--repository-root", "/tmp"])
             .args(if agent_args.iter().any(|a| a.starts_with("--node-name")) {
                 &[][..]
             } else {
