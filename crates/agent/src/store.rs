@@ -1442,7 +1442,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db")).unwrap();
         let now = Utc::now();
-        let due = record("due");
+        let mut due = record("due");
+        // Made after `now`, maybe in a later millisecond: due at `now` exactly.
+        due.next_run_at = Some(now);
         let mut paused = record("paused");
         paused.spec.paused = true;
         let mut later = record("later");

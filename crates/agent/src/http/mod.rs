@@ -953,6 +953,8 @@ mod tests {
     }
 
     fn run(h: &Harness, policy_id: &str, state: RunState) -> String {
+        // Run ids sort by their millisecond: two made in one have no order.
+        std::thread::sleep(std::time::Duration::from_millis(2));
         let now = chrono::Utc::now();
         let mut r =
             crate::store::RunRecord::new(crate::ids::new_id(), policy_id, RunKind::Backup, RunTrigger::Manual, now);
