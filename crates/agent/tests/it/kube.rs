@@ -8,7 +8,7 @@ use soda_syncer_standin::kube::KubeStandin;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::support::{count_state, fill, restic, AgentProc, BindMount};
+use crate::support::{count_state, fill, restic, wait_for_a_lock, wait_for_log, AgentProc, BindMount};
 
 pub(crate) fn b64(s: &str) -> Value {
     serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec())).unwrap()
@@ -519,6 +519,32 @@ async fn one_agent_maintains_a_repository_shared_across_nodes() {
     assert!(other.iter().any(skipped) && !other.iter().any(done), "the other skips: {other:?}");
 }
 
+/// Start `node`'s agent, wait for its liveness Lease (named after this
+/// host), and back up a small directory once into the cluster's shared
+/// repository with a paused API policy; returns the policy id.
+async fn one_backup_with_a_liveness_lease(c: &Cluster, node: &mut Node) -> String {
+    let data = c.dir.path().join("data");
+    fill(&data, 5, 1000);
+    c.start_with(node, &[&format!("--allowed-root={}", c.dir.path().display())]);
+    let agent = node.agent.as_ref().unwrap();
+    let me = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let lease = format!("soda-syncer-host-{me}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.api.get("coordination.k8s.io/v1", "Lease", Some("soda-syncer"), &lease).is_none() {
+        assert!(Instant::now() < deadline, "no liveness lease {lease}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let p = agent
+        .create_policy(json!({"name": "shared", "source": {"path": data}, "paused": true,
+            "schedule": {"intervalSeconds": 3600},
+            "repository": {"url": c.repo, "password": "k8s-repo-pw"}}))
+        .await;
+    let id = p["id"].as_str().unwrap().to_string();
+    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    agent.wait_runs(&id, 60, "the first backup", |r| count_state(r, "succeeded") == 1).await;
+    id
+}
+
 /// restic run by "another node's agent": its own UTS namespace, so its
 /// locks carry that host name.
 fn restic_on_host(host: &str, repo: &Path, password: &str, cache: &Path, args: &[&str]) -> std::process::Child {
@@ -549,26 +575,8 @@ fn liveness_lease(c: &Cluster, host: &str, renewed_secs_ago: i64) {
 async fn a_lock_left_on_another_node_is_broken_once_that_nodes_agent_lease_expires_not_before() {
     let c = Cluster::new().await;
     let mut a = c.node("node-a");
-    let data = c.dir.path().join("data");
-    fill(&data, 5, 1000);
-    c.start_with(&mut a, &[&format!("--allowed-root={}", c.dir.path().display())]);
+    let id = one_backup_with_a_liveness_lease(&c, &mut a).await;
     let agent = a.agent.as_ref().unwrap();
-    // This agent keeps a liveness Lease named after its host.
-    let me = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while c.api.get("coordination.k8s.io/v1", "Lease", Some("soda-syncer"), &format!("soda-syncer-host-{me}")).is_none()
-    {
-        assert!(Instant::now() < deadline, "no liveness lease for {me}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let p = agent
-        .create_policy(json!({"name": "shared", "source": {"path": data}, "paused": true,
-            "schedule": {"intervalSeconds": 3600},
-            "repository": {"url": c.repo, "password": "k8s-repo-pw"}}))
-        .await;
-    let id = p["id"].as_str().unwrap().to_string();
-    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
-    agent.wait_runs(&id, 60, "the first backup", |r| count_state(r, "succeeded") == 1).await;
 
     // node-b's agent is alive (fresh Lease); its restic holds the exclusive lock.
     liveness_lease(&c, "node-b-pod", 0);
@@ -580,17 +588,9 @@ async fn a_lock_left_on_another_node_is_broken_once_that_nodes_agent_lease_expir
         &cache,
         &["check", "--read-data", "--limit-download", "1"],
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(c.repo.join("locks")).map(|d| d.count()).unwrap_or(0) == 0 {
-        assert!(Instant::now() < deadline, "the check never took its lock");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_a_lock(&c.repo).await;
     agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !agent.log_text().contains("locked by a live process; waiting") {
-        assert!(Instant::now() < deadline, "the backup did not wait for the lock\n{}", agent.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_log(agent, "locked by a live process; waiting", 60).await;
     // Its restic dies with node-b (kill -9 leaves the lock), but node-b's
     // Lease is still fresh: nothing proves the holder dead, the lock stays.
     // SAFETY: the process this test started.
@@ -615,33 +615,12 @@ async fn a_lock_left_on_another_node_is_broken_once_that_nodes_agent_lease_expir
 async fn a_node_that_cannot_renew_its_liveness_lease_stops_running_restic_until_it_can() {
     let c = Cluster::new().await;
     let mut a = c.node("node-a");
-    let data = c.dir.path().join("data");
-    fill(&data, 5, 1000);
-    c.start_with(&mut a, &[&format!("--allowed-root={}", c.dir.path().display())]);
+    let id = one_backup_with_a_liveness_lease(&c, &mut a).await;
     let agent = a.agent.as_ref().unwrap();
-    let me = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
-    let lease = format!("soda-syncer-host-{me}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while c.api.get("coordination.k8s.io/v1", "Lease", Some("soda-syncer"), &lease).is_none() {
-        assert!(Instant::now() < deadline, "no liveness lease");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let p = agent
-        .create_policy(json!({"name": "fenced", "source": {"path": data}, "paused": true,
-            "schedule": {"intervalSeconds": 3600},
-            "repository": {"url": c.repo, "password": "k8s-repo-pw"}}))
-        .await;
-    let id = p["id"].as_str().unwrap().to_string();
-    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
-    agent.wait_runs(&id, 60, "the first backup", |r| count_state(r, "succeeded") == 1).await;
 
     // The API server stops answering: after the Lease's 30 s the node is fenced.
     c.api.fail_next(u32::MAX, 503);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !agent.log_text().contains("restic fenced") {
-        assert!(Instant::now() < deadline, "never fenced:\n{}", agent.log_text());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_for_log(agent, "restic fenced", 60).await;
     agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
     let runs = agent.wait_runs(&id, 30, "the fenced backup", |r| r.len() == 2 && r[0]["state"] == "failed").await;
     assert_eq!(runs[0]["error"]["code"], "node_fenced", "{}", runs[0]);
@@ -649,11 +628,7 @@ async fn a_node_that_cannot_renew_its_liveness_lease_stops_running_restic_until_
 
     // Back: the Lease is renewed and backups run again.
     c.api.fail_next(0, 503);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !agent.log_text().contains("restic allowed again") {
-        assert!(Instant::now() < deadline, "never allowed again:\n{}", agent.log_text());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_for_log(agent, "restic allowed again", 30).await;
     agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
     agent.wait_runs(&id, 60, "a backup after the fence", |r| count_state(r, "succeeded") == 2).await;
 }

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-use crate::support::{children_named, count_state, fill, AgentProc};
+use crate::support::{children_named, count_state, fill, wait_for_a_lock, wait_for_log, AgentProc};
 
 fn time(v: &Value) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or_else(|| panic!("not a time: {v}"))).unwrap().into()
@@ -300,17 +300,9 @@ async fn a_lock_held_by_a_live_process_is_waited_for_not_broken_or_failed() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(repo.join("locks")).map(|d| d.count()).unwrap_or(0) == 0 {
-        assert!(Instant::now() < deadline, "the check never took its lock");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_a_lock(&repo).await;
     agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !agent.log_text().contains("locked by a live process; waiting") {
-        assert!(Instant::now() < deadline, "the backup did not wait for the lock\n{}", agent.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_log(&agent, "locked by a live process; waiting", 60).await;
     let runs = agent.get(&format!("/v1/runs?policy={id}")).await;
     assert_eq!(runs["runs"][0]["state"], "running", "waiting, not failed: {runs}");
     tokio::time::sleep(Duration::from_secs(3)).await;

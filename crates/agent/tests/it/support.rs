@@ -285,3 +285,21 @@ pub fn children_named(ppid: u32, name: &str) -> Vec<u32> {
     }
     out
 }
+
+/// Wait until `repo` (a local restic repository) holds a lock file.
+pub async fn wait_for_a_lock(repo: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read_dir(repo.join("locks")).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no lock in {} within 30 s", repo.display());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until the agent's log contains `needle`.
+pub async fn wait_for_log(agent: &AgentProc, needle: &str, secs: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !agent.log_text().contains(needle) {
+        assert!(std::time::Instant::now() < deadline, "no {needle:?} in the log within {secs} s\n{}", agent.log_text());
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
