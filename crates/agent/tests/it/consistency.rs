@@ -711,7 +711,7 @@ async fn lvm_snapshots_restore_consistent_where_device_mapper_exists() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_reflink_copy_kept_between_backups_makes_an_unchanged_backup_add_nothing() {
+async fn a_reflink_copy_kept_between_backups_makes_an_unchanged_backup_store_the_same_tree() {
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("xfs");
     let _fs = LoopFs::new(&tmp.path().join("xfs.img"), "512M", &["mkfs.xfs", "-q", "-m", "reflink=1"], &mnt);
@@ -728,7 +728,19 @@ async fn a_reflink_copy_kept_between_backups_makes_an_unchanged_backup_add_nothi
         .await;
     let id = p["id"].as_str().unwrap().to_string();
     let copy = mnt.join(".soda-syncer-snapshots").join(format!("policy-{id}"));
+    let (repo, pw) = local_repo(&agent);
+    // The volume's part of a snapshot, as restic lists it (inode, ctime, mtime of
+    // every file and directory). restic also stores the volume path's ancestors
+    // (here `/tmp`, whose mtime other processes change), so those are left out.
+    let volume_nodes = |snap: &str| -> Vec<Value> {
+        let out = restic(&repo, &pw, &[], &["ls", "--json", snap]).unwrap();
+        out.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|n| n["path"].as_str().is_some_and(|p| Path::new(p).starts_with(&source)))
+            .collect()
+    };
     let mut last = Vec::new();
+    let mut previous_snapshot: Option<String> = None;
     for n in 1..=3 {
         if n == 3 {
             std::fs::write(source.join("d2/f00003"), "changed").unwrap();
@@ -738,17 +750,23 @@ async fn a_reflink_copy_kept_between_backups_makes_an_unchanged_backup_add_nothi
         last = agent.wait_runs(&id, 60, "the backup", |r| count_state(r, "succeeded") == n).await;
         assert_eq!(last[0]["consistency"]["method"], "reflink", "{}", last[0]);
         assert!(copy.is_dir(), "the copy is kept for the next backup");
+        let snap = last[0]["snapshotId"].as_str().unwrap().to_string();
         if n == 2 {
             let s = &last[0]["summary"];
             assert_eq!((s["filesNew"].as_u64(), s["filesChanged"].as_u64()), (Some(0), Some(0)), "{s}");
-            // Same inodes and ctimes as at the last backup: not even tree metadata is new.
-            assert_eq!(s["dataAdded"], 0, "an unchanged backup through the kept copy adds nothing: {s}");
+            // Same inodes and ctimes as at the last backup: not even the volume's
+            // tree metadata is new (a fresh copy would give every node a new inode
+            // and ctime, and every directory a new tree blob).
+            let (before, now) = (volume_nodes(previous_snapshot.as_deref().unwrap()), volume_nodes(&snap));
+            assert_eq!(now.len(), 106, "5 directories with 20 files, and the volume's root");
+            assert_eq!(before, now, "an unchanged backup through the kept copy stores the same volume tree");
+            assert!(s["dataAdded"].as_u64().unwrap() < 2048, "only the ancestors' trees are new: {s}");
         }
+        previous_snapshot = Some(snap);
     }
     let s = &last[0]["summary"];
     assert_eq!((s["filesNew"].as_u64(), s["filesChanged"].as_u64()), (Some(0), Some(1)), "{s}");
     // The third snapshot has the change (restic reads the copy at the volume's path).
-    let (repo, pw) = local_repo(&agent);
     let snap = last[0]["snapshotId"].as_str().unwrap();
     let out = restic(&repo, &pw, &[], &["dump", snap, &format!("{}/d2/f00003", source.display())]).unwrap();
     assert_eq!(out, "changed");

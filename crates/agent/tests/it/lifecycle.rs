@@ -228,10 +228,17 @@ async fn a_stale_lock_from_a_killed_restic_is_removed_automatically() {
     agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
     wait_running_restic(&agent).await;
     // As soon as restic holds its lock (the backup's, or the forget's after
-    // it on a fast machine), kill restic itself: the lock stays behind.
+    // it on a fast machine), kill restic itself: the lock stays behind. restic
+    // 0.14 creates a lock file before it writes it, and ignores a lock it cannot
+    // read, so wait for the content (an empty lock would block nothing).
     let locks_dir = tmp.path().join("state/repository/locks");
+    let written_lock = || {
+        std::fs::read_dir(&locks_dir)
+            .map(|d| d.flatten().any(|e| e.metadata().is_ok_and(|m| m.len() > 0)))
+            .unwrap_or(false)
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(&locks_dir).map(|d| d.count()).unwrap_or(0) == 0 {
+    while !written_lock() {
         assert!(Instant::now() < deadline, "restic never took its lock");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
