@@ -757,7 +757,8 @@ const EVENT_END: &str = "end";
 /// Follow a run as server-sent events.
 ///
 /// A `progress` event about twice a second while the run is queued or
-/// running, then one `end` event with the whole run.
+/// running, then one `end` event with the whole run, sent the moment the
+/// run ends (a client waiting for a run neither polls nor lags).
 #[utoipa::path(
     get,
     path = "/v1/runs/{id}/events",
@@ -772,22 +773,57 @@ const EVENT_END: &str = "end";
     )
 )]
 async fn run_events(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    // Subscribed before the first read, so an end between the two is not missed.
+    let finished = state.sched.subscribe_finished();
     find_run(&state, &id)?;
-    let stream = futures_util::stream::unfold((state, id, false), |(state, id, done)| async move {
-        if done {
-            return None;
-        }
-        let run = state.sched.store().get_run(&id).ok()?;
-        if run.state.is_terminal() {
-            let ev = Event::default().event(EVENT_END).json_data(run_view(&run, None)).ok()?;
-            return Some((Ok::<_, std::convert::Infallible>(ev), (state, id, true)));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let live = state.sched.live_progress(&id);
-        let ev = Event::default().event(EVENT_PROGRESS).json_data(run_view(&run, live)).ok()?;
-        Some((Ok(ev), (state, id, false)))
-    });
+    let stream =
+        futures_util::stream::unfold((state, id, finished, false), |(state, id, mut finished, done)| async move {
+            if done {
+                return None;
+            }
+            let run = state.sched.store().get_run(&id).ok()?;
+            if run.state.is_terminal() {
+                let ev = Event::default().event(EVENT_END).json_data(run_view(&run, None)).ok()?;
+                return Some((Ok::<_, std::convert::Infallible>(ev), (state, id, finished, true)));
+            }
+            // The next progress event in half a second, or the end at once.
+            let ended = until_run_ends(&mut finished, &id, Duration::from_millis(500)).await;
+            let run = if ended { state.sched.store().get_run(&id).ok()? } else { run };
+            if run.state.is_terminal() {
+                let ev = Event::default().event(EVENT_END).json_data(run_view(&run, None)).ok()?;
+                return Some((Ok(ev), (state, id, finished, true)));
+            }
+            let live = state.sched.live_progress(&id);
+            let ev = Event::default().event(EVENT_PROGRESS).json_data(run_view(&run, live)).ok()?;
+            Some((Ok(ev), (state, id, finished, false)))
+        });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// Wait up to `most` for the run `id` to end; true when it did (or when
+/// endings were missed, so the caller looks again).
+async fn until_run_ends(
+    finished: &mut tokio::sync::broadcast::Receiver<crate::store::RunRecord>,
+    id: &str,
+    most: Duration,
+) -> bool {
+    use tokio::sync::broadcast::error::RecvError;
+    let deadline = tokio::time::sleep(most);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return false,
+            r = finished.recv() => match r {
+                Ok(run) if run.id == id => return true,
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => return true,
+                Err(RecvError::Closed) => {
+                    deadline.await;
+                    return false;
+                }
+            },
+        }
+    }
 }
 
 /// Liveness.

@@ -276,3 +276,46 @@ async fn secrets_are_sealed_at_rest_and_a_lost_key_is_reported_not_a_crash() {
     agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
     agent.wait_runs(&id, 60, "a backup again", |r| count_state(r, "succeeded") == 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_hears_the_end_of_a_run_the_moment_it_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fill(&data, 3, 100);
+    let agent = AgentProc::start(&tmp.path().join("state"), &[]).unwrap();
+    let p = agent
+        .create_policy(json!({"name": "followed", "source": {"path": data}, "paused": true,
+                              "schedule": {"intervalSeconds": 3600}}))
+        .await;
+    let id = p["id"].as_str().unwrap();
+    for n in 1..=3 {
+        let (st, run) = agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+        assert_eq!(st, 202, "{run}");
+        let mut resp = reqwest::Client::new()
+            .get(format!("{}/v1/runs/{}/events", agent.url, run["id"].as_str().unwrap()))
+            .bearer_auth(&agent.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut text = String::new();
+        let (heard, end) = loop {
+            let chunk = resp.chunk().await.unwrap().expect("the stream ends after an end event");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if let Some(at) = text.find("event: end") {
+                let heard = chrono::Utc::now();
+                let data = text[at..].lines().find_map(|l| l.strip_prefix("data:")).map(str::trim).unwrap_or("");
+                if let Ok(end) = serde_json::from_str::<Value>(data) {
+                    break (heard, end);
+                }
+            }
+        };
+        assert_eq!(end["state"], "succeeded", "{end}");
+        let finished: chrono::DateTime<chrono::Utc> = end["finishedAt"].as_str().unwrap().parse().unwrap();
+        // The stream wakes on the run's end (it used to look every 500 ms,
+        // so half of the ends were heard 250 ms late or more).
+        let lag = (heard - finished).num_milliseconds();
+        assert!(lag < 200, "run {n}: the end was sent {lag} ms after the run finished");
+        assert!(resp.chunk().await.unwrap().is_none(), "nothing after the end event");
+    }
+}
