@@ -759,28 +759,31 @@ impl Restic {
     /// milliseconds instead of restic's ~0.7 s); any other kind through
     /// `restic snapshots`.
     pub async fn resolve_snapshot_id(&self, repo: &Repo, short: &str, cancel: &CancellationToken) -> Option<String> {
-        let pick = |names: Vec<String>| {
-            let mut hits = names.into_iter().filter(|n| n.len() == 64 && n.starts_with(short));
-            match (hits.next(), hits.next()) {
-                (Some(one), None) => Some(one),
-                _ => None,
-            }
-        };
-        if let Some(dir) = repo.url.strip_prefix("local:").or(repo.url.starts_with('/').then_some(repo.url.as_str())) {
-            let names = std::fs::read_dir(std::path::Path::new(dir).join("snapshots"))
-                .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-                .unwrap_or_default();
-            if let Some(id) = pick(names) {
-                return Some(id);
-            }
-        } else if let Some(url) = repo.url.strip_prefix("rest:") {
-            if let Some(names) = rest_list_snapshots(url).await {
-                if let Some(id) = pick(names) {
-                    return Some(id);
-                }
+        if let Some(names) = self.snapshot_ids(repo).await {
+            let mut hits = names.into_iter().filter(|n| n.starts_with(short));
+            if let (Some(one), None) = (hits.next(), hits.next()) {
+                return Some(one);
             }
         }
         self.snapshots(repo, None, None, &[short], cancel).await.ok()?.into_iter().next().map(|s| s.id)
+    }
+
+    /// The full ids of every snapshot in a local or REST repository, from a
+    /// directory listing (no key derivation, no lock); None for other kinds
+    /// or when the listing fails.
+    pub async fn snapshot_ids(&self, repo: &Repo) -> Option<Vec<String>> {
+        let names = if let Some(dir) =
+            repo.url.strip_prefix("local:").or(repo.url.starts_with('/').then_some(repo.url.as_str()))
+        {
+            std::fs::read_dir(std::path::Path::new(dir).join("snapshots"))
+                .ok()?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        } else {
+            rest_list_snapshots(repo.url.strip_prefix("rest:")?).await?
+        };
+        Some(names.into_iter().filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit())).collect())
     }
 }
 

@@ -945,6 +945,26 @@ impl Store {
             .pop())
     }
 
+    /// The newest backup run of the policy that wrote a snapshot (whatever
+    /// its state: a partial or suspicious snapshot is still restic's latest).
+    pub fn last_snapshot_backup(&self, policy_id: &str) -> Result<Option<RunRecord>> {
+        Ok(self
+            .query_runs(
+                "WHERE policy_id = ?1 AND kind = 'backup' AND snapshot_id IS NOT NULL ORDER BY id DESC LIMIT 1",
+                &[&policy_id],
+            )?
+            .pop())
+    }
+
+    /// Every snapshot id a backup run of this agent recorded, of any policy.
+    pub fn recorded_snapshot_ids(&self) -> Result<std::collections::HashSet<String>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT snapshot_id FROM runs WHERE kind = 'backup' AND snapshot_id IS NOT NULL")?;
+        let ids = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<std::result::Result<_, _>>()?;
+        Ok(ids)
+    }
+
     pub fn last_clean_backup(&self, policy_id: &str) -> Result<Option<RunRecord>> {
         Ok(self
             .query_runs(

@@ -66,7 +66,7 @@ pub fn parse_backup_line(line: &str) -> Option<BackupMessage> {
 }
 
 /// One snapshot from `snapshots --json` or inside `forget --json`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 pub struct Snapshot {
     pub id: String,
     #[serde(default)]

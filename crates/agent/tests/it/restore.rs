@@ -418,3 +418,66 @@ async fn the_cli_follows_a_run_and_prints_json_without_a_progress_bar() {
     assert_eq!(code, Some(0));
     assert!(stdout.contains("soda-syncer"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn latest_comes_from_the_run_records_unless_the_repository_holds_a_snapshot_they_do_not_know() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rest = RcloneRest::start(&tmp.path().join("rest")).unwrap();
+    // restic through a wrapper that logs each command, to see which ran.
+    let calls = tmp.path().join("calls");
+    let wrapper = tmp.path().join("restic");
+    let real = crate::servers::which("restic").unwrap();
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\necho \"$1\" >> '{}'\nexec '{}' \"$@\"\n", calls.display(), real.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let agent = AgentProc::start(&tmp.path().join("state"), &["--restic", wrapper.to_str().unwrap()]).unwrap();
+    let src = tmp.path().join("volume");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), "one").unwrap();
+    let repo = rest.url("latest");
+    let p = agent
+        .create_policy(json!({"name": "latest", "source": {"path": src}, "paused": true,
+                              "repository": {"url": repo, "password": "restore-pw"},
+                              "schedule": {"intervalSeconds": 3600}}))
+        .await;
+    let id = p["id"].as_str().unwrap().to_string();
+    let mut backups = Vec::new();
+    for content in ["one", "two"] {
+        std::fs::write(src.join("a.txt"), content).unwrap();
+        let run = run_to_end(&agent, &id, "run", None).await;
+        assert_eq!(run["state"], "succeeded", "{run}");
+        backups.push(run["snapshotId"].as_str().unwrap().to_string());
+    }
+    let snapshots_calls = || std::fs::read_to_string(&calls).unwrap().lines().filter(|l| *l == "snapshots").count();
+
+    // Every snapshot in the repository is one the agent recorded: no `restic snapshots`.
+    let before = snapshots_calls();
+    let target = tmp.path().join("t1");
+    let run = run_to_end(&agent, &id, "restore", Some(json!({"target": target}))).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    assert_eq!(run["snapshotId"], backups[1].as_str());
+    assert_eq!(std::fs::read_to_string(target.join("a.txt")).unwrap(), "two");
+    assert_eq!(snapshots_calls(), before, "latest came from the run records");
+
+    // A newer snapshot of the policy written elsewhere (another node, say):
+    // the records no longer describe the repository, so restic is asked.
+    std::fs::write(src.join("a.txt"), "three").unwrap();
+    let out = restic(
+        &repo,
+        "restore-pw",
+        &[],
+        &["backup", "--host", "other-node", "--tag", &format!("policy={id}"), "--", src.to_str().unwrap()],
+    )
+    .unwrap();
+    assert!(out.contains("snapshot"), "{out}");
+    let target = tmp.path().join("t2");
+    let run = run_to_end(&agent, &id, "restore", Some(json!({"target": target}))).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    assert!(!backups.contains(&run["snapshotId"].as_str().unwrap().to_string()), "{run}");
+    assert_eq!(std::fs::read_to_string(target.join("a.txt")).unwrap(), "three");
+    assert_eq!(snapshots_calls(), before + 1, "restic was asked for the latest snapshot");
+    rest.stop();
+}
