@@ -404,7 +404,7 @@ impl Scheduler {
         let _shared = self.repo_lock(&repo, false, token).await?;
         let recorded = match p.snapshot.as_str() {
             "latest" => self.latest_from_records(policy, &repo).await,
-            _ => None,
+            id => self.recorded_snapshot(policy, &repo, id).await,
         };
         let snap = if let Some(snap) = recorded {
             Some(snap)
@@ -495,18 +495,30 @@ impl Scheduler {
     /// restic is asked.
     async fn latest_from_records(&self, policy: &PolicyRecord, repo: &Repo) -> Option<Snapshot> {
         let run = self.inner.store.last_snapshot_backup(&policy.id).ok()??;
-        let id = run.snapshot_id?;
-        let path = run.params.as_ref()?.get("path")?.as_str()?.to_string();
+        let snap = snapshot_of(&run)?;
         let in_repo = self.inner.restic.snapshot_ids(repo).await?;
-        if !in_repo.contains(&id) {
+        if !in_repo.contains(&snap.id) {
             return None;
         }
         let recorded = self.inner.store.recorded_snapshot_ids().ok()?;
         if !in_repo.iter().all(|s| recorded.contains(s)) {
             return None;
         }
-        tracing::debug!(snapshot = %id, "latest snapshot from this agent's run records");
-        Some(Snapshot { short_id: id.chars().take(8).collect(), id, paths: vec![path], ..Default::default() })
+        tracing::debug!(snapshot = %snap.id, "latest snapshot from this agent's run records");
+        Some(snap)
+    }
+
+    /// A snapshot named by its id (or a prefix of it that names one snapshot
+    /// in the repository) that a backup run of this policy recorded, and
+    /// that is still there: restored without asking restic first.
+    async fn recorded_snapshot(&self, policy: &PolicyRecord, repo: &Repo, wanted: &str) -> Option<Snapshot> {
+        if wanted.is_empty() {
+            return None;
+        }
+        let in_repo = self.inner.restic.snapshot_ids(repo).await?;
+        let mut hits = in_repo.into_iter().filter(|n| n.starts_with(wanted));
+        let (Some(id), None) = (hits.next(), hits.next()) else { return None };
+        snapshot_of(&self.inner.store.backup_of_snapshot(&policy.id, &id).ok()??)
     }
 
     /// Report restore progress by adding up what has been written so far
@@ -827,4 +839,12 @@ fn copy_dir_metadata(from: &Path, to: &Path) -> std::io::Result<()> {
     let times = std::fs::FileTimes::new().set_accessed(m.accessed()?).set_modified(m.modified()?);
     std::fs::File::open(to)?.set_times(times)?;
     Ok(())
+}
+
+/// The snapshot a backup run wrote, as far as a restore needs it (its id and
+/// the path it holds), from the run's record.
+fn snapshot_of(run: &RunRecord) -> Option<Snapshot> {
+    let id = run.snapshot_id.clone()?;
+    let path = run.params.as_ref()?.get("path")?.as_str()?.to_string();
+    Some(Snapshot { short_id: id.chars().take(8).collect(), id, paths: vec![path], ..Default::default() })
 }

@@ -420,7 +420,7 @@ async fn the_cli_follows_a_run_and_prints_json_without_a_progress_bar() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn latest_comes_from_the_run_records_unless_the_repository_holds_a_snapshot_they_do_not_know() {
+async fn restored_snapshots_come_from_the_run_records_unless_the_repository_holds_one_they_do_not_know() {
     let tmp = tempfile::tempdir().unwrap();
     let mut rest = RcloneRest::start(&tmp.path().join("rest")).unwrap();
     // restic through a wrapper that logs each command, to see which ran.
@@ -461,6 +461,13 @@ async fn latest_comes_from_the_run_records_unless_the_repository_holds_a_snapsho
     assert_eq!(run["snapshotId"], backups[1].as_str());
     assert_eq!(std::fs::read_to_string(target.join("a.txt")).unwrap(), "two");
     assert_eq!(snapshots_calls(), before, "latest came from the run records");
+    // So does a snapshot named by (a prefix of) its id.
+    let target = tmp.path().join("t0");
+    let run = run_to_end(&agent, &id, "restore", Some(json!({"snapshot": &backups[0][..8], "target": target}))).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    assert_eq!(run["snapshotId"], backups[0].as_str());
+    assert_eq!(std::fs::read_to_string(target.join("a.txt")).unwrap(), "one");
+    assert_eq!(snapshots_calls(), before, "the snapshot came from the run records");
 
     // A newer snapshot of the policy written elsewhere (another node, say):
     // the records no longer describe the repository, so restic is asked.
