@@ -152,6 +152,9 @@ pub struct RunRecord {
     pub warning: Option<String>,
     /// Restore, maintenance: the request that started the run.
     pub params: Option<serde_json::Value>,
+    /// How long the run waited for this agent's lock on its repository
+    /// (a prune, check or forget holds it alone); None before it asked.
+    pub repository_wait_ms: Option<u64>,
 }
 
 impl RunRecord {
@@ -174,6 +177,7 @@ impl RunRecord {
             error: None,
             warning: None,
             params: None,
+            repository_wait_ms: None,
         }
     }
 }
@@ -281,6 +285,10 @@ const MIGRATIONS: &[&str] = &[
         policy_id TEXT PRIMARY KEY REFERENCES policies(id) ON DELETE CASCADE,
         next_at TEXT NOT NULL
     );
+    "#,
+    // 5: how long each run waited for the agent's own repository lock.
+    r#"
+    ALTER TABLE runs ADD COLUMN repository_wait_ms INTEGER;
     "#,
 ];
 
@@ -391,7 +399,7 @@ fn to_json<T: Serialize>(v: &Option<T>) -> Option<String> {
 }
 
 const POLICY_COLS: &str = "id, origin, spec, secrets, volume, legacy_key, status, status_message, created_at, updated_at, last_slot, next_slot, next_run_at, consecutive_failures, last_failed_at";
-const RUN_COLS: &str = "id, policy_id, kind, trigger, state, queued_at, started_at, finished_at, slot, due_at, snapshot_id, progress, summary, consistency, error, warning, params";
+const RUN_COLS: &str = "id, policy_id, kind, trigger, state, queued_at, started_at, finished_at, slot, due_at, snapshot_id, progress, summary, consistency, error, warning, params, repository_wait_ms";
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store> {
@@ -848,13 +856,14 @@ impl Store {
             error: row.get(14)?,
             warning: row.get(15)?,
             params: row.get(16)?,
+            repository_wait_ms: row.get(17)?,
         })
     }
 
     /// Insert or replace a run.
     pub fn save_run(&self, r: &RunRecord) -> Result<()> {
         self.conn().execute(
-            &format!("INSERT OR REPLACE INTO runs ({RUN_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)"),
+            &format!("INSERT OR REPLACE INTO runs ({RUN_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"),
             params![
                 r.id,
                 r.policy_id,
@@ -873,6 +882,7 @@ impl Store {
                 to_json(&r.error),
                 r.warning,
                 to_json(&r.params),
+                r.repository_wait_ms.map(|v| v as i64),
             ],
         )?;
         Ok(())
@@ -1282,6 +1292,7 @@ struct RunRaw {
     error: Option<String>,
     warning: Option<String>,
     params: Option<String>,
+    repository_wait_ms: Option<i64>,
 }
 
 impl RunRaw {
@@ -1303,6 +1314,7 @@ impl RunRaw {
             error: json_col(self.error)?,
             warning: self.warning,
             params: json_col(self.params)?,
+            repository_wait_ms: self.repository_wait_ms.map(|v| v.max(0) as u64),
             policy_id: self.policy_id,
             id: self.id,
         })

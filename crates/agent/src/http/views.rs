@@ -156,6 +156,11 @@ pub struct RunView {
     /// Why a partial or suspicious run is not clean.
     #[schema(required = true)]
     pub warning: Option<String>,
+    /// How long of its running time the run waited for this agent's own
+    /// lock on the repository (held alone by a prune, check or forget);
+    /// 0 when it did not wait, null before it asked (or when it never needed it).
+    #[schema(required = true)]
+    pub repository_wait_ms: Option<u64>,
 }
 
 /// One restic snapshot of a policy.
@@ -378,6 +383,7 @@ pub fn run_view(r: &RunRecord, live: Option<Progress>) -> RunView {
         consistency: r.consistency.clone(),
         error: r.error.clone(),
         warning: r.warning.clone(),
+        repository_wait_ms: r.repository_wait_ms,
     }
 }
 

@@ -201,11 +201,14 @@ impl Scheduler {
         self.request_run_with(policy, p.kind(), RunTrigger::Manual, params)
     }
 
-    /// Wait (cancellably) for this agent's lock on a repository.
+    /// Wait (cancellably) for this agent's lock on a repository, and
+    /// record on the run how long that took (its `repositoryWaitMs`: a
+    /// backup queued behind a prune says so, instead of only looking slow).
     pub(crate) async fn repo_lock(
         &self,
         repo: &Repo,
         exclusive: bool,
+        run: &mut RunRecord,
         token: &CancellationToken,
     ) -> Result<RepoGuard, RunError> {
         let lock = {
@@ -215,12 +218,40 @@ impl Scheduler {
                 .or_insert_with(|| Arc::new(tokio::sync::RwLock::new(())))
                 .clone()
         };
-        tokio::select! {
+        let now = if exclusive {
+            lock.clone().try_write_owned().map(RepoGuard::Exclusive).ok()
+        } else {
+            lock.clone().try_read_owned().map(RepoGuard::Shared).ok()
+        };
+        // A backup that forgets afterwards asks twice: the waits add up.
+        let before = run.repository_wait_ms.unwrap_or(0);
+        if let Some(g) = now {
+            run.repository_wait_ms = Some(before);
+            return Ok(g);
+        }
+        let what = if exclusive {
+            "this agent's other runs on the repository to end"
+        } else {
+            "this agent's prune, check or forget of the repository to end"
+        };
+        tracing::info!("waiting for {what}");
+        let started = std::time::Instant::now();
+        let got = tokio::select! {
             g = async {
                 if exclusive { RepoGuard::Exclusive(lock.write_owned().await) } else { RepoGuard::Shared(lock.read_owned().await) }
             } => Ok(g),
             _ = token.cancelled() => Err(cancelled()),
+        };
+        let waited = started.elapsed().as_millis() as u64;
+        run.repository_wait_ms = Some(before + waited);
+        if got.is_ok() {
+            tracing::info!(waited_ms = waited, "the repository is free; going on");
+            // Shown while the run goes on, not only at its end.
+            if let Err(e) = self.inner.store.save_run(run) {
+                tracing::warn!(error = %e, "cannot record the wait on the run");
+            }
         }
+        got
     }
 
     pub(crate) async fn backup(
@@ -249,7 +280,7 @@ impl Scheduler {
         let mut on_progress = |s: &soda_syncer_domain::restic_json::BackupStatus| {
             live.lock().unwrap_or_else(|p| p.into_inner()).insert(run_id.clone(), Progress::from(s));
         };
-        let shared = self.repo_lock(&repo, false, token).await?;
+        let shared = self.repo_lock(&repo, false, run, token).await?;
         // The point-in-time view (hooks, snapshot or freeze), restic on it,
         // then its release, which thaws and cleans up whatever restic did.
         let ctx = crate::consistency::Context {
@@ -344,7 +375,7 @@ impl Scheduler {
         if !keep.is_empty() && state == RunState::Succeeded {
             // forget takes restic's exclusive lock: wait for this agent's other
             // runs on the repository instead of colliding with them.
-            let _exclusive = self.repo_lock(&repo, true, token).await?;
+            let _exclusive = self.repo_lock(&repo, true, run, token).await?;
             match self.inner.restic.forget(&repo, &policy_tag, &keep, token).await {
                 Ok(groups) => {
                     summary.snapshots_forgotten = groups.iter().map(|g| g.removed().len() as u64).sum();
@@ -401,7 +432,7 @@ impl Scheduler {
         let p: RestoreParams = params(run)?;
         let repo = self.repo_for(policy).await?;
         let tag = format!("policy={}", policy.id);
-        let _shared = self.repo_lock(&repo, false, token).await?;
+        let _shared = self.repo_lock(&repo, false, run, token).await?;
         let recorded = match p.snapshot.as_str() {
             "latest" => self.latest_from_records(policy, &repo).await,
             id => self.recorded_snapshot(policy, &repo, id).await,
@@ -580,7 +611,7 @@ impl Scheduler {
             }
         }
         let repo = self.repo_for(policy).await?;
-        let _exclusive = self.repo_lock(&repo, true, token).await?;
+        let _exclusive = self.repo_lock(&repo, true, run, token).await?;
         let mut summary = RunSummary::default();
         let started = std::time::Instant::now();
         if p.forget {
@@ -676,7 +707,7 @@ impl Scheduler {
             max_bytes: 1 << 30,
         });
         let repo = self.repo_for(policy).await?;
-        let _shared = self.repo_lock(&repo, false, token).await?;
+        let _shared = self.repo_lock(&repo, false, run, token).await?;
         let tag = format!("policy={}", policy.id);
         let snap = self.inner.restic.latest_snapshot(&repo, Some(&tag), None, token).await.map_err(run_error)?;
         let snap = snap.ok_or_else(|| RunError {

@@ -258,7 +258,9 @@ async fn two_policies_sharing_a_repository_keep_their_own_retention_and_prune_wa
     let pa = backed_up_policy(&s, "pa", &a, &repo, json!({"retention": {"keepLast": 1}})).await;
     let pb = backed_up_policy(&s, "pb", &b, &repo, json!({"retention": {"keepLast": 2}})).await;
     for _ in 0..2 {
-        assert_eq!(run_to_end(&s.agent, &pa, "run", None).await["state"], "succeeded");
+        let run = run_to_end(&s.agent, &pa, "run", None).await;
+        assert_eq!(run["state"], "succeeded");
+        assert!(run["repositoryWaitMs"].is_u64(), "{run}");
         std::fs::write(b.join("change"), chrono::Utc::now().to_rfc3339()).unwrap();
         assert_eq!(run_to_end(&s.agent, &pb, "run", None).await["state"], "succeeded");
     }
@@ -282,6 +284,10 @@ async fn two_policies_sharing_a_repository_keep_their_own_retention_and_prune_wa
         .await;
     let b_run = runs.iter().find(|r| r["id"] == backup["id"]).unwrap();
     assert_eq!(b_run["error"], Value::Null, "the backup waited for the prune instead of failing on its lock");
+    // Whichever took the repository second says how long it waited.
+    let waits = (prune["repositoryWaitMs"].as_u64(), b_run["repositoryWaitMs"].as_u64());
+    assert!(matches!(waits, (Some(p), Some(b)) if p > 0 || b > 0), "one of them waited: {waits:?}");
+    assert!(s.agent.log_text().contains("waiting for this agent's"), "and the log says so");
     assert!(!s.agent.log_text().contains("removing stale locks"), "no restic lock conflict happened at all");
     restic(&repo, "restore-pw", &[], &["check"]).expect("restic check is clean");
 }
