@@ -158,7 +158,9 @@ pub struct RunView {
     pub warning: Option<String>,
     /// How long of its running time the run waited for this agent's own
     /// lock on the repository (held alone by a prune, check or forget);
-    /// 0 when it did not wait, null before it asked (or when it never needed it).
+    /// 0 when it did not wait. Recorded as soon as a wait ends, otherwise
+    /// with the run's end; null until then, or when the run never needed
+    /// the repository.
     #[schema(required = true)]
     pub repository_wait_ms: Option<u64>,
 }
