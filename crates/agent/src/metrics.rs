@@ -109,6 +109,7 @@ fn run_histogram() -> Histogram {
 pub struct RunMetrics {
     runs: Family<RunLabels, Counter>,
     duration: Family<KindLabel, Histogram, fn() -> Histogram>,
+    repository_wait: Family<KindLabel, Histogram, fn() -> Histogram>,
     bytes_added: Family<PolicyLabels, Counter>,
     files_processed: Family<PolicyLabels, Counter>,
     errors: Family<CodeLabel, Counter>,
@@ -119,6 +120,7 @@ impl Default for RunMetrics {
         let m = RunMetrics {
             runs: Family::default(),
             duration: Family::new_with_constructor(run_histogram as fn() -> Histogram),
+            repository_wait: Family::new_with_constructor(run_histogram as fn() -> Histogram),
             bytes_added: Family::default(),
             files_processed: Family::default(),
             errors: Family::default(),
@@ -145,6 +147,9 @@ impl RunMetrics {
         if let (Some(start), Some(end)) = (run.started_at, run.finished_at) {
             let secs = (end - start).num_milliseconds().max(0) as f64 / 1000.0;
             self.duration.get_or_create(&KindLabel { kind }).observe(secs);
+        }
+        if let Some(ms) = run.repository_wait_ms {
+            self.repository_wait.get_or_create(&KindLabel { kind }).observe(ms as f64 / 1000.0);
         }
         if let (RunKind::Backup, Some(s)) = (run.kind, &run.summary) {
             let labels = PolicyLabels::of(policy);
@@ -174,6 +179,12 @@ impl RunMetrics {
             "How long runs took from start to end, by kind",
             Unit::Seconds,
             self.duration.clone(),
+        );
+        reg.register_with_unit(
+            "soda_syncer_run_repository_wait",
+            "How long runs waited for this agent's own lock on their repository (a prune, check or forget holds it alone), by kind",
+            Unit::Seconds,
+            self.repository_wait.clone(),
         );
         reg.register_with_unit(
             "soda_syncer_backup_data_added",

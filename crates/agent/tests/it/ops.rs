@@ -155,6 +155,12 @@ async fn the_shipped_rules_and_dashboard_use_only_metrics_the_agent_exports() {
     assert!(sample(&text, &format!("soda_syncer_backup_data_added_bytes_total{labels}")).unwrap() > 0.0);
     assert_eq!(sample(&text, &format!("soda_syncer_backup_files_processed_total{labels}")), Some(3.0));
     assert_eq!(sample(&text, "soda_syncer_run_duration_seconds_count{kind=\"backup\"}"), Some(1.0));
+    assert_eq!(sample(&text, "soda_syncer_run_repository_wait_seconds_count{kind=\"backup\"}"), Some(1.0));
+    assert_eq!(
+        sample(&text, "soda_syncer_run_repository_wait_seconds_sum{kind=\"backup\"}"),
+        Some(0.0),
+        "it did not wait"
+    );
     // Requests by route template, never by raw path.
     assert_eq!(
         sample(&text, "soda_syncer_http_requests_total{route=\"/v1/policies/{id}\",method=\"GET\",status=\"404\"}"),
