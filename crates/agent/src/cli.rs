@@ -98,6 +98,8 @@ pub enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Show the agent's state: node, version, and the SODA sync (leader, lag, pending changes, last error).
+    Status,
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -474,6 +476,10 @@ async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> 
             return finish_run(c, out, run, follow).await;
         }
         Command::Completions { .. } => unreachable!("handled before"),
+        Command::Status => {
+            let v = c.call(Method::GET, "/v1/status", None).await?;
+            print_value(out, &v, print_status);
+        }
         Command::Policy(PolicyCommand::Edit(a)) => {
             let patch = edit_patch(&a)?;
             let v = c.call(Method::PATCH, &format!("/v1/policies/{}", enc(&a.policy)), Some(patch)).await?;
@@ -816,6 +822,45 @@ fn print_policies(out: Output, v: &Value) {
         })
         .unwrap_or_default();
     table(&["ID", "NAME", "ORIGIN", "SOURCE", "SCHEDULE", "STATE", "NEXT RUN", "LAST RUN"], rows);
+}
+
+fn print_status(v: &Value) {
+    println!("node      {}  (soda-syncer {}, up {} s)", s(&v["node"]), s(&v["version"]), s(&v["uptimeSeconds"]));
+    let sync = &v["sodaSync"];
+    if sync.is_null() {
+        println!("SODA sync off (no --soda-endpoint, or Kubernetes off)");
+        return;
+    }
+    let or = |x: &Value, none: &str| if x.is_null() { none.to_string() } else { s(x) };
+    println!("SODA      {}", s(&sync["endpoint"]));
+    println!(
+        "sync      {}  (leader {}, this agent {})",
+        s(&sync["state"]),
+        or(&sync["leader"], "none"),
+        s(&sync["identity"])
+    );
+    if !sync["pendingChanges"].is_null() {
+        println!(
+            "pending   {} changes, lag {} s; last pass {} ({} ms), last success {}",
+            s(&sync["pendingChanges"]),
+            s(&sync["lagSeconds"]),
+            or(&sync["lastPassAt"], "never"),
+            or(&sync["lastPassMs"], "-"),
+            or(&sync["lastSuccessAt"], "never")
+        );
+    }
+    let p = &sync["profiles"];
+    println!(
+        "profiles  {} (last poll that worked {}{})",
+        s(&p["count"]),
+        or(&p["lastSuccessAt"], "never"),
+        if p["failing"] == true { "; failing now" } else { "" }
+    );
+    for (what, e) in [("sync", &sync["lastError"]), ("poll", &p["lastError"])] {
+        if !e.is_null() {
+            println!("last {what} error  {} {}: {}", s(&e["at"]), s(&e["code"]), s(&e["message"]));
+        }
+    }
 }
 
 fn print_snapshots(v: &Value) {

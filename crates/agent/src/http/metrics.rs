@@ -374,6 +374,9 @@ impl Collector for StateCollector {
             None,
             MetricType::Counter,
         )?)?;
+        if let Some(st) = crate::kube::soda_sync_status() {
+            encode_soda(&mut enc, &st)?;
+        }
         let refused = Family::<AuthLabel, Counter>::default();
         refused.get_or_create(&AuthLabel { route: "v1" }).inc_by(self.auth.refused_tokens.load(Relaxed));
         refused.get_or_create(&AuthLabel { route: "legacy" }).inc_by(self.auth.refused_legacy.load(Relaxed));
@@ -384,4 +387,61 @@ impl Collector for StateCollector {
             MetricType::Counter,
         )?)
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// The SODA sync's gauges (only while it is on). Pending changes and lag
+/// are the leader's: 0 on the other agents.
+fn encode_soda(enc: &mut DescriptorEncoder, st: &crate::kube::SodaSyncStatus) -> fmt::Result {
+    use crate::kube::SyncState;
+    let secs = Some(&Unit::Seconds);
+    let ts = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp()).unwrap_or(0);
+    gauge(
+        enc,
+        "soda_syncer_soda_sync_leader",
+        "1 on the one agent that pushes Kubernetes to SODA (the holder of the Lease soda-syncer-soda-sync).",
+        i64::from(st.state != SyncState::Following),
+    )?;
+    gauge(
+        enc,
+        "soda_syncer_soda_sync_failing",
+        "1 while the leader's last sync pass failed (SODA or the Kubernetes API server away, or SODA refusing us).",
+        i64::from(st.state == SyncState::Failing),
+    )?;
+    gauge(
+        enc,
+        "soda_syncer_soda_sync_pending_changes",
+        "Changes not yet in SODA: steps the last pass could not do plus claim and PV changes seen since the last pass that worked began.",
+        st.pending_changes.unwrap_or(0) as i64,
+    )?;
+    ConstGauge::new(st.lag_seconds.unwrap_or(0) as i64).encode(enc.encode_descriptor(
+        "soda_syncer_soda_sync_lag",
+        "The age of the oldest change not yet in SODA (0: SODA is current).",
+        secs,
+        MetricType::Gauge,
+    )?)?;
+    gauges(
+        enc,
+        "soda_syncer_soda_sync_last_success_timestamp",
+        "When the leader's last sync pass that worked ended, in Unix seconds (0: none on this agent).",
+        secs,
+        [
+            (KindLabel { kind: "volumes" }, ts(st.last_success_at)),
+            (KindLabel { kind: "profiles" }, ts(st.profiles.last_success_at)),
+        ],
+    )?;
+    let errors = Family::<KindLabel, Counter>::default();
+    for (kind, n) in &st.errors {
+        errors.get_or_create(&KindLabel { kind }).inc_by(*n);
+    }
+    errors.encode(enc.encode_descriptor(
+        "soda_syncer_soda_sync_errors",
+        "SODA sync errors since start (failed passes, refused steps, failed profile polls), by kind.",
+        None,
+        MetricType::Counter,
+    )?)
 }

@@ -31,7 +31,7 @@ use error::{parse_json, ApiJson, ErrorBody};
 use openapi::{PolicyPatch, RunEvent};
 use views::{
     listed_policy_view, policy_view, run_view, CancelRunResponse, DatabaseState, HealthResponse, PolicyList,
-    PolicyView, ReadyResponse, ResticState, RunList, RunView, SchedulerState, SnapshotList,
+    PolicyView, ReadyResponse, ResticState, RunList, RunView, SchedulerState, SnapshotList, StatusResponse,
 };
 
 use crate::scheduler::legacy::{LegacySnapshotRequest, LegacySnapshotResponse};
@@ -70,6 +70,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/runs/{id}/events", get(run_events))
+        .route("/v1/status", get(agent_status))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -824,6 +825,24 @@ async fn until_run_ends(
             },
         }
     }
+}
+
+/// The agent's state beyond readiness: the SODA sync (who leads, how far
+/// behind SODA is, the last error) and the profile poll.
+#[utoipa::path(
+    get,
+    path = "/v1/status",
+    tag = "operations",
+    responses((status = 200, description = "The agent's state", body = StatusResponse))
+)]
+async fn agent_status(State(state): State<AppState>) -> Response {
+    Json(StatusResponse {
+        node: state.sched.config().node_name.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        soda_sync: crate::kube::soda_sync_status(),
+    })
+    .into_response()
 }
 
 /// Liveness.

@@ -40,6 +40,7 @@ use super::views::RunView;
         super::get_run,
         super::cancel_run,
         super::run_events,
+        super::agent_status,
         super::healthz,
         super::readyz,
         super::metrics,

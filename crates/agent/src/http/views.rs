@@ -233,6 +233,17 @@ pub struct ReadyResponse {
     pub kubelet_dir: KubeletDirView,
 }
 
+/// `GET /v1/status`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusResponse {
+    pub node: String,
+    pub version: &'static str,
+    pub uptime_seconds: u64,
+    /// null: no SODA sync (no --soda-endpoint, or Kubernetes off).
+    pub soda_sync: Option<crate::kube::SodaSyncStatus>,
+}
+
 /// The kubelet root the agent looks for volumes in, and how it was chosen.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

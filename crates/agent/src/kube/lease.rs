@@ -20,6 +20,8 @@ pub struct LeaseLock {
     name: String,
     holder: String,
     duration: Duration,
+    /// The holder the last `try_hold` saw (ours when it won).
+    seen: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 fn micro(t: DateTime<Utc>) -> String {
@@ -28,7 +30,22 @@ fn micro(t: DateTime<Utc>) -> String {
 
 impl LeaseLock {
     pub fn new(client: kube::Client, namespace: &str, name: &str, holder: &str, duration: Duration) -> LeaseLock {
-        LeaseLock { api: Api::namespaced(client, namespace), name: name.into(), holder: holder.into(), duration }
+        LeaseLock {
+            api: Api::namespaced(client, namespace),
+            name: name.into(),
+            holder: holder.into(),
+            duration,
+            seen: Default::default(),
+        }
+    }
+
+    /// Who held the lease at the last `try_hold` (None: nobody, or not asked yet).
+    pub fn last_holder(&self) -> Option<String> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn saw(&self, holder: Option<&str>) {
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = holder.filter(|h| !h.is_empty()).map(str::to_string);
     }
 
     fn spec(&self, now: DateTime<Utc>, acquired: Option<String>, transitions: i64) -> Result<Lease, kube::Error> {
@@ -51,7 +68,10 @@ impl LeaseLock {
         let Some(current) = self.api.get_opt(&self.name).await? else {
             let lease = self.spec(now, None, 0)?;
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
+                Ok(_) => {
+                    self.saw(Some(&self.holder));
+                    Ok(true)
+                }
                 Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
                 Err(e) => Err(e),
             };
@@ -68,6 +88,7 @@ impl LeaseLock {
         let ours = holder == self.holder;
         let expired = renewed.is_none_or(|t| t + chrono::Duration::seconds(duration) < now) || holder.is_empty();
         if !ours && !expired {
+            self.saw(Some(holder));
             return Ok(false);
         }
         let acquired = ours.then(|| spec.get("acquireTime").and_then(|v| v.as_str()).map(str::to_string)).flatten();
@@ -78,6 +99,7 @@ impl LeaseLock {
                 if !ours {
                     tracing::info!(lease = %self.name, previous = holder, "took over an expired lease");
                 }
+                self.saw(Some(&self.holder));
                 Ok(true)
             }
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
@@ -88,9 +110,11 @@ impl LeaseLock {
     /// Keep trying to hold the lease; the receiver says whether we hold it.
     /// A failed renewal counts as lost only once the lease would have
     /// expired, so a blip of the API server does not flap the holder.
-    pub fn run(self, cancel: CancellationToken) -> watch::Receiver<bool> {
+    /// The task ends after handing the lease back once `cancel` fires:
+    /// await it (`JoinHandle`) so the hand-back happens before the process exits.
+    pub fn run(self, cancel: CancellationToken) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
         let (tx, rx) = watch::channel(false);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let every = (self.duration / 3).max(Duration::from_millis(200));
             let mut last_held: Option<std::time::Instant> = None;
             loop {
@@ -120,10 +144,12 @@ impl LeaseLock {
                 }
             }
             if tx.send_replace(false) {
-                self.release().await;
+                // Bounded: an unreachable API server must not hold up a stop
+                // (the lease then expires on its own).
+                let _ = tokio::time::timeout(Duration::from_secs(3), self.release()).await;
             }
         });
-        rx
+        (rx, task)
     }
 
     /// Wait (up to `patience`) until we hold the lease. `false`: another
@@ -152,8 +178,12 @@ impl LeaseLock {
             return;
         }
         if let Some(spec) = current.spec.as_mut() {
+            // No holder: free for the next agent at once. The renewal time
+            // stays, now the moment it was handed back, so a sweep can tell
+            // how long ago (`sweep_host_leases`).
             spec.holder_identity = None;
-            spec.renew_time = None;
+            spec.renew_time =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now()));
         }
         if let Err(e) = self.api.replace(&self.name, &PostParams::default(), &current).await {
             tracing::debug!(lease = %self.name, error = %e, "cannot release the lease; it expires on its own");
@@ -259,17 +289,24 @@ pub fn keep_alive(
     namespace: &str,
     hostname: &str,
     restic: crate::restic::Restic,
+    tasks: &mut tokio::task::JoinSet<()>,
     cancel: CancellationToken,
 ) {
     let name = host_lease_name(hostname);
     let lock = LeaseLock::new(client, namespace, &name, hostname, LIVENESS);
-    let mut held = lock.run(cancel.clone());
-    tokio::spawn(async move {
+    let (mut held, renewer) = lock.run(cancel.clone());
+    // In the agent's Kubernetes tasks, which a clean stop awaits after its
+    // restic children have ended: the hand-back is the last thing it does.
+    tasks.spawn(async move {
+        let _ = renewer.await;
+    });
+    tasks.spawn(async move {
         let mut was_held = false;
         loop {
             tokio::select! {
+                biased;
                 _ = cancel.cancelled() => break,
-                changed = held.changed() => if changed.is_err() { break },
+                changed = held.changed() => if changed.is_err() || cancel.is_cancelled() { break },
             }
             let now = *held.borrow_and_update();
             if now {
@@ -306,12 +343,91 @@ impl crate::restic::LockHolders for HostLeases {
             };
             let Some(spec) = lease.spec else { return false };
             let holder = spec.holder_identity.as_deref().unwrap_or("");
-            if !holder.is_empty() && holder != hostname {
+            if holder.is_empty() {
+                return true; // handed back on a clean stop
+            }
+            if holder != hostname {
                 return false; // someone else's Lease of that name: not ours to judge
             }
-            let Some(renewed) = spec.renew_time else { return true }; // handed back on a clean stop
+            let Some(renewed) = spec.renew_time else { return true };
             let lasts = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64) + LIVENESS_GRACE;
             renewed.0.as_second().saturating_add(lasts.as_secs() as i64) < Utc::now().timestamp()
         })
     }
+}
+
+/// A liveness Lease not renewed (or handed back) for this long belongs to
+/// an agent gone for good: a pod replaced by a rollout, a node removed. By
+/// then every lock its restic left is past restic's own 30-minute staleness
+/// rule (a live restic refreshes its locks every 5 minutes), so the Lease
+/// proves nothing more and is deleted; otherwise every pod that ever ran
+/// would leave one behind.
+pub const HOST_LEASE_KEEP: Duration = Duration::from_secs(3600);
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
+const HOST_LEASE_PREFIX: &str = "soda-syncer-host-";
+
+/// Delete, shortly after the start and then every 10 minutes, the liveness
+/// Leases of agents gone for longer than `HOST_LEASE_KEEP`. Every agent
+/// sweeps; each delete carries the resourceVersion it judged, so a Lease
+/// renewed meanwhile (a host that came back) is left alone.
+pub fn sweep_host_leases(api: Api<Lease>, own: String, cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut wait = Duration::from_secs(5);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = SWEEP_EVERY;
+            if let Err(e) = sweep_once(&api, &own, Utc::now().timestamp()).await {
+                tracing::warn!(error = %e, "cannot sweep the liveness Leases of agents that are gone; trying again in 10 minutes");
+            }
+        }
+    });
+}
+
+/// When a liveness Lease last showed its agent alive, in Unix seconds: its
+/// renewal (or hand-back), else its acquisition, else its creation.
+fn last_sign_of_life(lease: &Lease) -> Option<i64> {
+    let spec = lease.spec.as_ref();
+    spec.and_then(|s| s.renew_time.as_ref().or(s.acquire_time.as_ref()))
+        .map(|t| t.0.as_second())
+        .or_else(|| lease.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()))
+}
+
+async fn sweep_once(api: &Api<Lease>, own: &str, now: i64) -> Result<usize, kube::Error> {
+    let own = host_lease_name(own);
+    let mut removed = 0;
+    for lease in api.list(&kube::api::ListParams::default()).await?.items {
+        let Some(name) = lease.metadata.name.as_deref() else { continue };
+        if !name.starts_with(HOST_LEASE_PREFIX) || name == own {
+            continue;
+        }
+        let Some(alive) = last_sign_of_life(&lease) else { continue };
+        let silent = Duration::from_secs(now.saturating_sub(alive).max(0) as u64);
+        if silent < HOST_LEASE_KEEP {
+            continue;
+        }
+        let dp = kube::api::DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                resource_version: lease.metadata.resource_version.clone(),
+                uid: lease.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        };
+        match api.delete(name, &dp).await {
+            Ok(_) => {
+                removed += 1;
+                tracing::info!(
+                    lease = name,
+                    silent_minutes = silent.as_secs() / 60,
+                    "removed the liveness Lease of an agent gone for over an hour"
+                );
+            }
+            // Renewed or removed meanwhile (another agent swept it).
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
 }

@@ -16,6 +16,8 @@ pub mod lease;
 mod profiles;
 mod secrets;
 mod soda_sync;
+
+pub use soda_sync::{status as soda_sync_status, SodaSyncStatus, SyncState};
 mod status;
 
 pub use discovery::{DiscoveredVolume, VolumePlace};
@@ -111,12 +113,17 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
     }));
     // Liveness, so other nodes can break the locks this host's restic left
     // if this agent dies, and can tell when another host's agent died.
+    let mut tasks = tokio::task::JoinSet::new();
     let hostname = crate::restic::own_hostname();
-    lease::keep_alive(client.clone(), &config.namespace, &hostname, sched.restic().clone(), cancel.clone());
+    lease::keep_alive(client.clone(), &config.namespace, &hostname, sched.restic().clone(), &mut tasks, cancel.clone());
     sched.restic().set_lock_holders(std::sync::Arc::new(lease::HostLeases {
         api: kube::Api::namespaced(client.clone(), &config.namespace),
     }));
-    let mut tasks = tokio::task::JoinSet::new();
+    lease::sweep_host_leases(
+        kube::Api::namespaced(client.clone(), &config.namespace),
+        hostname.clone(),
+        cancel.clone(),
+    );
     let view = std::sync::Arc::new(discovery::View::default());
     if let Some(p) = &soda {
         let _ = view.profiles.set(p.clone());

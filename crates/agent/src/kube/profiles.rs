@@ -167,7 +167,13 @@ impl Profiles {
     pub(super) async fn poll_loop(self: Arc<Self>, view: Arc<View>, every: Duration, cancel: CancellationToken) {
         let mut failing = false;
         loop {
-            match self.poll_once(&cancel).await {
+            let polled = self.poll_once(&cancel).await;
+            match &polled {
+                Ok(_) => super::soda_sync::record_poll(Ok(self.read().by_id.len())),
+                Err(SodaError::Cancelled { .. }) => {}
+                Err(e) => super::soda_sync::record_poll(Err(e)),
+            }
+            match polled {
                 Ok(changed) => {
                     if failing {
                         tracing::info!(endpoint = %self.endpoint, "SODA answers again; profiles are current");

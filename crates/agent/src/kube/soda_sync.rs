@@ -20,6 +20,7 @@
 //! watch, while leading), and again after a second while SODA is still
 //! finishing a create or delete.
 
+use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, NodeSelector, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
@@ -55,6 +56,132 @@ const RECHECK: Duration = Duration::from_secs(1);
 
 const ZONE_KEYS: [&str; 2] = ["topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone"];
 
+/// The SODA sync as `GET /v1/status`, the metrics and `soda-syncer status`
+/// show it: who leads, how far behind SODA is, and the last error. One per
+/// process (like the consistency metrics); `None` while the sync is off.
+static STATUS: Mutex<Option<SodaSyncStatus>> = Mutex::new(None);
+
+/// The SODA sync's state on this agent.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SodaSyncStatus {
+    /// The SODA API server.
+    pub endpoint: String,
+    /// This agent's identity in the sync Lease (its pod name, else its node).
+    pub identity: String,
+    /// The holder of the Lease `soda-syncer-soda-sync` as last seen: the
+    /// one agent that pushes Kubernetes to SODA (null: nobody, or not known yet).
+    pub leader: Option<String>,
+    /// `following` (another agent leads), `starting` (leading, before the
+    /// first pass), `ok` (the last pass worked), `failing` (the last pass
+    /// failed: SODA or the API server away).
+    pub state: SyncState,
+    /// Leader only: the last pass, its end, how long it took.
+    pub last_pass_at: Option<DateTime<Utc>>,
+    pub last_pass_ms: Option<u64>,
+    /// Leader only: the end of the last pass that worked.
+    pub last_success_at: Option<DateTime<Utc>>,
+    /// Leader only: changes not yet in SODA: steps the last pass could not
+    /// do (refused, or SODA still creating or deleting), plus claim and PV
+    /// changes seen since the last pass that worked began.
+    pub pending_changes: Option<u64>,
+    /// Leader only: the age of the oldest of those changes, in seconds (0: none).
+    pub lag_seconds: Option<u64>,
+    /// The last error of a pass or of one step (kept after it clears: compare
+    /// its time with `lastSuccessAt`).
+    pub last_error: Option<SyncErrorView>,
+    /// SODA's profiles, polled by every agent.
+    pub profiles: ProfilePollStatus,
+    /// Errors so far by kind (the metric `soda_syncer_soda_sync_errors_total`).
+    #[serde(skip)]
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Since when a change has waited for SODA.
+    #[serde(skip)]
+    dirty_since: Option<DateTime<Utc>>,
+    /// Change events seen since the last pass that worked began.
+    #[serde(skip)]
+    events: u64,
+    /// Steps the last pass left undone.
+    #[serde(skip)]
+    left: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncState {
+    Following,
+    Starting,
+    Ok,
+    Failing,
+}
+
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncErrorView {
+    /// A fixed code (`soda_unavailable`, `soda_unauthorized`, `kube_unavailable`, ...).
+    pub code: String,
+    pub message: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProfilePollStatus {
+    /// Profiles SODA had at the last poll that worked.
+    pub count: usize,
+    pub last_success_at: Option<DateTime<Utc>>,
+    /// The last poll failed (policies keep the last copy).
+    pub failing: bool,
+    pub last_error: Option<SyncErrorView>,
+}
+
+/// The SODA sync's status, or `None` when it is off.
+pub fn status() -> Option<SodaSyncStatus> {
+    let mut st = STATUS.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+    let leading = st.state != SyncState::Following;
+    st.pending_changes = leading.then_some(st.left + st.events);
+    st.lag_seconds = leading.then(|| st.dirty_since.map_or(0, |t| (Utc::now() - t).num_seconds().max(0) as u64));
+    Some(st)
+}
+
+fn update(f: impl FnOnce(&mut SodaSyncStatus)) {
+    if let Some(st) = STATUS.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        f(st)
+    }
+}
+
+fn status_events() -> u64 {
+    STATUS.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(0, |st| st.events)
+}
+
+fn error_view(code: &str, message: String) -> SyncErrorView {
+    SyncErrorView { code: code.to_string(), message, at: Utc::now() }
+}
+
+/// A sync or poll error: recorded as the last one and counted by kind.
+fn record_error(kind: &'static str, message: String) {
+    update(|st| {
+        *st.errors.entry(kind).or_default() += 1;
+        st.last_error = Some(error_view(kind, message));
+    })
+}
+
+/// A profile poll's outcome (`Ok(count)` or the error), for the status.
+pub(super) fn record_poll(result: Result<usize, &SodaError>) {
+    update(|st| match result {
+        Ok(count) => {
+            st.profiles.count = count;
+            st.profiles.last_success_at = Some(Utc::now());
+            st.profiles.failing = false;
+        }
+        Err(e) => {
+            st.profiles.failing = true;
+            st.profiles.last_error = Some(error_view(e.kind(), e.to_string()));
+            *st.errors.entry(e.kind()).or_default() += 1;
+        }
+    })
+}
+
 /// What stops a sync pass.
 #[derive(Debug, thiserror::Error)]
 pub enum SodaSyncError {
@@ -83,6 +210,8 @@ struct PassReport {
     hosts_created: usize,
     /// SODA is still working on a volume: look again soon.
     recheck: bool,
+    /// Steps not done: refused by SODA, or waiting for SODA to finish.
+    left: u64,
 }
 
 pub struct SodaSync {
@@ -99,6 +228,23 @@ pub struct SodaSync {
 impl SodaSync {
     pub fn new(kube: kube::Client, profiles: Arc<Profiles>, config: &Config) -> SodaSync {
         let holder = config.pod_name.clone().unwrap_or_else(|| config.node_name.clone());
+        *STATUS.lock().unwrap_or_else(|p| p.into_inner()) = Some(SodaSyncStatus {
+            endpoint: soda_syncer_domain::secret::redact_url(profiles.endpoint()),
+            identity: holder.clone(),
+            leader: None,
+            state: SyncState::Following,
+            last_pass_at: None,
+            last_pass_ms: None,
+            last_success_at: None,
+            pending_changes: None,
+            lag_seconds: None,
+            last_error: None,
+            profiles: ProfilePollStatus::default(),
+            errors: BTreeMap::new(),
+            dirty_since: None,
+            events: 0,
+            left: 0,
+        });
         SodaSync {
             lease: LeaseLock::new(kube.clone(), &config.namespace, LEASE_NAME, &holder, LEASE_DURATION),
             kube,
@@ -117,10 +263,24 @@ impl SodaSync {
     pub async fn run(self, cancel: CancellationToken) {
         let mut lease_error = false;
         loop {
-            match self.lease.try_hold().await {
+            let held = self.lease.try_hold().await;
+            update(|st| {
+                st.leader = self.lease.last_holder();
+                st.state = SyncState::Following;
+            });
+            match held {
                 Ok(true) => {
                     lease_error = false;
+                    update(|st| {
+                        st.state = SyncState::Starting;
+                        st.leader = Some(self.holder.clone());
+                        // Until a pass has run, SODA may lack anything.
+                        st.dirty_since = Some(Utc::now());
+                        st.events = 0;
+                        st.left = 0;
+                    });
                     self.lead(&cancel).await;
+                    update(|st| st.state = SyncState::Following);
                     if cancel.is_cancelled() {
                         return;
                     }
@@ -180,23 +340,69 @@ impl SodaSync {
 
     /// Passes: at once, every poll interval, soon after a change.
     async fn work(&self, cancel: &CancellationToken) {
-        let mut changes = std::pin::pin!(changes(self.kube.clone()));
+        let changed = tokio::sync::Notify::new();
+        // Changes are counted as they come, during a pass too (the status's
+        // lag starts at them), and each wakes the next pass.
+        let watch = async {
+            let mut changes = std::pin::pin!(changes(self.kube.clone()));
+            while let Some(()) = changes.next().await {
+                update(|st| {
+                    st.events += 1;
+                    st.dirty_since.get_or_insert_with(Utc::now);
+                });
+                changed.notify_one();
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            _ = watch => {}
+            _ = self.passes(&changed, cancel) => {}
+        }
+    }
+
+    async fn passes(&self, changed: &tokio::sync::Notify, cancel: &CancellationToken) {
         let mut next = Instant::now();
         let mut last_end = Instant::now() - MIN_GAP;
         let mut failing = false;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(next.into()) => {}
-                Some(()) = changes.next() => {
+                _ = changed.notified() => {
                     let soon = (Instant::now() + DEBOUNCE).max(last_end + MIN_GAP);
                     next = next.min(soon);
                     continue;
                 }
             }
             let started = Instant::now();
+            let (started_at, events_before) = (Utc::now(), status_events());
             let result = self.pass(cancel).await;
             last_end = Instant::now();
             let ms = started.elapsed().as_millis() as u64;
+            update(|st| {
+                st.last_pass_at = Some(Utc::now());
+                st.last_pass_ms = Some(ms);
+                match &result {
+                    Ok(r) => {
+                        st.state = SyncState::Ok;
+                        st.last_success_at = st.last_pass_at;
+                        st.left = r.left;
+                        // Events that came during the pass may not be in it.
+                        st.events = st.events.saturating_sub(events_before);
+                        st.dirty_since = match (r.left, st.events) {
+                            (0, 0) => None,
+                            (0, _) => Some(st.dirty_since.map_or(started_at, |d| d.max(started_at))),
+                            _ => st.dirty_since.or(Some(started_at)),
+                        };
+                    }
+                    Err(SodaSyncError::Soda(SodaError::Cancelled { .. })) => {}
+                    Err(_) => st.state = SyncState::Failing,
+                }
+            });
+            if let Err(e) = &result {
+                if !matches!(e, SodaSyncError::Soda(SodaError::Cancelled { .. })) {
+                    record_error(e.kind(), e.to_string());
+                }
+            }
             next = match result {
                 Ok(r) => {
                     if failing {
@@ -241,6 +447,7 @@ impl SodaSync {
     /// Warn once per key and message.
     fn warn_once(&self, key: &str, what: &str, e: &SodaError) {
         let msg = e.to_string();
+        record_error(e.kind(), format!("{key}: {what}: {msg}"));
         let mut w = self.warned.lock().unwrap_or_else(|p| p.into_inner());
         if w.get(key) != Some(&msg) {
             tracing::warn!(object = key, what, error = %msg, kind = e.kind(), "SODA refused a sync step; it is tried again every pass");
@@ -302,6 +509,8 @@ impl SodaSync {
                         tracing::info!(pv = %f.pv_name, volume = %v.id, name = %v.name, "mirrored a PersistentVolume in SODA");
                         report.created += 1;
                         report.recheck = true;
+                    } else {
+                        report.left += 1;
                     }
                 }
                 Some(group) => {
@@ -311,12 +520,19 @@ impl SodaSync {
                         if self.judge(&key, "update", updated)?.is_some() {
                             tracing::debug!(pv = %f.pv_name, volume = %keep.id, "updated the PV's SODA volume");
                             report.updated += 1;
+                        } else {
+                            report.left += 1;
                         }
                     }
-                    report.recheck |= needs_recheck(keep);
+                    if needs_recheck(keep) {
+                        report.recheck = true;
+                        report.left += 1;
+                    }
                     for dup in &group[1..] {
                         tracing::info!(pv = %f.pv_name, volume = %dup.id, kept = %keep.id, "removing a duplicate SODA volume");
-                        report.deleted += self.remove(dup, &mut report.recheck, cancel).await? as usize;
+                        let done = self.remove(dup, &mut report.recheck, cancel).await?;
+                        report.deleted += done as usize;
+                        report.left += !done as u64;
                     }
                 }
             }
@@ -328,7 +544,9 @@ impl SodaSync {
             }
             for v in group {
                 tracing::info!(volume = %v.id, name = %v.name, pv_uid = %uid, "the PV is gone; deleting its SODA volume");
-                report.deleted += self.remove(v, &mut report.recheck, cancel).await? as usize;
+                let done = self.remove(v, &mut report.recheck, cancel).await?;
+                report.deleted += done as usize;
+                report.left += !done as u64;
             }
         }
         report.hosts_created = self.sync_hosts(&cluster, cancel).await?;

@@ -392,6 +392,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/runs/{id}"),
     ("POST", "/v1/runs/{id}/cancel"),
     ("GET", "/v1/runs/{id}/events"),
+    ("GET", "/v1/status"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),

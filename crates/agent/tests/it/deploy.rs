@@ -501,7 +501,7 @@ fn cluster_table(read_claim_secrets: bool) -> BTreeSet<(String, String, String)>
 fn namespace_table() -> BTreeSet<(String, String, String)> {
     let mut rows: Vec<(&str, &str, &str)> = Vec::new();
     rows.extend(["get", "list", "watch", "create", "update"].map(|v| ("", "secrets", v)));
-    rows.extend(["get", "list", "watch", "create", "update"].map(|v| ("coordination.k8s.io", "leases", v)));
+    rows.extend(["get", "list", "watch", "create", "update", "delete"].map(|v| ("coordination.k8s.io", "leases", v)));
     rows.into_iter().map(|(g, r, v)| (g.into(), r.into(), v.into())).collect()
 }
 
@@ -1054,7 +1054,9 @@ fn options() -> Value {
         "nodeSelector": {},
         "tolerations": [{"operator": "Exists"}, {"key": "dedicated", "operator": "Equal", "value": "storage", "effect": "NoSchedule"}],
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "2Gi"}},
-        "image": {"repository": "registry.example/soda-syncer", "tag": "0.1.0", "pullPolicy": "Always"}
+        "image": {"repository": "registry.example/soda-syncer", "tag": "0.1.0", "pullPolicy": "Always"},
+        "soda": {"endpoint": "http://soda-apiserver.soda:50040", "authStrategy": "keystone", "tenantId": "tenant-1",
+            "keystoneSecret": "soda-keystone", "pollSeconds": 60}
     })
 }
 
@@ -1080,8 +1082,22 @@ fn chart_options_change_what_they_say() {
     let data = secret.string_data.clone().unwrap();
     assert_eq!(data.get("secrets.key").map(String::len), Some(64));
     assert_eq!(pod.containers[0].image.as_deref(), Some("registry.example/soda-syncer:0.1.0"));
+    // The SODA sync: endpoint and poll as flags, auth in the environment,
+    // the keystone credentials from the named Secret.
+    assert!(args.contains(&"--soda-endpoint=http://soda-apiserver.soda:50040".to_string()), "{args:?}");
+    assert!(args.contains(&"--soda-poll-seconds=60".to_string()), "{args:?}");
+    let env = pod.containers[0].env.clone().unwrap_or_default();
+    let var = |n: &str| env.iter().find(|e| e.name == n).and_then(|e| e.value.clone());
+    assert_eq!(var("OPENSDS_AUTH_STRATEGY").as_deref(), Some("keystone"));
+    assert_eq!(var("OPENSDS_TENANT_ID").as_deref(), Some("tenant-1"));
+    let from = pod.containers[0].env_from.clone().unwrap_or_default();
+    assert_eq!(from.len(), 1);
+    assert_eq!(from[0].secret_ref.as_ref().map(|s| s.name.as_str()), Some("soda-keystone"));
     // With consistency and restore, SYS_ADMIN and the write capabilities come back, and AppArmor is unconfined.
     let full = chart(&json!({}));
+    let c = &one!(full, DaemonSet).spec.template.spec.as_ref().unwrap().containers[0];
+    assert!(!c.args.as_ref().unwrap().iter().any(|a| a.starts_with("--soda")), "no SODA sync by default");
+    assert!(c.env_from.is_none() && !c.env.as_ref().unwrap().iter().any(|e| e.name.starts_with("OPENSDS")));
     let x = Expect::from_values(&chart_values());
     assert_eq!(x.caps, BTreeSet::from(["DAC_READ_SEARCH", "CHOWN", "FOWNER", "FSETID", "DAC_OVERRIDE", "SYS_ADMIN"]));
     assert!(x.apparmor_unconfined && !x.privileged && !x.tls);

@@ -611,6 +611,54 @@ async fn a_lock_left_on_another_node_is_broken_once_that_nodes_agent_lease_expir
     assert_eq!(std::fs::read_dir(c.repo.join("locks")).unwrap().count(), 0);
 }
 
+// Multi-threaded: the stand-in must answer the hand-back while this thread
+// waits for the agent to exit.
+#[tokio::test(flavor = "multi_thread")]
+async fn liveness_leases_of_agents_gone_for_over_an_hour_are_deleted_and_a_clean_stop_hands_its_own_back() {
+    let c = Cluster::new().await;
+    let mut a = c.node("node-a");
+    let lease = |name: &str| c.api.get("coordination.k8s.io/v1", "Lease", Some("soda-syncer"), name);
+    // A pod replaced two hours ago, and one whose Lease expired ten minutes
+    // ago (its restic's locks may still be younger than restic's own
+    // 30-minute rule: it must stay, it is the proof that they are dead).
+    liveness_lease(&c, "replaced-pod", 2 * 3600);
+    liveness_lease(&c, "recent-pod", 600);
+    // Handed back two hours ago (no holder), and a Lease that is not a
+    // liveness Lease at all, as old.
+    let two_hours_ago = (chrono::Utc::now() - chrono::Duration::hours(2)).format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    for (name, holder) in
+        [("soda-syncer-host-stopped-pod", None), ("soda-syncer-maint-0123456789abcdef", Some("node-x"))]
+    {
+        c.api
+            .apply(json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": name, "namespace": "soda-syncer"},
+                "spec": {"holderIdentity": holder, "leaseDurationSeconds": 30, "renewTime": two_hours_ago}}))
+            .unwrap();
+    }
+    c.start(&mut a);
+    let agent = a.agent.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lease("soda-syncer-host-replaced-pod").is_some() || lease("soda-syncer-host-stopped-pod").is_some() {
+        assert!(Instant::now() < deadline, "the Leases of gone agents stayed\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(agent.log_text().contains("removed the liveness Lease of an agent gone for over an hour"));
+    assert!(lease("soda-syncer-host-recent-pod").is_some(), "a Lease expired 10 minutes ago was deleted");
+    assert!(lease("soda-syncer-maint-0123456789abcdef").is_some(), "a maintenance Lease was deleted");
+    let me = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let own = format!("soda-syncer-host-{me}");
+    assert_eq!(lease(&own).expect("its own liveness Lease")["spec"]["holderIdentity"], me.as_str());
+
+    // A clean stop hands its own Lease back (no holder: other nodes may
+    // remove its locks at once) and dates it, so a later sweep can tell its age.
+    let stopped = chrono::Utc::now();
+    assert!(agent.terminate().success());
+    let spec = lease(&own).expect("kept after a clean stop")["spec"].clone();
+    assert!(spec["holderIdentity"].is_null() || spec["holderIdentity"] == "", "{spec}\n{}", agent.log_text());
+    let renewed = chrono::DateTime::parse_from_rfc3339(spec["renewTime"].as_str().unwrap()).unwrap();
+    assert!(renewed >= stopped - chrono::Duration::seconds(1), "renewTime {renewed} is not the hand-back ({stopped})");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_that_cannot_renew_its_liveness_lease_stops_running_restic_until_it_can() {
     let c = Cluster::new().await;

@@ -100,7 +100,7 @@ fn dashboard_exprs() -> Vec<String> {
     exprs
 }
 
-async fn scrape(agent: &AgentProc) -> (String, String) {
+pub(crate) async fn scrape(agent: &AgentProc) -> (String, String) {
     let resp = reqwest::get(format!("{}/metrics", agent.url)).await.unwrap();
     assert_eq!(resp.status(), 200);
     let ct = resp.headers()["content-type"].to_str().unwrap().to_string();

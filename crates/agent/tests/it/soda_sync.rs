@@ -106,6 +106,17 @@ async fn stop(agent: &mut AgentProc) {
     }
 }
 
+/// `soda-syncer status` through the CLI, as a table, and `/v1/status`'s `sodaSync`.
+async fn sync_status(agent: &AgentProc) -> (String, Value) {
+    let out = std::process::Command::new(crate::support::BIN)
+        .args(["status", "--agent-state-dir"])
+        .arg(&agent.state_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (String::from_utf8(out.stdout).unwrap(), agent.get("/v1/status").await["sodaSync"].clone())
+}
+
 fn log_of(node: &Node) -> String {
     node.agent.as_ref().map(|a| a.log_text()).unwrap_or_default()
 }
@@ -233,6 +244,27 @@ async fn a_soda_outage_holds_up_no_backup_and_the_newest_state_is_pushed_when_so
     let away_uid = pv_uid(&c, "pv-while-away");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(soda.volumes().iter().all(|v| v["metadata"]["soda-syncer.lastSnapshotId"] != second.as_str()));
+    // The outage is visible: API, CLI and metrics say the sync fails, what
+    // waits and since when.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (table, st) = loop {
+        let (table, st) = sync_status(agent).await;
+        if st["state"] == "failing" {
+            break (table, st);
+        }
+        assert!(Instant::now() < deadline, "the sync never showed failing: {st}\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(st["leader"], "node-a", "{st}");
+    assert!(st["pendingChanges"].as_u64().unwrap() >= 1, "the PV made while away waits: {st}");
+    assert!(st["lagSeconds"].as_u64().unwrap() >= 2, "{st}\n{}", agent.log_text());
+    assert_eq!(st["lastError"]["code"], "soda_unreachable", "{st}");
+    assert!(st["lastSuccessAt"].as_str().unwrap() < st["lastError"]["at"].as_str().unwrap(), "{st}");
+    assert!(table.contains("sync      failing") && table.contains("soda_unreachable"), "{table}");
+    let (_, m) = crate::ops::scrape(agent).await;
+    assert!(m.contains("soda_syncer_soda_sync_failing 1"), "{m}");
+    assert!(m.contains("soda_syncer_soda_sync_leader 1"), "{m}");
+    assert!(m.contains("soda_syncer_soda_sync_errors_total{kind=\"soda_unreachable\"}"), "{m}");
 
     // SODA back: the newest state is pushed; nothing was lost.
     soda.restart().await;
@@ -244,6 +276,21 @@ async fn a_soda_outage_holds_up_no_backup_and_the_newest_state_is_pushed_when_so
     })
     .await;
     eprintln!("SODA restarted to caught up: {} ms", t.elapsed().as_millis());
+    // And its end: nothing waits, the error stays as history.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        let st = agent.get("/v1/status").await["sodaSync"].clone();
+        if st["state"] == "ok" && st["pendingChanges"] == 0 {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the status never caught up: {st}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(st["lagSeconds"], 0, "{st}");
+    assert_eq!(st["lastError"]["code"], "soda_unreachable", "{st}");
+    assert!(st["lastSuccessAt"].as_str().unwrap() > st["lastError"]["at"].as_str().unwrap(), "{st}");
+    assert_eq!(st["profiles"]["failing"], false, "{st}");
+    assert!(st["profiles"]["count"].as_u64().unwrap() >= 1, "{st}");
     let log = agent.log_text();
     // The client's own retries (5 tries, backoff to 5 s) may outlast a short
     // outage; a pass that gave up is logged once, and its recovery too.
@@ -314,6 +361,14 @@ async fn one_leader_mirrors_each_pv_once_and_another_agent_takes_over_when_it_st
     };
     assert!(log_of(gone).contains("now leads the cluster-wide SODA sync"));
     assert!(!log_of(stays).contains("now leads the cluster-wide SODA sync"), "{}", log_of(stays));
+    // Both agents name the leader; only the leader has a backlog to report.
+    let (_, lead) = sync_status(gone.agent.as_ref().unwrap()).await;
+    assert_eq!((lead["state"].as_str(), lead["leader"].as_str()), (Some("ok"), Some(leader.as_str())), "{lead}");
+    assert_eq!(lead["pendingChanges"], 0, "{lead}");
+    let (table, follow) = sync_status(stays.agent.as_ref().unwrap()).await;
+    assert_eq!((follow["state"].as_str(), follow["leader"].as_str()), (Some("following"), Some(leader.as_str())));
+    assert!(follow["pendingChanges"].is_null(), "{follow}");
+    assert!(table.contains(&format!("leader {leader}")), "{table}");
 
     // The leader stops: the other agent takes over and syncs.
     let t = Instant::now();
