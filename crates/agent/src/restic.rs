@@ -300,19 +300,22 @@ impl Restic {
         cancel: &CancellationToken,
         on_line: impl FnMut(&str),
     ) -> Result<Exec, ResticError> {
-        self.exec_in(repo, args, cancel, on_line, None).await
+        self.exec_in(repo, args, cancel, on_line, Isolation::None).await
     }
 
-    /// As `exec`, optionally with `view` bound over `path` in a private
-    /// mount namespace of the child: `bind = Some((view, path))`.
+    /// As `exec`, in the namespaces `isolation` asks for.
     async fn exec_in(
         &self,
         repo: &Repo,
         args: &[OsString],
         cancel: &CancellationToken,
         mut on_line: impl FnMut(&str),
-        bind: Option<(&std::path::Path, &std::path::Path)>,
+        isolation: Isolation<'_>,
     ) -> Result<Exec, ResticError> {
+        let bind = match isolation {
+            Isolation::Bind { view, path } => Some((view, path)),
+            _ => None,
+        };
         let command = args.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
         let (fenced, fence) = self.fence.state();
         if let Some(reason) = fenced {
@@ -362,6 +365,21 @@ impl Restic {
                         || libc::mount(view.as_ptr(), path.as_ptr(), none, libc::MS_BIND | libc::MS_REC, data) != 0
                         || libc::mount(none, path.as_ptr(), none, read_only, data) != 0
                     {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if let Isolation::AsHost(host) = isolation {
+            let name = std::ffi::CString::new(host)
+                .map_err(|_| ResticError::Spawn { message: "a host name with a NUL byte".into() })?;
+            // SAFETY: unshare and sethostname are system calls (async-signal-
+            // safe); the name was allocated before the fork and is only read.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let bytes = name.as_bytes();
+                    if libc::unshare(libc::CLONE_NEWUTS) != 0 || libc::sethostname(name.as_ptr(), bytes.len()) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -556,26 +574,47 @@ impl Restic {
     }
 
     /// Remove the locks left by restic on other hosts whose agent is gone
-    /// (see [`LockHolders`]). Only for repositories whose files the agent
-    /// can delete itself (a local path, restic's REST server); for others
-    /// restic's own rule (no refresh for 30 minutes) applies. Returns how
-    /// many were removed; what cannot be read is left alone.
+    /// (see [`LockHolders`]). In a local or REST repository the agent
+    /// deletes each such lock file itself. In any other (S3, ...) it runs
+    /// `restic unlock` as that host, in a UTS namespace of its own with the
+    /// dead host's name: restic then counts that host's locks whose process
+    /// does not run here as stale and removes them (a PID that happens to
+    /// run here keeps its lock: the safe side), besides the locks older than
+    /// 30 minutes that any `unlock` removes. Returns how many were removed;
+    /// what cannot be read is left alone.
     pub async fn break_locks_of_gone_hosts(&self, repo: &Repo, cancel: &CancellationToken) -> usize {
         let Some(holders) = self.lock_holders.get() else { return 0 };
-        let Some(remover) = LockRemover::for_url(&repo.url) else { return 0 };
+        let remover = LockRemover::for_url(&repo.url);
         let no_lock = || -> Vec<OsString> { vec!["--no-lock".into()] };
         let Ok(ids) = self.simple(repo, [vec!["list".into(), "locks".into()], no_lock()].concat(), cancel).await else {
             return 0;
         };
         let me = own_hostname();
         let mut removed = 0;
-        for id in ids.lines().map(str::trim).filter(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit())) {
+        let lock_ids = |text: &str| -> Vec<String> {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| l.len() == 64 && l.bytes().all(|b| b.is_ascii_hexdigit()))
+                .map(str::to_string)
+                .collect()
+        };
+        // Other backends: (host, its lock ids), to unlock as that host.
+        let mut dead_hosts: Vec<(String, Vec<String>)> = Vec::new();
+        for id in lock_ids(&ids) {
+            let id = id.as_str();
             let args = [vec!["cat".into(), "lock".into(), id.into()], no_lock()].concat();
             let Ok(text) = self.simple(repo, args, cancel).await else { continue };
             let Ok(lock) = serde_json::from_str::<LockInfo>(&text) else { continue };
             if lock.hostname.is_empty() || lock.hostname == me || !holders.is_gone(&lock.hostname).await {
                 continue;
             }
+            let Some(remover) = &remover else {
+                match dead_hosts.iter_mut().find(|(h, _)| *h == lock.hostname) {
+                    Some((_, ids)) => ids.push(id.to_string()),
+                    None => dead_hosts.push((lock.hostname.clone(), vec![id.to_string()])),
+                }
+                continue;
+            };
             match remover.remove(id).await {
                 Ok(()) => {
                     removed += 1;
@@ -592,6 +631,28 @@ impl Restic {
                     tracing::warn!(repository = %repo.display(), lock = &id[..8], error = %e, "cannot remove a dead host's lock")
                 }
             }
+        }
+        for (host, theirs) in dead_hosts {
+            let unlocked =
+                self.exec_in(repo, &[OsString::from("unlock")], cancel, |_| {}, Isolation::AsHost(&host)).await;
+            if let Err(e) = unlocked.as_ref().map_err(|e| e.to_string()).and_then(|x| match x.code {
+                0 => Ok(()),
+                code => Err(format!("restic unlock exited {code}")),
+            }) {
+                tracing::warn!(repository = %repo.display(), host = %host, error = %e, "cannot remove a dead host's locks");
+                continue;
+            }
+            let args = [vec!["list".into(), "locks".into()], no_lock()].concat();
+            let left = self.simple(repo, args, cancel).await.map(|t| lock_ids(&t)).unwrap_or_default();
+            let gone = theirs.iter().filter(|id| !left.contains(id)).count();
+            removed += gone;
+            tracing::warn!(
+                repository = %repo.display(),
+                host = %host,
+                removed = gone,
+                kept = theirs.len() - gone,
+                "removed a lock whose holder is gone: its host's agent lease expired (restic unlock run as that host)"
+            );
         }
         removed
     }
@@ -623,7 +684,10 @@ impl Restic {
         args.push("--".into());
         args.push(req.path.clone().into());
         let mut summary = None;
-        let bind = req.view.as_deref().map(|v| (v, req.path.as_path()));
+        let bind = match req.view.as_deref() {
+            Some(view) => Isolation::Bind { view, path: req.path.as_path() },
+            None => Isolation::None,
+        };
         let exec = self
             .exec_in(
                 repo,
@@ -987,6 +1051,19 @@ impl LockWait {
 
 /// Deletes one lock file of a repository, for the backends the agent can
 /// reach without restic.
+/// The namespaces a restic child runs in.
+#[derive(Clone, Copy)]
+enum Isolation<'a> {
+    None,
+    /// A private mount namespace with `view` bound read-only over `path`.
+    Bind {
+        view: &'a std::path::Path,
+        path: &'a std::path::Path,
+    },
+    /// A UTS namespace with this host name (to unlock a dead host's locks).
+    AsHost(&'a str),
+}
+
 enum LockRemover {
     Local(PathBuf),
     Rest(reqwest::Url),

@@ -8,7 +8,7 @@ use soda_syncer_standin::kube::KubeStandin;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::support::{count_state, fill, restic, wait_for_a_lock, wait_for_log, AgentProc, BindMount};
+use crate::support::{count_state, fill, restic, wait_for_log, AgentProc, BindMount};
 
 pub(crate) fn b64(s: &str) -> Value {
     serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec())).unwrap()
@@ -547,12 +547,20 @@ async fn one_backup_with_a_liveness_lease(c: &Cluster, node: &mut Node) -> Strin
 
 /// restic run by "another node's agent": its own UTS namespace, so its
 /// locks carry that host name.
-fn restic_on_host(host: &str, repo: &Path, password: &str, cache: &Path, args: &[&str]) -> std::process::Child {
+fn restic_on_host(
+    host: &str,
+    repo: &str,
+    env: &[(String, String)],
+    password: &str,
+    cache: &Path,
+    args: &[&str],
+) -> std::process::Child {
     std::process::Command::new("unshare")
         .args(["--uts", "--", "sh", "-c", "hostname \"$0\" && exec restic \"$@\"", host])
         .args(args)
         .arg("-r")
         .arg(repo)
+        .envs(env.iter().cloned())
         .env("RESTIC_PASSWORD", password)
         .env("RESTIC_CACHE_DIR", cache)
         .stdout(std::process::Stdio::null())
@@ -571,6 +579,40 @@ fn liveness_lease(c: &Cluster, host: &str, renewed_secs_ago: i64) {
         .unwrap();
 }
 
+/// node-b's agent is alive (a fresh Lease) and its restic holds the
+/// repository's exclusive lock: a backup of `id` waits. That restic dies by
+/// kill -9 and leaves its lock, but the Lease is still fresh: nothing proves
+/// the holder dead, so the lock stays and the backup still waits.
+async fn a_live_nodes_lock_is_waited_for(
+    c: &Cluster,
+    agent: &AgentProc,
+    id: &str,
+    repo: &str,
+    env: &[(String, String)],
+    password: &str,
+    locks: impl Fn() -> usize,
+) {
+    liveness_lease(c, "node-b-pod", 0);
+    let cache = c.dir.path().join("cache-b");
+    let mut check =
+        restic_on_host("node-b-pod", repo, env, password, &cache, &["check", "--read-data", "--limit-download", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while locks() == 0 {
+        assert!(Instant::now() < deadline, "node-b's restic took no lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    wait_for_log(agent, "locked by a live process; waiting", 60).await;
+    // SAFETY: the process this test started.
+    unsafe { libc::kill(check.id() as i32, libc::SIGKILL) };
+    let _ = check.wait();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let runs = agent.get(&format!("/v1/runs?policy={id}")).await;
+    assert_eq!(runs["runs"][0]["state"], "running", "still waiting: {runs}");
+    assert_eq!(locks(), 1, "a lock of a node whose Lease is fresh was broken");
+    assert!(!agent.log_text().contains("holder is gone"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lock_left_on_another_node_is_broken_once_that_nodes_agent_lease_expires_not_before() {
     let c = Cluster::new().await;
@@ -578,29 +620,9 @@ async fn a_lock_left_on_another_node_is_broken_once_that_nodes_agent_lease_expir
     let id = one_backup_with_a_liveness_lease(&c, &mut a).await;
     let agent = a.agent.as_ref().unwrap();
 
-    // node-b's agent is alive (fresh Lease); its restic holds the exclusive lock.
-    liveness_lease(&c, "node-b-pod", 0);
-    let cache = c.dir.path().join("cache-b");
-    let mut check = restic_on_host(
-        "node-b-pod",
-        &c.repo,
-        "k8s-repo-pw",
-        &cache,
-        &["check", "--read-data", "--limit-download", "1"],
-    );
-    wait_for_a_lock(&c.repo).await;
-    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
-    wait_for_log(agent, "locked by a live process; waiting", 60).await;
-    // Its restic dies with node-b (kill -9 leaves the lock), but node-b's
-    // Lease is still fresh: nothing proves the holder dead, the lock stays.
-    // SAFETY: the process this test started.
-    unsafe { libc::kill(check.id() as i32, libc::SIGKILL) };
-    let _ = check.wait();
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    let runs = agent.get(&format!("/v1/runs?policy={id}")).await;
-    assert_eq!(runs["runs"][0]["state"], "running", "still waiting: {runs}");
-    assert_eq!(std::fs::read_dir(c.repo.join("locks")).unwrap().count(), 1, "a lock of a live node was broken");
-    assert!(!agent.log_text().contains("holder is gone"));
+    let repo = c.repo.display().to_string();
+    let locks = || std::fs::read_dir(c.repo.join("locks")).map(|d| d.count()).unwrap_or(0);
+    a_live_nodes_lock_is_waited_for(&c, agent, &id, &repo, &[], "k8s-repo-pw", locks).await;
 
     // node-b's agent stops renewing: once its Lease has expired (plus the
     // grace), its lock goes and the waiting backup goes on by itself.
@@ -609,6 +631,39 @@ async fn a_lock_left_on_another_node_is_broken_once_that_nodes_agent_lease_expir
     assert_eq!(runs[0]["trigger"], "manual");
     assert!(agent.log_text().contains("removed a lock whose holder is gone"), "{}", agent.log_text());
     assert_eq!(std::fs::read_dir(c.repo.join("locks")).unwrap().count(), 0);
+}
+
+/// An S3 repository's lock files cannot be deleted by the agent itself: a
+/// dead node's lock there goes by `restic unlock` run as that host.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_nodes_lock_in_an_s3_repository_goes_once_its_lease_expires_not_before() {
+    let c = Cluster::new().await;
+    let s3 = crate::servers::MotoS3::start().unwrap();
+    let mut a = c.node("node-a");
+    let data = c.dir.path().join("data");
+    fill(&data, 5, 1000);
+    c.start_with(&mut a, &[&format!("--allowed-root={}", c.dir.path().display())]);
+    let agent = a.agent.as_ref().unwrap();
+    let (repo, pw, env) = (s3.repo_url("shared"), "s3-shared-pw", s3.env());
+    let env_json: serde_json::Map<String, Value> = env.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    let p = agent
+        .create_policy(json!({"name": "s3-shared", "source": {"path": data}, "paused": true,
+            "schedule": {"intervalSeconds": 3600},
+            "repository": {"url": repo, "password": pw, "env": env_json}}))
+        .await;
+    let id = p["id"].as_str().unwrap().to_string();
+    agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
+    agent.wait_runs(&id, 60, "the first backup", |r| count_state(r, "succeeded") == 1).await;
+    let locks = || restic(&repo, pw, &env, &["list", "locks", "--no-lock"]).unwrap().lines().count();
+
+    a_live_nodes_lock_is_waited_for(&c, agent, &id, &repo, &env, pw, locks).await;
+
+    // Its Lease expires: the lock goes (unlocked as node-b-pod) and the
+    // waiting backup goes on by itself.
+    liveness_lease(&c, "node-b-pod", 120);
+    agent.wait_runs(&id, 90, "the backup after the wait", |r| count_state(r, "succeeded") == 2).await;
+    assert!(agent.log_text().contains("restic unlock run as that host"), "{}", agent.log_text());
+    assert_eq!(locks(), 0);
 }
 
 // Multi-threaded: the stand-in must answer the hand-back while this thread
