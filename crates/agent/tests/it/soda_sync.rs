@@ -14,7 +14,7 @@
 use serde_json::{json, Value};
 use soda_syncer::soda::{SodaAuth, SodaClient, SodaConfig};
 use soda_syncer_domain::soda::{NewVolume, DEFAULT_TENANT_ID};
-use soda_syncer_standin::soda::{SodaStandin, StandinAuth};
+use soda_syncer_standin::soda::{KeystoneUser, SodaStandin, StandinAuth};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -26,9 +26,14 @@ const PASSWORD: &str = "soda-profile-repo-pw";
 
 /// Start the node's agent with the SODA sync on, polling every `poll` seconds.
 fn start(c: &Cluster, node: &mut Node, soda: &SodaStandin, poll: u64) {
+    start_with_env(c, node, soda, poll, &[]);
+}
+
+/// As `start`, with `env` (the `OPENSDS_*` and `OS_*` variables) added.
+fn start_with_env(c: &Cluster, node: &mut Node, soda: &SodaStandin, poll: u64, env: &[(&str, &str)]) {
     let (kc, kd) = (c.kubeconfig.display().to_string(), node.kubelet.display().to_string());
     node.agent = Some(
-        AgentProc::start(
+        AgentProc::start_with_env(
             &node.state,
             &[
                 "--kubernetes=on",
@@ -40,6 +45,7 @@ fn start(c: &Cluster, node: &mut Node, soda: &SodaStandin, poll: u64) {
                 &format!("--soda-endpoint={}", soda.url()),
                 &format!("--soda-poll-seconds={poll}"),
             ],
+            env,
         )
         .unwrap(),
     );
@@ -384,4 +390,61 @@ async fn one_leader_mirrors_each_pv_once_and_another_agent_takes_over_when_it_st
     eventually(15, "pv-2's volume deleted by the new leader", || mirrors(&soda, &uids[1]).is_empty().then_some(()))
         .await;
     assert!(soda.volume(&foreign.id).is_some());
+}
+
+/// The whole agent with Keystone auth, as soda-proxy's variables give it:
+/// it logs in once, mirrors, logs in again when its token expires, and a
+/// wrong password is a clear error in the status that never shows it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_with_keystone_auth_logs_in_mirrors_and_logs_in_again_when_its_token_expires() {
+    const PW: &str = "Keystone-agent-pw-4711";
+    let c = Cluster::new().await;
+    let soda = SodaStandin::start(StandinAuth::Keystone(KeystoneUser::admin(PW))).await;
+    let auth_url = soda.keystone_url();
+    let env = |pw: &'static str| {
+        vec![
+            ("OPENSDS_AUTH_STRATEGY", "keystone"),
+            ("OS_AUTH_URL", auth_url.as_str()),
+            ("OS_USERNAME", "admin"),
+            ("OS_PASSWORD", pw),
+            ("OS_PROJECT_NAME", "admin"),
+            ("OS_USER_DOMAIN_ID", "default"),
+        ]
+    };
+    bare_pv(&c, "pv-k1");
+    let uid1 = pv_uid(&c, "pv-k1");
+    let mut a = c.node("node-a");
+    start_with_env(&c, &mut a, &soda, 30, &env(PW));
+    let v = eventually(20, "pv-k1 in SODA", || mirror(&soda, &uid1)).await;
+    assert_eq!(v["tenantId"], soda.project_id().unwrap().as_str(), "{v}");
+    // One login, shared by the profile poll and the sync.
+    assert_eq!(soda.logins(), 1);
+
+    soda.expire_tokens();
+    bare_pv(&c, "pv-k2");
+    let uid2 = pv_uid(&c, "pv-k2");
+    eventually(20, "pv-k2 in SODA after the token expired", || mirror(&soda, &uid2)).await;
+    assert_eq!(soda.logins(), 2, "one new login after the expiry");
+    let agent = a.agent.as_ref().unwrap();
+    let st = agent.get("/v1/status").await["sodaSync"].clone();
+    assert_eq!(st["state"], "ok", "{st}");
+
+    // Another node's agent with a wrong password: a clear error, no secret.
+    let mut b = c.node("node-b");
+    start_with_env(&c, &mut b, &soda, 1, &env("wrong-password-0815"));
+    let other = b.agent.as_ref().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        let st = other.get("/v1/status").await["sodaSync"].clone();
+        if st["profiles"]["lastError"].is_object() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no poll error: {st}\n{}", other.log_text());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(st["profiles"]["lastError"]["code"], "soda_login_failed", "{st}");
+    assert_eq!(st["profiles"]["failing"], true, "{st}");
+    for text in [st.to_string(), other.log_text(), agent.log_text()] {
+        assert!(!text.contains("wrong-password-0815") && !text.contains(PW), "a password shows: {text}");
+    }
 }

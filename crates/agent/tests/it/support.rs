@@ -29,6 +29,12 @@ impl AgentProc {
         Self::start_as(state_dir, extra, None)
     }
 
+    /// As `start`, with these variables added to the agent's environment
+    /// (`restart` does not keep them).
+    pub fn start_with_env(state_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<AgentProc> {
+        Self::spawn(state_dir, extra.iter().map(|s| s.to_string()).collect(), env)
+    }
+
     /// As `start`, but as another user (by uid; its group is the same number).
     pub fn start_as(state_dir: &Path, extra: &[&str], uid: Option<u32>) -> Result<AgentProc> {
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -37,10 +43,10 @@ impl AgentProc {
             std::os::unix::fs::chown(state_dir, Some(uid), Some(uid))?;
             args.push(format!("--as-uid={uid}"));
         }
-        Self::spawn(state_dir, args)
+        Self::spawn(state_dir, args, &[])
     }
 
-    fn spawn(state_dir: &Path, args: Vec<String>) -> Result<AgentProc> {
+    fn spawn(state_dir: &Path, args: Vec<String>, env: &[(&str, &str)]) -> Result<AgentProc> {
         std::fs::create_dir_all(state_dir)?;
         // `--as-uid` is ours, not the agent's: it becomes setpriv in front.
         let as_uid = args.iter().find_map(|a| a.strip_prefix("--as-uid=").map(str::to_string));
@@ -69,6 +75,7 @@ impl AgentProc {
             })
             .args(&agent_args)
             .env("SODA_SYNCER_LOG", "info,soda_syncer=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf)
@@ -123,7 +130,7 @@ impl AgentProc {
     /// Start again with the same state directory and flags.
     pub fn restart(&mut self) -> Result<()> {
         self.kill9();
-        let new = Self::spawn(&self.state_dir.clone(), self.args.clone())?;
+        let new = Self::spawn(&self.state_dir.clone(), self.args.clone(), &[])?;
         // The old child was reaped by kill9; dropping it again is harmless.
         drop(std::mem::replace(self, new));
         Ok(())
