@@ -480,7 +480,7 @@ macro_rules! one {
 
 /// The reviewed permissions: (apiGroup, resource, verb). An added
 /// permission fails until it is added here, after review.
-fn cluster_table(read_claim_secrets: bool) -> BTreeSet<(String, String, String)> {
+fn cluster_table(read_claim_secrets: bool, pod_hooks: bool) -> BTreeSet<(String, String, String)> {
     let mut rows: Vec<(&str, &str, &str)> = Vec::new();
     for r in ["pods", "persistentvolumes", "nodes"] {
         rows.extend(["get", "list", "watch"].map(|v| ("", r, v)));
@@ -491,7 +491,9 @@ fn cluster_table(read_claim_secrets: bool) -> BTreeSet<(String, String, String)>
     }
     rows.extend(["create", "patch"].map(|v| ("events.k8s.io", "events", v)));
     // Only for application hooks (pod annotations run through exec).
-    rows.extend(["create", "get"].map(|v| ("", "pods/exec", v)));
+    if pod_hooks {
+        rows.extend(["create", "get"].map(|v| ("", "pods/exec", v)));
+    }
     if read_claim_secrets {
         rows.push(("", "secrets", "get"));
     }
@@ -522,16 +524,16 @@ fn granted(rules: &[PolicyRule]) -> Result<BTreeSet<(String, String, String)>, S
     Ok(out)
 }
 
-fn check_rbac(b: &Bundle, read_claim_secrets: bool) -> Vec<String> {
+fn check_rbac(b: &Bundle, read_claim_secrets: bool, pod_hooks: bool) -> Vec<String> {
     let mut p = Vec::new();
     let sa = one!(b, ServiceAccount);
     let sa_name = sa.metadata.name.clone().unwrap_or_default();
     let sa_ns = sa.metadata.namespace.clone().unwrap_or_default();
     let cr = one!(b, ClusterRole);
     match granted(cr.rules.as_deref().unwrap_or_default()) {
-        Ok(g) if g == cluster_table(read_claim_secrets) => {}
+        Ok(g) if g == cluster_table(read_claim_secrets, pod_hooks) => {}
         Ok(g) => {
-            let want = cluster_table(read_claim_secrets);
+            let want = cluster_table(read_claim_secrets, pod_hooks);
             p.push(format!(
                 "ClusterRole differs from the reviewed table: extra {:?}, missing {:?}",
                 g.difference(&want).collect::<Vec<_>>(),
@@ -952,7 +954,7 @@ fn plain_manifests_parse_into_the_kubernetes_types() {
         };
         assert_eq!(ns.as_deref(), Some(NAMESPACE), "every namespaced object is in {NAMESPACE}: {o:?}");
     }
-    let problems = [check_rbac(&b, true), check_daemonset(&b, &Expect::from_values(&chart_values()))].concat();
+    let problems = [check_rbac(&b, true, true), check_daemonset(&b, &Expect::from_values(&chart_values()))].concat();
     assert!(problems.is_empty(), "deploy/kubernetes:\n{}", problems.join("\n"));
 }
 
@@ -997,11 +999,11 @@ fn chart_with_default_values_renders_the_plain_manifests() {
 #[test]
 fn rbac_is_exactly_the_reviewed_table() {
     let b = plain();
-    let p = check_rbac(&b, true);
+    let p = check_rbac(&b, true, true);
     assert!(p.is_empty(), "{}", p.join("\n"));
     // Without the cluster-wide Secret read, the only change is that rule.
     let without = chart(&json!({"readClaimSecrets": false}));
-    let p = check_rbac(&without, false);
+    let p = check_rbac(&without, false, true);
     assert!(p.is_empty(), "{}", p.join("\n"));
     // The check can fail: one more verb is caught.
     let mut docs: Vec<Value> = plain().docs.into_iter().map(|(_, d)| d).collect();
@@ -1012,7 +1014,7 @@ fn rbac_is_exactly_the_reviewed_table() {
     }
     let text = docs.iter().map(|d| serde_yaml::to_string(d).unwrap()).collect::<Vec<_>>().join("---\n");
     let widened = bundle(&[("widened".into(), text)]).expect("still valid objects");
-    let p = check_rbac(&widened, true);
+    let p = check_rbac(&widened, true, true);
     assert!(p.iter().any(|m| m.contains("delete")), "an added verb must be reported: {p:?}");
 }
 
@@ -1036,6 +1038,7 @@ fn options() -> Value {
     json!({
         "privileges": {"consistency": false, "restore": false, "privileged": true},
         "readClaimSecrets": false,
+        "podHooks": false,
         "tls": {"secretName": "agent-tls"},
         "allowedRoots": "/mnt/disks,/opt/local-path-provisioner",
         "extraVolumes": [
@@ -1066,7 +1069,7 @@ fn chart_options_change_what_they_say() {
     let b = chart(&over);
     let x = Expect::from_values(&merged(chart_values(), &over));
     assert_eq!(x.caps, BTreeSet::from(["DAC_READ_SEARCH"]));
-    let p = [check_daemonset(&b, &x), check_rbac(&b, false)].concat();
+    let p = [check_daemonset(&b, &x), check_rbac(&b, false, false)].concat();
     assert!(p.is_empty(), "{}", p.join("\n"));
     let ds = one!(b, DaemonSet);
     let pod = ds.spec.template.spec.as_ref().unwrap();
