@@ -50,6 +50,17 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     out
 }
 
+/// The prefix of the metrics only an agent with the SODA sync on exports.
+pub(crate) const SODA_SYNC_METRICS: &str = "soda_syncer_soda_sync_";
+
+/// The `soda_syncer_soda_sync_*` metrics the rules name, and whether each
+/// is in the exposition `text` (of an agent with the SODA sync on).
+pub(crate) fn soda_sync_rule_metrics(text: &str) -> Vec<(String, bool)> {
+    let fams = families(text);
+    let names: BTreeSet<String> = rule_exprs().iter().flat_map(|e| metric_names(e)).collect();
+    names.into_iter().filter(|n| n.starts_with(SODA_SYNC_METRICS)).map(|n| (n.clone(), exported(&fams, &n))).collect()
+}
+
 /// The rule file's expressions, after checking each rule has what an
 /// alert needs.
 fn rule_exprs() -> Vec<String> {
@@ -67,7 +78,12 @@ fn rule_exprs() -> Vec<String> {
             exprs.push(rule["expr"].as_str().expect("expr").to_string());
         }
     }
-    for needed in ["SodaSyncerBackupOverdue", "SodaSyncerPolicyMetricsMissing", "SodaSyncerFreezeTooLong"] {
+    for needed in [
+        "SodaSyncerBackupOverdue",
+        "SodaSyncerPolicyMetricsMissing",
+        "SodaSyncerFreezeTooLong",
+        "SodaSyncerSodaSyncFailing",
+    ] {
         assert!(alerts.contains(needed), "{needed} missing from {alerts:?}");
     }
     exprs
@@ -138,6 +154,8 @@ async fn the_shipped_rules_and_dashboard_use_only_metrics_the_agent_exports() {
     for expr in rule_exprs().iter().chain(dashboard_exprs().iter()) {
         names.extend(metric_names(expr));
     }
+    // The SODA sync's exist only with --soda-endpoint: checked in soda_sync.rs.
+    names.retain(|n| !n.starts_with(SODA_SYNC_METRICS));
     assert!(names.len() >= 15, "the rules and dashboard name few metrics: {names:?}");
     let missing: Vec<_> = names.iter().filter(|n| !exported(&fams, n)).collect();
     assert!(missing.is_empty(), "named in deploy/ but not exported: {missing:?}\n{text}");

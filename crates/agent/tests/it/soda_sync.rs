@@ -268,6 +268,9 @@ async fn a_soda_outage_holds_up_no_backup_and_the_newest_state_is_pushed_when_so
     assert!(st["lastSuccessAt"].as_str().unwrap() < st["lastError"]["at"].as_str().unwrap(), "{st}");
     assert!(table.contains("sync      failing") && table.contains("soda_unreachable"), "{table}");
     let (_, m) = crate::ops::scrape(agent).await;
+    // The shipped alert rules name only SODA sync metrics the agent exports.
+    let named = crate::ops::soda_sync_rule_metrics(&m);
+    assert!(named.len() >= 2 && named.iter().all(|(_, ok)| *ok), "rules name unexported metrics: {named:?}");
     assert!(m.contains("soda_syncer_soda_sync_failing 1"), "{m}");
     assert!(m.contains("soda_syncer_soda_sync_leader 1"), "{m}");
     assert!(m.contains("soda_syncer_soda_sync_errors_total{kind=\"soda_unreachable\"}"), "{m}");
