@@ -445,6 +445,11 @@ impl SodaClient {
         self.call_json(Method::PUT, &format!("host/hosts/{}", enc(id)), &[], Some(host), cancel).await
     }
 
+    pub async fn delete_host(&self, id: &str, cancel: &CancellationToken) -> Result<(), SodaError> {
+        self.call(Method::DELETE, &format!("host/hosts/{}", enc(id)), &[], None::<&()>, cancel).await?;
+        Ok(())
+    }
+
     // --- machinery
 
     async fn list_all<T: DeserializeOwned>(

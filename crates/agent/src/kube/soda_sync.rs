@@ -22,7 +22,7 @@
 
 use chrono::{DateTime, Utc};
 use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, NodeSelector, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, NodeSelector, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
 use kube::api::ListParams;
 use kube::runtime::watcher::{self, watcher};
@@ -31,7 +31,7 @@ use kube::{Api, ResourceExt};
 use soda_syncer_domain::annotations::{keys, status_keys};
 use soda_syncer_domain::soda::{
     delete_preparation, desired_volume, is_managed, is_transient, managed_by_pv_uid, needs_recheck, volume_update,
-    BackupFacts, HostRequest, PvFacts, PvPhase, SodaVolume,
+    BackupFacts, HostRequest, PvFacts, PvPhase, SodaHost, SodaVolume,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -208,6 +208,8 @@ struct PassReport {
     updated: usize,
     deleted: usize,
     hosts_created: usize,
+    hosts_updated: usize,
+    hosts_deleted: usize,
     /// SODA is still working on a volume: look again soon.
     recheck: bool,
     /// Steps not done: refused by SODA, or waiting for SODA to finish.
@@ -219,6 +221,8 @@ pub struct SodaSync {
     profiles: Arc<Profiles>,
     lease: LeaseLock,
     holder: String,
+    /// The agent's namespace, where the record of our SODA hosts is.
+    namespace: String,
     every: Duration,
     /// The last warning per PV / volume / host, so a lasting problem is
     /// logged once, not at every pass.
@@ -250,6 +254,7 @@ impl SodaSync {
             kube,
             profiles,
             holder,
+            namespace: config.namespace.clone(),
             every: config.soda_poll,
             warned: Mutex::default(),
         }
@@ -414,7 +419,9 @@ impl SodaSync {
                             "SODA sync works again; SODA has the current state"
                         );
                         failing = false;
-                    } else if r.created + r.updated + r.deleted + r.hosts_created > 0 {
+                    } else if r.created + r.updated + r.deleted + r.hosts_created + r.hosts_updated + r.hosts_deleted
+                        > 0
+                    {
                         tracing::info!(
                             ms,
                             pvs = r.pvs,
@@ -422,6 +429,8 @@ impl SodaSync {
                             updated = r.updated,
                             deleted = r.deleted,
                             hosts_created = r.hosts_created,
+                            hosts_updated = r.hosts_updated,
+                            hosts_deleted = r.hosts_deleted,
                             "SODA sync pass"
                         );
                     } else {
@@ -452,6 +461,18 @@ impl SodaSync {
         if w.get(key) != Some(&msg) {
             tracing::warn!(object = key, what, error = %msg, kind = e.kind(), "SODA refused a sync step; it is tried again every pass");
             w.insert(key.to_string(), msg);
+        }
+    }
+
+    /// The ConfigMap of our hosts cannot be read or written: said once.
+    fn warn_host_record(&self, e: &SodaSyncError) {
+        let msg = e.to_string();
+        record_error(e.kind(), format!("hosts: {msg}"));
+        let mut w = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if w.get("hosts") != Some(&msg) {
+            tracing::warn!(error = %msg, configmap = HOST_RECORD,
+                "cannot read or write the record of the SODA hosts this sync made (RBAC: get, create, update on configmaps in the agent's namespace); hosts are not synced until it works");
+            w.insert("hosts".into(), msg);
         }
     }
 
@@ -549,7 +570,7 @@ impl SodaSync {
                 report.left += !done as u64;
             }
         }
-        report.hosts_created = self.sync_hosts(&cluster, cancel).await?;
+        self.sync_hosts(&cluster, &mut report, cancel).await?;
         // Forget the warnings about PVs that are gone.
         let names: HashSet<&str> = facts.iter().map(|f| f.pv_name.as_str()).collect();
         self.warned
@@ -590,26 +611,148 @@ impl SodaSync {
 
     /// Every CSINode whose Node has an IPv4 InternalIP becomes a SODA host
     /// (`agentless`, `linux`) named after the node, in the node's zone.
-    /// Hosts are only created: SODA's host has no field to mark it as ours,
-    /// so one that exists (whoever made it) is left alone, and none is
-    /// deleted.
-    async fn sync_hosts(&self, cluster: &Cluster, cancel: &CancellationToken) -> Result<usize, SodaSyncError> {
-        let wanted: Vec<HostRequest> =
-            cluster.csi_nodes.iter().filter_map(|n| host_request(n, &cluster.nodes)).collect();
-        if wanted.is_empty() {
-            return Ok(0);
+    /// SODA's host has no field to mark it as ours, so the hosts this sync
+    /// created are recorded (node → host id) in the ConfigMap
+    /// `soda-syncer-soda-hosts` in the agent's namespace: only those are
+    /// updated when their node's address or zone changes and deleted when
+    /// the node (or its CSINode) is gone. A host of that name that someone
+    /// else made is left alone.
+    async fn sync_hosts(
+        &self,
+        cluster: &Cluster,
+        report: &mut PassReport,
+        cancel: &CancellationToken,
+    ) -> Result<(), SodaSyncError> {
+        let wanted: BTreeMap<String, HostRequest> = cluster
+            .csi_nodes
+            .iter()
+            .filter_map(|n| host_request(n, &cluster.nodes))
+            .map(|h| (h.host_name.clone(), h))
+            .collect();
+        // Without the record (no RBAC for it yet: an image upgraded before
+        // its manifests), hosts wait; the volumes are synced all the same.
+        let record = match HostRecord::read(&self.kube, &self.namespace).await {
+            Ok(r) => {
+                self.step_ok("hosts");
+                r
+            }
+            Err(e) => {
+                self.warn_host_record(&e);
+                report.left += 1;
+                return Ok(());
+            }
+        };
+        if wanted.is_empty() && record.ours.is_empty() {
+            return Ok(());
         }
-        let existing: HashSet<String> =
-            self.soda().list_hosts(None, cancel).await?.into_iter().map(|h| h.host_name).collect();
-        let mut created = 0;
-        for h in wanted.iter().filter(|h| !existing.contains(&h.host_name)) {
-            let r = self.soda().create_host(h, cancel).await;
-            if let Some(host) = self.judge(&format!("host/{}", h.host_name), "create host", r)? {
-                tracing::info!(node = %h.host_name, host = %host.id, "registered a node in SODA as a host");
-                created += 1;
+        let existing = self.soda().list_hosts(None, cancel).await?;
+        let by_id: HashMap<&str, &SodaHost> = existing.iter().map(|h| (h.id.as_str(), h)).collect();
+        let names: HashSet<&str> = existing.iter().map(|h| h.host_name.as_str()).collect();
+        let mut ours = record.ours.clone();
+        // Deleted in SODA by someone else: no longer ours to look after.
+        ours.retain(|_, id| by_id.contains_key(id.as_str()));
+        for (node, req) in &wanted {
+            let key = format!("host/{node}");
+            match ours.get(node).and_then(|id| by_id.get(id.as_str())) {
+                Some(h) => {
+                    let zones_differ =
+                        !req.availability_zones.is_empty() && h.availability_zones != req.availability_zones;
+                    if h.ip != req.ip || zones_differ {
+                        let r = self.soda().update_host(&h.id, req, cancel).await;
+                        if self.judge(&key, "update host", r)?.is_some() {
+                            tracing::info!(node = %node, host = %h.id, ip = %req.ip, "updated the node's SODA host");
+                            report.hosts_updated += 1;
+                        } else {
+                            report.left += 1;
+                        }
+                    }
+                }
+                None if names.contains(node.as_str()) => {} // someone else's host of that name
+                None => {
+                    let r = self.soda().create_host(req, cancel).await;
+                    if let Some(host) = self.judge(&key, "create host", r)? {
+                        tracing::info!(node = %node, host = %host.id, "registered a node in SODA as a host");
+                        ours.insert(node.clone(), host.id);
+                        report.hosts_created += 1;
+                    } else {
+                        report.left += 1;
+                    }
+                }
             }
         }
-        Ok(created)
+        let gone: Vec<(String, String)> = ours
+            .iter()
+            .filter(|(node, _)| !wanted.contains_key(*node))
+            .map(|(n, id)| (n.clone(), id.clone()))
+            .collect();
+        for (node, id) in gone {
+            match self.soda().delete_host(&id, cancel).await {
+                Err(SodaError::NotFound { .. }) => {
+                    ours.remove(&node);
+                }
+                r => {
+                    if self.judge(&format!("host/{node}"), "delete host", r)?.is_some() {
+                        tracing::info!(node = %node, host = %id, "the node is gone; deleted its SODA host");
+                        ours.remove(&node);
+                        report.hosts_deleted += 1;
+                    } else {
+                        report.left += 1;
+                    }
+                }
+            }
+        }
+        if ours != record.ours {
+            if let Err(e) = record.write(&self.kube, &self.namespace, ours).await {
+                self.warn_host_record(&e);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The SODA hosts the sync created: node name → host id, in a ConfigMap.
+struct HostRecord {
+    ours: BTreeMap<String, String>,
+    resource_version: Option<String>,
+}
+
+const HOST_RECORD: &str = "soda-syncer-soda-hosts";
+
+impl HostRecord {
+    async fn read(client: &kube::Client, namespace: &str) -> Result<HostRecord, SodaSyncError> {
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+        let cm = api.get_opt(HOST_RECORD).await.map_err(|source| SodaSyncError::Kube { kind: "ConfigMap", source })?;
+        Ok(HostRecord {
+            ours: cm.as_ref().and_then(|c| c.data.clone()).unwrap_or_default(),
+            resource_version: cm.and_then(|c| c.metadata.resource_version),
+        })
+    }
+
+    /// Replace the record (create it the first time). A conflict means
+    /// another leader wrote it meanwhile: the next pass reads it again.
+    async fn write(
+        self,
+        client: &kube::Client,
+        namespace: &str,
+        ours: BTreeMap<String, String>,
+    ) -> Result<(), SodaSyncError> {
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+        let cm = ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some(HOST_RECORD.into()),
+                resource_version: self.resource_version.clone(),
+                labels: Some(BTreeMap::from([("app.kubernetes.io/name".into(), "soda-syncer".into())])),
+                ..Default::default()
+            },
+            data: Some(ours),
+            ..Default::default()
+        };
+        let pp = kube::api::PostParams::default();
+        let r = match self.resource_version {
+            Some(_) => api.replace(HOST_RECORD, &pp, &cm).await.map(|_| ()),
+            None => api.create(&pp, &cm).await.map(|_| ()),
+        };
+        r.map_err(|source| SodaSyncError::Kube { kind: "ConfigMap", source })
     }
 }
 

@@ -504,6 +504,7 @@ fn namespace_table() -> BTreeSet<(String, String, String)> {
     let mut rows: Vec<(&str, &str, &str)> = Vec::new();
     rows.extend(["get", "list", "watch", "create", "update"].map(|v| ("", "secrets", v)));
     rows.extend(["get", "list", "watch", "create", "update", "delete"].map(|v| ("coordination.k8s.io", "leases", v)));
+    rows.extend(["get", "create", "update"].map(|v| ("", "configmaps", v)));
     rows.into_iter().map(|(g, r, v)| (g.into(), r.into(), v.into())).collect()
 }
 

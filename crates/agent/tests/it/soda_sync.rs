@@ -13,7 +13,7 @@
 
 use serde_json::{json, Value};
 use soda_syncer::soda::{SodaAuth, SodaClient, SodaConfig};
-use soda_syncer_domain::soda::{NewVolume, DEFAULT_TENANT_ID};
+use soda_syncer_domain::soda::{HostRequest, NewVolume, DEFAULT_TENANT_ID};
 use soda_syncer_standin::soda::{KeystoneUser, SodaStandin, StandinAuth};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -450,4 +450,67 @@ async fn an_agent_with_keystone_auth_logs_in_mirrors_and_logs_in_again_when_its_
     for text in [st.to_string(), other.log_text(), agent.log_text()] {
         assert!(!text.contains("wrong-password-0815") && !text.contains(PW), "a password shows: {text}");
     }
+}
+
+/// A Node with an InternalIP (and a zone) and its CSINode, as a CSI plugin
+/// registers it.
+fn csi_node(c: &Cluster, name: &str, ip: &str, zone: Option<&str>) {
+    let mut labels = json!({"kubernetes.io/hostname": name});
+    if let Some(z) = zone {
+        labels["topology.kubernetes.io/zone"] = json!(z);
+    }
+    c.api
+        .apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}]}}))
+        .unwrap();
+    c.api
+        .apply(json!({"apiVersion": "storage.k8s.io/v1", "kind": "CSINode", "metadata": {"name": name},
+            "spec": {"drivers": [{"name": "soda-csi", "nodeID": name}]}}))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csi_nodes_become_soda_hosts_that_follow_their_node_and_go_with_it() {
+    let c = Cluster::new().await;
+    let soda = SodaStandin::start(StandinAuth::NoAuth).await;
+    // Someone else registered node-x already: never ours to change.
+    let client =
+        SodaClient::new(SodaConfig::new(soda.url(), SodaAuth::NoAuth { tenant_id: DEFAULT_TENANT_ID.into() })).unwrap();
+    let foreign = HostRequest {
+        host_name: "node-x".into(),
+        os_type: "linux".into(),
+        access_mode: "agentless".into(),
+        ip: "10.0.0.99".into(),
+        ..Default::default()
+    };
+    let foreign = client.create_host(&foreign, &CancellationToken::new()).await.unwrap();
+    let mut a = c.node("node-a");
+    csi_node(&c, "node-a", "10.0.0.1", Some("zone-1"));
+    csi_node(&c, "node-x", "10.0.0.2", None);
+    start(&c, &mut a, &soda, 1);
+    let host = |name: &str| soda.hosts().into_iter().find(|h| h["hostName"] == name);
+    let record =
+        || c.api.get("v1", "ConfigMap", Some("soda-syncer"), "soda-syncer-soda-hosts").map(|m| m["data"].clone());
+
+    let h = eventually(20, "node-a as a SODA host", || host("node-a")).await;
+    assert_eq!((h["ip"].as_str(), h["accessMode"].as_str()), (Some("10.0.0.1"), Some("agentless")), "{h}");
+    assert_eq!(h["availabilityZones"], json!(["zone-1"]), "{h}");
+    let id = h["id"].as_str().unwrap().to_string();
+    let rec = eventually(10, "the record of our hosts", record).await;
+    assert_eq!(rec, json!({"node-a": id}), "only the host it made is recorded");
+
+    // node-a's address changes: its host follows, under the same id.
+    csi_node(&c, "node-a", "10.0.0.5", Some("zone-1"));
+    let h = eventually(20, "node-a's host updated", || host("node-a").filter(|h| h["ip"] == "10.0.0.5")).await;
+    assert_eq!(h["id"], id.as_str());
+
+    // node-a leaves the cluster: its host goes; node-x's stays as it was.
+    c.api.delete("storage.k8s.io/v1", "CSINode", None, "node-a").unwrap();
+    c.api.delete("v1", "Node", None, "node-a").unwrap();
+    eventually(20, "node-a's host deleted", || host("node-a").is_none().then_some(())).await;
+    eventually(10, "the record emptied", || record().filter(|r| r.as_object().is_none_or(|o| o.is_empty()))).await;
+    let x = host("node-x").expect("someone else's host stays");
+    assert_eq!((x["id"].as_str(), x["ip"].as_str()), (Some(foreign.id.as_str()), Some("10.0.0.99")), "{x}");
+    let log = a.agent.as_ref().unwrap().log_text();
+    assert!(log.contains("updated the node's SODA host") && log.contains("deleted its SODA host"), "{log}");
 }
