@@ -702,7 +702,16 @@ impl SodaSync {
             }
         }
         if ours != record.ours {
-            if let Err(e) = record.write(&self.kube, &self.namespace, ours).await {
+            let mut written = record.write(&self.kube, &self.namespace, &ours).await;
+            if matches!(&written, Err(SodaSyncError::Kube { source: kube::Error::Api(s), .. }) if s.code == 409) {
+                // Written meanwhile (by hand, or a leader before us): the
+                // leader's view wins, on top of the newest version.
+                written = match HostRecord::read(&self.kube, &self.namespace).await {
+                    Ok(fresh) => fresh.write(&self.kube, &self.namespace, &ours).await,
+                    Err(e) => Err(e),
+                };
+            }
+            if let Err(e) = written {
                 self.warn_host_record(&e);
             }
         }
@@ -728,13 +737,13 @@ impl HostRecord {
         })
     }
 
-    /// Replace the record (create it the first time). A conflict means
-    /// another leader wrote it meanwhile: the next pass reads it again.
+    /// Replace the record (create it the first time); 409 when it was
+    /// written since it was read.
     async fn write(
-        self,
+        &self,
         client: &kube::Client,
         namespace: &str,
-        ours: BTreeMap<String, String>,
+        ours: &BTreeMap<String, String>,
     ) -> Result<(), SodaSyncError> {
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
         let cm = ConfigMap {
@@ -744,11 +753,11 @@ impl HostRecord {
                 labels: Some(BTreeMap::from([("app.kubernetes.io/name".into(), "soda-syncer".into())])),
                 ..Default::default()
             },
-            data: Some(ours),
+            data: Some(ours.clone()),
             ..Default::default()
         };
         let pp = kube::api::PostParams::default();
-        let r = match self.resource_version {
+        let r = match &self.resource_version {
             Some(_) => api.replace(HOST_RECORD, &pp, &cm).await.map(|_| ()),
             None => api.create(&pp, &cm).await.map(|_| ()),
         };

@@ -498,6 +498,14 @@ async fn csi_nodes_become_soda_hosts_that_follow_their_node_and_go_with_it() {
     let id = h["id"].as_str().unwrap().to_string();
     let rec = eventually(10, "the record of our hosts", record).await;
     assert_eq!(rec, json!({"node-a": id}), "only the host it made is recorded");
+    // A recorded host that SODA does not have (deleted there, or a hand
+    // edit) is forgotten at the next pass.
+    c.api
+        .apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "soda-syncer-soda-hosts", "namespace": "soda-syncer"},
+            "data": {"node-a": id, "node-gone": "no-such-host-id"}}))
+        .unwrap();
+    eventually(10, "the unknown host forgotten", || record().filter(|r| r == &json!({"node-a": id}))).await;
 
     // node-a's address changes: its host follows, under the same id.
     csi_node(&c, "node-a", "10.0.0.5", Some("zone-1"));
