@@ -862,30 +862,20 @@ impl Store {
 
     /// Insert or replace a run.
     pub fn save_run(&self, r: &RunRecord) -> Result<()> {
-        self.conn().execute(
-            &format!("INSERT OR REPLACE INTO runs ({RUN_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"),
-            params![
-                r.id,
-                r.policy_id,
-                r.kind.as_str(),
-                r.trigger.as_str(),
-                r.state.as_str(),
-                fmt_time(r.queued_at),
-                r.started_at.map(fmt_time),
-                r.finished_at.map(fmt_time),
-                r.slot.map(fmt_time),
-                r.due_at.map(fmt_time),
-                r.snapshot_id,
-                to_json(&r.progress),
-                to_json(&r.summary),
-                to_json(&r.consistency),
-                to_json(&r.error),
-                r.warning,
-                to_json(&r.params),
-                r.repository_wait_ms.map(|v| v as i64),
-            ],
-        )?;
-        Ok(())
+        write_run(&self.conn(), r)
+    }
+
+    /// Record a run's end and keep only the newest `keep` finished runs of
+    /// its policy, in one transaction under the connection's lock: no
+    /// reader ever sees more than `keep` finished runs. Returns how many
+    /// were deleted.
+    pub fn finish_run(&self, r: &RunRecord, keep: usize) -> Result<usize> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        write_run(&tx, r)?;
+        let n = tx.execute(TRIM_RUNS, params![r.policy_id, keep as i64])?;
+        tx.commit()?;
+        Ok(n)
     }
 
     fn query_runs(&self, sql_tail: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<RunRecord>> {
@@ -992,16 +982,6 @@ impl Store {
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?
             .collect::<std::result::Result<Vec<_>, _>>()?;
         Ok(rows)
-    }
-
-    /// Keep the newest `keep` finished runs of a policy; delete older ones.
-    pub fn trim_runs(&self, policy_id: &str, keep: usize) -> Result<usize> {
-        let n = self.conn().execute(
-            "DELETE FROM runs WHERE policy_id = ?1 AND state NOT IN ('queued','running')
-             AND id NOT IN (SELECT id FROM runs WHERE policy_id = ?1 ORDER BY id DESC LIMIT ?2)",
-            params![policy_id, keep as i64],
-        )?;
-        Ok(n)
     }
 
     // ---- repositories ----
@@ -1350,6 +1330,40 @@ impl Store {
     }
 }
 
+/// Delete a policy's finished runs but the newest ?2 finished ones (queued
+/// and running runs neither count nor go).
+const TRIM_RUNS: &str = "DELETE FROM runs WHERE policy_id = ?1 AND state NOT IN ('queued','running')
+     AND id NOT IN (SELECT id FROM runs WHERE policy_id = ?1 AND state NOT IN ('queued','running')
+                    ORDER BY id DESC LIMIT ?2)";
+
+/// Insert or replace one run (all columns).
+fn write_run(conn: &Connection, r: &RunRecord) -> Result<()> {
+    conn.execute(
+        &format!("INSERT OR REPLACE INTO runs ({RUN_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"),
+        params![
+            r.id,
+            r.policy_id,
+            r.kind.as_str(),
+            r.trigger.as_str(),
+            r.state.as_str(),
+            fmt_time(r.queued_at),
+            r.started_at.map(fmt_time),
+            r.finished_at.map(fmt_time),
+            r.slot.map(fmt_time),
+            r.due_at.map(fmt_time),
+            r.snapshot_id,
+            to_json(&r.progress),
+            to_json(&r.summary),
+            to_json(&r.consistency),
+            to_json(&r.error),
+            r.warning,
+            to_json(&r.params),
+            r.repository_wait_ms.map(|v| v as i64),
+        ],
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1394,6 +1408,41 @@ mod tests {
             store.conn().query_row("SELECT spec FROM policies WHERE id=?1", [&p.id], |r| r.get(0)).unwrap();
         assert!(!spec_col.contains("hunter2") && !spec_col.contains("s3cr3t"), "{spec_col}");
         assert!(matches!(store.insert_policy(&record("a")), Err(StoreError::NameTaken(_))));
+    }
+
+    #[test]
+    fn a_finished_run_trims_the_history_to_the_newest_finished_runs_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let (p, other) = (record("p"), record("other"));
+        store.insert_policy(&p).unwrap();
+        store.insert_policy(&other).unwrap();
+        let now = Utc::now();
+        let run = |id: &str, policy: &PolicyRecord, state: RunState| {
+            let mut r = RunRecord::new(format!("{id:0>20}"), &policy.id, RunKind::Backup, RunTrigger::Manual, now);
+            r.state = state;
+            r
+        };
+        for (id, state) in [("01", RunState::Succeeded), ("02", RunState::Failed), ("03", RunState::Succeeded)] {
+            store.save_run(&run(id, &p, state)).unwrap();
+        }
+        store.save_run(&run("09", &other, RunState::Succeeded)).unwrap();
+        // The next run is queued already when this one ends: it neither
+        // counts towards the kept runs nor goes.
+        store.save_run(&run("05", &p, RunState::Queued)).unwrap();
+        let deleted = store.finish_run(&run("04", &p, RunState::Succeeded), 2).unwrap();
+        assert_eq!(deleted, 2);
+        let ids = |policy: &PolicyRecord| -> Vec<(String, String)> {
+            let conn = store.conn();
+            let mut st = conn.prepare("SELECT id, state FROM runs WHERE policy_id = ?1 ORDER BY id").unwrap();
+            st.query_map([&policy.id], |r| Ok((r.get::<_, String>(0)?[18..].to_string(), r.get(1)?)))
+                .unwrap()
+                .collect::<std::result::Result<_, _>>()
+                .unwrap()
+        };
+        let kept = [("03", "succeeded"), ("04", "succeeded"), ("05", "queued")];
+        assert_eq!(ids(&p), kept.map(|(a, b)| (a.to_string(), b.to_string())));
+        assert_eq!(ids(&other).len(), 1, "another policy's history is its own");
     }
 
     #[test]

@@ -811,7 +811,8 @@ impl Scheduler {
         // state disk, a locked database): retry with backoff until it is, or
         // until the agent stops (the next start marks the run interrupted).
         let mut delay = Duration::from_secs(1);
-        while let Err(e) = self.inner.store.save_run(&run) {
+        // The history is trimmed in the same transaction.
+        while let Err(e) = self.inner.store.finish_run(&run, self.inner.config.keep_runs) {
             tracing::error!(error = %e, retry_in_s = delay.as_secs(), "cannot record the run's end; retrying");
             tokio::select! {
                 _ = self.inner.cancel.cancelled() => break,
@@ -844,9 +845,6 @@ impl Scheduler {
         self.forget_cached_snapshots(&policy_id);
         // After the schedule bookkeeping, so listeners see the next run time.
         let _ = self.inner.finished.send(run.clone());
-        if let Err(e) = self.inner.store.trim_runs(&policy_id, self.inner.config.keep_runs) {
-            tracing::warn!(error = %e, "cannot trim the run history");
-        }
     }
 }
 
