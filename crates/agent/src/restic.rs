@@ -291,19 +291,9 @@ impl Restic {
         self.cache_root.join(crate::ids::short_hash(&[&repo.url]))
     }
 
-    /// Run one restic command to the end, feeding each stdout line to
-    /// `on_line`. Cancellation and the timeout kill the whole process group.
-    async fn exec(
-        &self,
-        repo: &Repo,
-        args: &[OsString],
-        cancel: &CancellationToken,
-        on_line: impl FnMut(&str),
-    ) -> Result<Exec, ResticError> {
-        self.exec_in(repo, args, cancel, on_line, Isolation::None).await
-    }
-
-    /// As `exec`, in the namespaces `isolation` asks for.
+    /// Run one restic command to the end, in the namespaces `isolation`
+    /// asks for, feeding each stdout line to `on_line`. Cancellation and the
+    /// timeout kill the whole process group.
     async fn exec_in(
         &self,
         repo: &Repo,
@@ -522,13 +512,30 @@ impl Restic {
         args: Vec<OsString>,
         cancel: &CancellationToken,
     ) -> Result<String, ResticError> {
+        self.simple_in(repo, args, cancel, Isolation::None).await
+    }
+
+    /// As `simple`, in the namespaces `isolation` asks for.
+    async fn simple_in(
+        &self,
+        repo: &Repo,
+        args: Vec<OsString>,
+        cancel: &CancellationToken,
+        isolation: Isolation<'_>,
+    ) -> Result<String, ResticError> {
         let command = args[0].to_string_lossy().into_owned();
         let mut out = String::new();
         let exec = self
-            .exec(repo, &args, cancel, |l| {
-                out.push_str(l);
-                out.push('\n');
-            })
+            .exec_in(
+                repo,
+                &args,
+                cancel,
+                |l| {
+                    out.push_str(l);
+                    out.push('\n');
+                },
+                isolation,
+            )
             .await?;
         if exec.code != 0 {
             return Err(self.classify(repo, &command, exec));
@@ -598,8 +605,8 @@ impl Restic {
                 .map(str::to_string)
                 .collect()
         };
-        // Other backends: (host, its lock ids), to unlock as that host.
-        let mut dead_hosts: Vec<(String, Vec<String>)> = Vec::new();
+        // Other backends: each dead host's lock ids, to unlock as that host.
+        let mut dead_hosts: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for id in lock_ids(&ids) {
             let id = id.as_str();
             let args = [vec!["cat".into(), "lock".into(), id.into()], no_lock()].concat();
@@ -609,10 +616,7 @@ impl Restic {
                 continue;
             }
             let Some(remover) = &remover else {
-                match dead_hosts.iter_mut().find(|(h, _)| *h == lock.hostname) {
-                    Some((_, ids)) => ids.push(id.to_string()),
-                    None => dead_hosts.push((lock.hostname.clone(), vec![id.to_string()])),
-                }
+                dead_hosts.entry(lock.hostname).or_default().push(id.to_string());
                 continue;
             };
             match remover.remove(id).await {
@@ -633,12 +637,8 @@ impl Restic {
             }
         }
         for (host, theirs) in dead_hosts {
-            let unlocked =
-                self.exec_in(repo, &[OsString::from("unlock")], cancel, |_| {}, Isolation::AsHost(&host)).await;
-            if let Err(e) = unlocked.as_ref().map_err(|e| e.to_string()).and_then(|x| match x.code {
-                0 => Ok(()),
-                code => Err(format!("restic unlock exited {code}")),
-            }) {
+            let unlocked = self.simple_in(repo, vec!["unlock".into()], cancel, Isolation::AsHost(&host)).await;
+            if let Err(e) = unlocked {
                 tracing::warn!(repository = %repo.display(), host = %host, error = %e, "cannot remove a dead host's locks");
                 continue;
             }

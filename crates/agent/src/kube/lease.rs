@@ -275,7 +275,7 @@ pub fn host_lease_name(hostname: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' })
         .take(200)
         .collect();
-    format!("soda-syncer-host-{}", h.trim_matches(|c| c == '-' || c == '.'))
+    format!("{HOST_LEASE_PREFIX}{}", h.trim_matches(|c| c == '-' || c == '.'))
 }
 
 /// This agent's liveness Lease, renewed while it runs and handed back on a
@@ -370,8 +370,13 @@ const HOST_LEASE_PREFIX: &str = "soda-syncer-host-";
 /// Leases of agents gone for longer than `HOST_LEASE_KEEP`. Every agent
 /// sweeps; each delete carries the resourceVersion it judged, so a Lease
 /// renewed meanwhile (a host that came back) is left alone.
-pub fn sweep_host_leases(api: Api<Lease>, own: String, cancel: CancellationToken) {
-    tokio::spawn(async move {
+pub fn sweep_host_leases(
+    api: Api<Lease>,
+    own: String,
+    tasks: &mut tokio::task::JoinSet<()>,
+    cancel: CancellationToken,
+) {
+    tasks.spawn(async move {
         let mut wait = Duration::from_secs(5);
         loop {
             tokio::select! {
@@ -395,9 +400,8 @@ fn last_sign_of_life(lease: &Lease) -> Option<i64> {
         .or_else(|| lease.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()))
 }
 
-async fn sweep_once(api: &Api<Lease>, own: &str, now: i64) -> Result<usize, kube::Error> {
+async fn sweep_once(api: &Api<Lease>, own: &str, now: i64) -> Result<(), kube::Error> {
     let own = host_lease_name(own);
-    let mut removed = 0;
     for lease in api.list(&kube::api::ListParams::default()).await?.items {
         let Some(name) = lease.metadata.name.as_deref() else { continue };
         if !name.starts_with(HOST_LEASE_PREFIX) || name == own {
@@ -417,7 +421,6 @@ async fn sweep_once(api: &Api<Lease>, own: &str, now: i64) -> Result<usize, kube
         };
         match api.delete(name, &dp).await {
             Ok(_) => {
-                removed += 1;
                 tracing::info!(
                     lease = name,
                     silent_minutes = silent.as_secs() / 60,
@@ -429,5 +432,5 @@ async fn sweep_once(api: &Api<Lease>, own: &str, now: i64) -> Result<usize, kube
             Err(e) => return Err(e),
         }
     }
-    Ok(removed)
+    Ok(())
 }

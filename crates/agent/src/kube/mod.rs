@@ -122,6 +122,7 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
     lease::sweep_host_leases(
         kube::Api::namespaced(client.clone(), &config.namespace),
         hostname.clone(),
+        &mut tasks,
         cancel.clone(),
     );
     let view = std::sync::Arc::new(discovery::View::default());

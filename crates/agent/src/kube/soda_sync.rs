@@ -456,24 +456,29 @@ impl SodaSync {
     /// Warn once per key and message.
     fn warn_once(&self, key: &str, what: &str, e: &SodaError) {
         let msg = e.to_string();
-        record_error(e.kind(), format!("{key}: {what}: {msg}"));
-        let mut w = self.warned.lock().unwrap_or_else(|p| p.into_inner());
-        if w.get(key) != Some(&msg) {
+        if self.first_time(key, e.kind(), format!("{what}: {msg}")) {
             tracing::warn!(object = key, what, error = %msg, kind = e.kind(), "SODA refused a sync step; it is tried again every pass");
-            w.insert(key.to_string(), msg);
         }
     }
 
     /// The ConfigMap of our hosts cannot be read or written: said once.
     fn warn_host_record(&self, e: &SodaSyncError) {
-        let msg = e.to_string();
-        record_error(e.kind(), format!("hosts: {msg}"));
-        let mut w = self.warned.lock().unwrap_or_else(|p| p.into_inner());
-        if w.get("hosts") != Some(&msg) {
-            tracing::warn!(error = %msg, configmap = HOST_RECORD,
+        if self.first_time("hosts", e.kind(), e.to_string()) {
+            tracing::warn!(error = %e, configmap = HOST_RECORD,
                 "cannot read or write the record of the SODA hosts this sync made (RBAC: get, create, update on configmaps in the agent's namespace); hosts are not synced until it works");
-            w.insert("hosts".into(), msg);
         }
+    }
+
+    /// Record an error about `key` in the status; `true` the first time
+    /// this message is seen for it (the caller logs it then).
+    fn first_time(&self, key: &str, kind: &'static str, msg: String) -> bool {
+        record_error(kind, format!("{key}: {msg}"));
+        let mut w = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if w.get(key) == Some(&msg) {
+            return false;
+        }
+        w.insert(key.to_string(), msg);
+        true
     }
 
     fn step_ok(&self, key: &str) {
