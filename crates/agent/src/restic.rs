@@ -325,12 +325,13 @@ impl Restic {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        // If the agent dies (even by SIGKILL), restic gets SIGTERM and
-        // removes its lock instead of running on as an orphan.
+        // If the agent dies (even by SIGKILL), restic gets SIGINT and
+        // removes its lock instead of running on as an orphan (SIGINT, not
+        // SIGTERM: restic before 0.17 dies on SIGTERM and leaves its lock).
         // SAFETY: prctl is async-signal-safe and touches only the child.
         unsafe {
             cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT, 0, 0, 0);
                 Ok(())
             });
         }
@@ -1185,13 +1186,15 @@ async fn drain_stderr(stderr: impl AsyncRead + Unpin, tail: Arc<Mutex<StderrTail
     }
 }
 
-/// Ask the process group to stop (restic removes its lock on SIGTERM),
-/// then kill it if it has not exited within five seconds.
+/// Ask the process group to stop with SIGINT, then kill it if it has not
+/// exited within five seconds. SIGINT because every restic from 0.14 on
+/// removes its lock on it, while restic before 0.17 dies on SIGTERM without
+/// cleaning up (measured: 0.14 leaves one lock file per stopped backup).
 async fn kill_group(pid: Option<u32>, child: &mut tokio::process::Child) {
     let Some(pid) = pid else { return };
     let pgid = -(pid as i32);
     // SAFETY: kill(2) with a negative pid signals that process group only; it is the group we created for this child.
-    unsafe { libc::kill(pgid, libc::SIGTERM) };
+    unsafe { libc::kill(pgid, libc::SIGINT) };
     if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
         // SAFETY: as above.
         unsafe { libc::kill(pgid, libc::SIGKILL) };
