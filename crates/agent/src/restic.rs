@@ -8,6 +8,7 @@
 use soda_syncer_domain::restic_json::{
     parse_backup_line, BackupMessage, BackupStatus, BackupSummary, ForgetGroup, Snapshot,
 };
+use soda_syncer_domain::restic_version::{Features, ResticVersion};
 use soda_syncer_domain::secret::{redact_url, scrub, url_password};
 use soda_syncer_domain::Secret;
 use std::collections::{BTreeMap, VecDeque};
@@ -154,6 +155,9 @@ pub struct Restic {
     /// Says whether another host's agent is gone (Kubernetes: its Lease).
     lock_holders: Arc<std::sync::OnceLock<Arc<dyn LockHolders>>>,
     fence: Arc<Fence>,
+    /// The version `version()` detected; what newer restic offers is used
+    /// only when it is known to be there.
+    detected: Arc<std::sync::OnceLock<ResticVersion>>,
 }
 
 /// While this node cannot prove it is alive (its liveness Lease could not
@@ -219,7 +223,18 @@ impl Restic {
             lock_recoveries: Arc::default(),
             lock_holders: Arc::default(),
             fence: Arc::default(),
+            detected: Arc::default(),
         }
+    }
+
+    /// The version found at start, if `version()` ran and understood it.
+    pub fn detected_version(&self) -> Option<ResticVersion> {
+        self.detected.get().copied()
+    }
+
+    /// What the detected restic offers (nothing beyond 0.14 when unknown).
+    pub fn features(&self) -> Features {
+        self.detected_version().map(ResticVersion::features).unwrap_or_default()
     }
 
     /// Stop every restic command and refuse new ones (`Some(why)`), or
@@ -263,7 +278,7 @@ impl Restic {
         &self.host
     }
 
-    /// `restic version`, e.g. "0.14.0".
+    /// `restic version`, e.g. "0.14.0"; remembered for [`Restic::features`].
     pub async fn version(&self) -> Result<String, ResticError> {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("version").env_clear().envs(passthrough_env()).stdin(Stdio::null()).kill_on_drop(true);
@@ -272,11 +287,12 @@ impl Restic {
             .map_err(|_| ResticError::Spawn { message: "restic version did not answer within 20 s".into() })?
             .map_err(|e| self.spawn_error(e))?;
         let text = String::from_utf8_lossy(&out.stdout);
-        text.split_whitespace()
-            .nth(1)
-            .map(str::to_string)
-            .filter(|_| out.status.success())
-            .ok_or_else(|| ResticError::Spawn { message: format!("unexpected output from restic version: {text:?}") })
+        let parsed = ResticVersion::from_version_output(&text).filter(|_| out.status.success());
+        let version = parsed.ok_or_else(|| ResticError::Spawn {
+            message: format!("unexpected output from restic version: {text:?}"),
+        })?;
+        let _ = self.detected.set(version);
+        Ok(text.split_whitespace().nth(1).unwrap_or_default().to_string())
     }
 
     fn spawn_error(&self, e: std::io::Error) -> ResticError {

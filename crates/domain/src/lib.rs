@@ -9,6 +9,7 @@ pub mod consistency;
 pub mod drill;
 pub mod policy;
 pub mod restic_json;
+pub mod restic_version;
 pub mod retention;
 pub mod run;
 pub mod schedule;
