@@ -9,10 +9,13 @@ use serde_json::{json, Value};
 use soda_syncer_domain::policy::ALLOWED_ENV_PREFIXES;
 use soda_syncer_domain::restic_json::Snapshot;
 use soda_syncer_domain::Secret;
+use std::ffi::OsStr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+use crate::beneath::{merge_into, Dir, PathError, Pin};
 use crate::cli::DirectRepo;
 use crate::restic::{Repo, Restic, RestoreRequest};
 
@@ -71,7 +74,7 @@ pub async fn restore(
     include: &[String],
     verify: bool,
 ) -> anyhow::Result<Value> {
-    let (restic, repo, _cache) = open(d)?;
+    let (restic, repo, cache) = open(d)?;
     let snaps = find(d, &restic, &repo).await?;
     let snap = if snapshot == "latest" {
         if d.volume.is_none() && d.policy_id.is_none() {
@@ -90,24 +93,42 @@ pub async fn restore(
     };
     let snap = snap
         .ok_or_else(|| anyhow!("no snapshot {snapshot:?} of the agent in {} (with these filters)", repo.display()))?;
-    if target.exists() && std::fs::read_dir(target)?.next().is_some() {
+    // The target is the operator's own choice (trusted as given); below
+    // it, the agent follows no link: staging, restic's writes (through a
+    // pin when running as root) and the move into place all go through
+    // held directories.
+    std::fs::create_dir_all(target).with_context(|| format!("cannot create {}", target.display()))?;
+    let dir = Dir::open_trusted(target)?;
+    if !dir.is_empty()? {
         bail!("{} exists and is not empty: choose a new or empty directory", target.display());
     }
-    std::fs::create_dir_all(target)?;
-    let staging = target.join(".soda-syncer-restore");
+    let staging_name = OsStr::new(".soda-syncer-restore");
+    let staging = dir.create_new(staging_name, 0o700)?;
     let root = snap.paths.first().cloned().unwrap_or_default();
     let include: Vec<String> =
         include.iter().map(|i| format!("{}/{}", root.trim_end_matches('/'), i.trim_matches('/'))).collect();
     let cancel = CancellationToken::new();
     let (bytes, files) = restic.restore_size(&repo, &snap.id, &cancel).await.unwrap_or((0, 0));
-    let req = RestoreRequest { snapshot_id: snap.id.clone(), target: staging.clone(), include, verify };
+    // SAFETY: geteuid has no preconditions.
+    let pin = if unsafe { libc::geteuid() } == 0 {
+        let at = Dir::open_trusted(cache.path())?.create(Path::new("restic-target"), 0o700)?;
+        Some(Arc::new(Pin::writable(&staging, at.path())?))
+    } else {
+        None
+    };
+    let restic_target = pin.as_ref().map(|p| p.at().to_path_buf()).unwrap_or_else(|| staging.path().to_path_buf());
+    let req = RestoreRequest { snapshot_id: snap.id.clone(), target: restic_target, include, verify, pin };
     let result = restic.restore(&repo, &req, &cancel).await;
     if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = dir.remove(staging_name);
         return Err(e.into());
     }
-    let moved = crate::scheduler::jobs::merge_into(&staging.join(root.trim_start_matches('/')), target);
-    let _ = std::fs::remove_dir_all(&staging);
+    let moved = match staging.open(Path::new(root.trim_start_matches('/'))) {
+        Ok(from) => merge_into(&from, &dir),
+        Err(PathError::Missing { .. }) => Ok(()),
+        Err(e) => Err(e),
+    };
+    let _ = dir.remove(staging_name);
     moved.with_context(|| format!("cannot move the restored files into {}", target.display()))?;
     Ok(json!({ "snapshotId": snap.id, "paths": snap.paths, "target": target, "bytes": bytes, "files": files }))
 }

@@ -6,6 +6,7 @@
 //! the API; [`daemon`] wires everything up and shuts it down in order;
 //! [`cli`] is the client. Pure rules live in the `soda-syncer-domain` crate.
 
+pub mod beneath;
 pub mod cli;
 pub mod config;
 pub mod consistency;

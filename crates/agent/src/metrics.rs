@@ -20,7 +20,7 @@ use crate::store::{PolicyRecord, RunRecord};
 /// Error codes of failed runs: the label values of
 /// `soda_syncer_run_errors_total`. Anything else counts as `other`, so the
 /// label set stays bounded whatever an error says.
-pub const ERROR_CODES: [&str; 34] = [
+pub const ERROR_CODES: [&str; 36] = [
     "drill_mismatch",
     "restic_missing",
     "restic_spawn_failed",
@@ -42,6 +42,8 @@ pub const ERROR_CODES: [&str; 34] = [
     "snapshot_not_found",
     "repository_damaged",
     "restore_target_failed",
+    "target_not_allowed",
+    "target_not_empty",
     "invalid_request",
     "consistency_needs_root",
     "consistency_unavailable",

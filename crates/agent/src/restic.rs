@@ -111,11 +111,12 @@ pub struct BackupRequest {
     pub path: PathBuf,
     pub tags: Vec<String>,
     pub exclude: Vec<String>,
-    /// A point-in-time view of `path` (a snapshot or a copy) that restic
-    /// reads instead, at `path` itself: bound over it in a private mount
-    /// namespace of the restic child only, so the snapshot lists the
-    /// volume's own path and finds its parent.
-    pub view: Option<PathBuf>,
+    /// The held volume, or a point-in-time view of it (a snapshot or a
+    /// copy), that restic reads at `path` itself: mounted over it in a
+    /// private mount namespace of the restic child only (read-only, no
+    /// symlink followed), so the snapshot lists the volume's own path and
+    /// finds its parent, and nothing swapped in under that name is read.
+    pub pin: Option<Arc<crate::beneath::Pin>>,
     /// The view's inode numbers and ctimes are new (a file copy): compare
     /// files by size and mtime only (`--ignore-inode`).
     pub ignore_inode: bool,
@@ -318,8 +319,8 @@ impl Restic {
         mut on_line: impl FnMut(&str),
         isolation: Isolation<'_>,
     ) -> Result<Exec, ResticError> {
-        let bind = match isolation {
-            Isolation::Bind { view, path } => Some((view, path)),
+        let pinned = match isolation {
+            Isolation::Pinned(pin) => Some(pin),
             _ => None,
         };
         let command = args.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
@@ -351,31 +352,12 @@ impl Restic {
                 Ok(())
             });
         }
-        if let Some((view, path)) = bind {
-            let c = |p: &std::path::Path| {
-                std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str()))
-                    .map_err(|_| ResticError::Spawn { message: format!("{} contains a NUL byte", p.display()) })
-            };
-            // Made before the fork: after it, only async-signal-safe calls.
-            let (view, path, root) = (c(view)?, c(path)?, c(std::path::Path::new("/"))?);
-            // SAFETY: unshare and mount are system calls (async-signal-safe);
-            // the strings were allocated before the fork and are only read.
+        if let Some(pin) = pinned {
+            let pin = pin.clone();
+            // SAFETY: `enter` makes only system calls, on memory allocated
+            // before the fork (see its doc).
             unsafe {
-                cmd.pre_exec(move || {
-                    let none = std::ptr::null::<libc::c_char>();
-                    let data = std::ptr::null::<libc::c_void>();
-                    let read_only = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
-                    // In order, stopping at the first failure: nothing may
-                    // touch the mounts unless the namespace is our own.
-                    if libc::unshare(libc::CLONE_NEWNS) != 0
-                        || libc::mount(none, root.as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, data) != 0
-                        || libc::mount(view.as_ptr(), path.as_ptr(), none, libc::MS_BIND | libc::MS_REC, data) != 0
-                        || libc::mount(none, path.as_ptr(), none, read_only, data) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+                cmd.pre_exec(move || pin.enter());
             }
         }
         if let Isolation::AsHost(host) = isolation {
@@ -393,13 +375,13 @@ impl Restic {
                 });
             }
         }
-        let mut child = cmd.spawn().map_err(|e| match bind {
-            Some((view, path)) if e.kind() != std::io::ErrorKind::NotFound => ResticError::Spawn {
-                message: format!(
-                    "cannot bind the snapshot {} over {} in a private mount namespace for restic: {e}",
-                    view.display(),
-                    path.display()
-                ),
+        let mut child = cmd.spawn().map_err(|e| match pinned {
+            Some(pin) if e.kind() != std::io::ErrorKind::NotFound => ResticError::Spawn {
+                message: if e.raw_os_error() == Some(libc::EXDEV) {
+                    format!("{} no longer leads to the directory the agent checked (it was swapped while restic started): refused", pin.at().display())
+                } else {
+                    format!("cannot mount the checked directory at {} in a private mount namespace for restic: {e}", pin.at().display())
+                },
             },
             _ => self.spawn_error(e),
         })?;
@@ -701,8 +683,8 @@ impl Restic {
         args.push("--".into());
         args.push(req.path.clone().into());
         let mut summary = None;
-        let bind = match req.view.as_deref() {
-            Some(view) => Isolation::Bind { view, path: req.path.as_path() },
+        let bind = match &req.pin {
+            Some(pin) => Isolation::Pinned(pin),
             None => Isolation::None,
         };
         let exec = self
@@ -904,6 +886,9 @@ pub struct RestoreRequest {
     /// Absolute paths inside the snapshot to restore (all when empty).
     pub include: Vec<String>,
     pub verify: bool,
+    /// The held directory restic writes into, seen at `target` in the
+    /// child's own mount namespace (see [`crate::beneath::Pin`]).
+    pub pin: Option<Arc<crate::beneath::Pin>>,
 }
 
 impl Restic {
@@ -967,7 +952,11 @@ impl Restic {
         if req.verify {
             args.push("--verify".into());
         }
-        self.simple(repo, args, cancel).await.map(|_| ())
+        let isolation = match &req.pin {
+            Some(pin) => Isolation::Pinned(pin),
+            None => Isolation::None,
+        };
+        self.simple_in(repo, args, cancel, isolation).await.map(|_| ())
     }
 
     /// `restic prune`, after removing stale locks if the repository is locked.
@@ -1072,11 +1061,9 @@ impl LockWait {
 #[derive(Clone, Copy)]
 enum Isolation<'a> {
     None,
-    /// A private mount namespace with `view` bound read-only over `path`.
-    Bind {
-        view: &'a std::path::Path,
-        path: &'a std::path::Path,
-    },
+    /// A private mount namespace with a held directory mounted at a fixed
+    /// path (see [`crate::beneath::Pin`]).
+    Pinned(&'a Arc<crate::beneath::Pin>),
     /// A UTS namespace with this host name (to unlock a dead host's locks).
     AsHost(&'a str),
 }

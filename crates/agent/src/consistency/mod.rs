@@ -118,6 +118,9 @@ pub struct Context {
     pub spec: ConsistencySpec,
     /// The repository, when it is a local path (never frozen).
     pub repository: Option<PathBuf>,
+    /// Device and inode of the source as the run resolved it: the source
+    /// inspected and snapshotted by name must still be that directory.
+    pub source_id: Option<(u64, u64)>,
 }
 
 fn mode_str(m: ConsistencyMode) -> &'static str {
@@ -256,6 +259,10 @@ pub struct Prepared {
     kept: Option<Kept>,
     store: Option<Store>,
     view: Option<PathBuf>,
+    /// The directory the view lies below that no workload controls by
+    /// name (the source's mount point, or the agent's own mount point):
+    /// the rest of the view's path is resolved from it without links.
+    view_base: Option<PathBuf>,
     ignore_inode: bool,
     restic_token: CancellationToken,
     /// `fsfreeze`: frozen through the backup.
@@ -284,6 +291,15 @@ impl Prepared {
     /// restic reads this directory, bound over the source's path.
     pub fn view(&self) -> Option<PathBuf> {
         self.view.clone()
+    }
+
+    /// The view, opened now: below its base, no symlink followed (the
+    /// scratch directory may lie inside the volume, and a snapshot holds
+    /// whatever links the workload made).
+    pub fn view_dir(&self) -> Result<Option<crate::beneath::Dir>, crate::beneath::PathError> {
+        let (Some(view), Some(base)) = (&self.view, &self.view_base) else { return Ok(None) };
+        let rel = view.strip_prefix(base).unwrap_or(Path::new(""));
+        crate::beneath::Dir::open_trusted(base)?.open(rel).map(Some)
     }
 
     /// The view is a copy with new inode numbers: restic must not compare them.
@@ -469,6 +485,7 @@ pub async fn prepare(
         kept: None,
         store: None,
         view: None,
+        view_base: None,
         ignore_inode: false,
         restic_token: token.child_token(),
         freeze: None,
@@ -500,6 +517,20 @@ pub async fn prepare(
         let ins = tokio::task::spawn_blocking(move || inspect::inspect(&source, &prot)).await.map_err(|e| {
             ConsistencyError::Inspect { path: ctx.source.display().to_string(), message: e.to_string() }
         })??;
+        if let Some(id) = ctx.source_id {
+            use std::os::unix::fs::MetadataExt;
+            let now = std::fs::symlink_metadata(&ins.real_path).map(|m| (m.dev(), m.ino())).ok();
+            if now != Some(id) {
+                return Err(ConsistencyError::Inspect {
+                    path: ctx.source.display().to_string(),
+                    message: format!(
+                        "it resolves to {}, no longer the directory the run checked (it was swapped): refused",
+                        ins.real_path.display()
+                    ),
+                }
+                .into());
+            }
+        }
         let decision = choose(mode, &ins.facts)
             .map_err(|reason| ConsistencyError::NotApplicable { mode: mode_str(mode), reason })?;
         p.method = decision.method;
@@ -638,6 +669,7 @@ impl Prepared {
             tree::TreeCopy::existing(&ins.real_path, &snap, skip, synced_at).map_err(|e| tree_err("btrfs", e))?;
         self.freeze_and_fix(&mut copy, Path::new(&ins.mount.mount_point), false, cancel, "btrfs")?;
         self.view = Some(snap);
+        self.view_base = Some(PathBuf::from(&ins.mount.mount_point));
         Ok(())
     }
 
@@ -695,6 +727,7 @@ impl Prepared {
             Ok(()) => {
                 tracing::debug!(reused, copy = %k.copy.dst().display(), "reflink copy ready");
                 self.view = Some(k.copy.dst().to_path_buf());
+                self.view_base = Some(PathBuf::from(&ins.mount.mount_point));
                 self.ignore_inode = true;
                 self.kept = Some(k);
                 Ok(())
@@ -852,6 +885,7 @@ impl Prepared {
             });
         }
         self.view = Some(view);
+        self.view_base = Some(mnt);
         Ok(())
     }
 

@@ -262,8 +262,10 @@ impl Scheduler {
     ) -> Result<RunState, RunError> {
         let spec = &policy.spec;
         let path = PathBuf::from(&spec.source.path);
-        super::policies::check_allowed(&self.inner.config, &path)
-            .map_err(|e| RunError { code: "source_not_allowed".into(), message: e.message })?;
+        // Resolved now, not at admission: the volume or its parents may
+        // have been swapped for a link since.
+        let (root_dir, source_dir) = open_source(&self.inner.config, &path)?;
+        let source_id = source_dir.stat().map(|st| (st.st_dev, st.st_ino)).ok();
         let repo = self.repo_for(policy).await?;
         let policy_tag = format!("policy={}", policy.id);
         let mut tags = vec!["soda-syncer".to_string(), policy_tag.clone()];
@@ -274,7 +276,7 @@ impl Scheduler {
         let mut exclude = spec.exclude.clone();
         exclude.push(format!("{RESTORE_STAGING_PREFIX}*"));
         exclude.push(crate::consistency::SCRATCH_DIR.into());
-        let mut req = BackupRequest { path, tags, exclude, view: None, ignore_inode: false };
+        let mut req = BackupRequest { path, tags, exclude, pin: None, ignore_inode: false };
         let live = &self.inner.live;
         let run_id = run.id.clone();
         let mut on_progress = |s: &soda_syncer_domain::restic_json::BackupStatus| {
@@ -291,6 +293,7 @@ impl Scheduler {
             source: req.path.clone(),
             spec: spec.consistency.clone(),
             repository: crate::consistency::local_repository(&repo.url),
+            source_id,
         };
         let first = self.inner.store.last_clean_backup(&policy.id).ok().flatten().is_none();
         if first && spec.consistency.mode == soda_syncer_domain::policy::ConsistencyMode::Fsfreeze {
@@ -314,7 +317,21 @@ impl Scheduler {
         if !matches!(prepared.method(), Method::None | Method::Fsfreeze) {
             pod_hooks.post().await;
         }
-        req.view = prepared.view();
+        // restic reads the directory just checked (or the view made of it)
+        // through a pin: at the volume's path, read-only, following no link.
+        let pinned = match prepared.view_dir() {
+            Ok(view) => pin_for_backup(&root_dir, &source_dir, view.as_ref(), &req.path),
+            Err(e) => Err(e),
+        };
+        match pinned {
+            Ok(pin) => req.pin = pin.map(Arc::new),
+            Err(e) => {
+                let released = prepared.release().await;
+                pod_hooks.post().await;
+                run.consistency = serde_json::to_value(&released.report).ok();
+                return Err(RunError { code: "source_not_allowed".into(), message: e.to_string() });
+            }
+        }
         req.ignore_inode = prepared.ignore_inode();
         let consistency_warning = prepared.warning().map(str::to_string);
         let restic_token = prepared.restic_token().clone();
@@ -475,27 +492,50 @@ impl Scheduler {
         };
         let started = std::time::Instant::now();
 
+        // The target, resolved now (an in-place target is the volume, which
+        // may have been swapped for a link since the request).
+        let target_path = PathBuf::from(p.target.clone().unwrap_or_default());
+        let target = self.open_restore_target(&target_path, p.in_place)?;
         // restic restores under the snapshot's absolute path and will not
         // overwrite symlinks, so it restores into a staging directory on the
         // target's filesystem (inside the target), and the files are then
-        // moved into place with renames.
-        let target = PathBuf::from(p.target.clone().unwrap_or_default());
-        let staging = target.join(format!("{RESTORE_STAGING_PREFIX}{}", run.id));
-        std::fs::create_dir_all(&staging).map_err(|e| io_error("cannot create the restore directory", &staging, e))?;
-        let req = RestoreRequest { snapshot_id: snap.id.clone(), target: staging.clone(), include, verify: p.verify };
+        // moved into place with renames relative to held directories.
+        let staging_name = std::ffi::OsString::from(format!("{RESTORE_STAGING_PREFIX}{}", run.id));
+        let staging_err = |e: crate::beneath::PathError| RunError {
+            code: if e.kind() == "disk_full" { "disk_full" } else { "restore_target_failed" }.into(),
+            message: format!("cannot create the restore's staging directory: {e}"),
+        };
+        target.remove(&staging_name).map_err(staging_err)?;
+        let staging = target.create_new(&staging_name, 0o700).map_err(staging_err)?;
+        let pin = self.pin_for_restore(&staging).map_err(staging_err)?;
+        let restic_target = pin.as_ref().map(|p| p.at().to_path_buf()).unwrap_or_else(|| staging.path().to_path_buf());
+        let req = RestoreRequest {
+            snapshot_id: snap.id.clone(),
+            target: restic_target,
+            include,
+            verify: p.verify,
+            pin: pin.map(Arc::new),
+        };
         let result = {
-            let watch = self.watch_restore_progress(&run.id, staging.clone(), total_bytes, total_files);
+            let watch = self.watch_restore_progress(&run.id, staging.proc_path(), total_bytes, total_files);
             let r = self.inner.restic.restore(&repo, &req, token).await;
             watch.abort();
             r
         };
         if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&staging);
+            let _ = target.remove(&staging_name);
             return Err(run_error(e));
         }
-        let moved = merge_into(&staging.join(root.trim_start_matches('/')), &target);
-        let _ = std::fs::remove_dir_all(&staging);
-        moved.map_err(|e| io_error("cannot move the restored files into place", &target, e))?;
+        let moved = match staging.open(Path::new(root.trim_start_matches('/'))) {
+            Ok(from) => crate::beneath::merge_into(&from, &target),
+            Err(crate::beneath::PathError::Missing { .. }) => Ok(()), // an include that matched nothing
+            Err(e) => Err(e),
+        };
+        let _ = target.remove(&staging_name);
+        moved.map_err(|e| RunError {
+            code: if e.kind() == "disk_full" { "disk_full" } else { "restore_target_failed" }.into(),
+            message: format!("cannot move the restored files into place in {}: {e}", target_path.display()),
+        })?;
         self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).insert(
             run.id.clone(),
             Progress {
@@ -514,6 +554,62 @@ impl Scheduler {
             ..Default::default()
         });
         Ok(RunState::Succeeded)
+    }
+
+    /// The restore's target, resolved at the moment of use: the volume
+    /// itself (in place) below its allowed root, or a new or empty
+    /// directory below the restore directory or an allowed root, created
+    /// without following any link.
+    fn open_restore_target(&self, path: &Path, in_place: bool) -> Result<crate::beneath::Dir, RunError> {
+        let config = &self.inner.config;
+        let refused = |e: crate::beneath::PathError| RunError {
+            code: match e.kind() {
+                "disk_full" => "disk_full",
+                "path_io_failed" => "restore_target_failed",
+                _ => "target_not_allowed",
+            }
+            .into(),
+            message: format!("the restore was refused, nothing was written: {e}"),
+        };
+        if in_place {
+            let (_, dir) = crate::beneath::open_under(&config.allowed_roots_in_effect(), path, ALLOWED_ROOT_HINT)
+                .map_err(refused)?;
+            return Ok(dir);
+        }
+        let mut roots = vec![config.restore_dir()];
+        roots.extend(config.allowed_roots_in_effect());
+        if path.starts_with(config.restore_dir()) {
+            std::fs::create_dir_all(config.restore_dir())
+                .map_err(|e| io_error("cannot create the restore directory", &config.restore_dir(), e))?;
+        }
+        let (_, dir) = crate::beneath::create_under(&roots, path, 0o700, ALLOWED_ROOT_HINT).map_err(refused)?;
+        if !dir.is_empty().map_err(refused)? {
+            return Err(RunError {
+                code: "target_not_empty".into(),
+                message: format!(
+                    "{} is no longer empty (something was put there after the request): nothing was restored",
+                    path.display()
+                ),
+            });
+        }
+        Ok(dir)
+    }
+
+    /// Where a restic child sees `dir` (see [`crate::beneath::Pin`]): a
+    /// fixed directory of the agent's state directory, mounted over in the
+    /// child's own mount namespace. None when the agent is not root (it
+    /// cannot make mounts; restic then writes by name, with its rights).
+    fn pin_for_restore(
+        &self,
+        dir: &crate::beneath::Dir,
+    ) -> Result<Option<crate::beneath::Pin>, crate::beneath::PathError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(None);
+        }
+        let state = crate::beneath::Dir::open_trusted(&self.inner.config.state_dir)?;
+        let at = state.create(Path::new(PIN_DIR), 0o700)?;
+        crate::beneath::Pin::writable(dir, at.path()).map(Some)
     }
 
     /// restic's `latest` snapshot of the policy without asking restic (one
@@ -699,7 +795,6 @@ impl Scheduler {
         run: &mut RunRecord,
         token: &CancellationToken,
     ) -> Result<RunState, RunError> {
-        use std::os::unix::fs::PermissionsExt;
         let d = policy.spec.drill.clone().unwrap_or(soda_syncer_domain::policy::DrillSpec {
             schedule: Default::default(),
             jitter_seconds: 0,
@@ -732,22 +827,36 @@ impl Scheduler {
             return Ok(RunState::Suspicious);
         }
 
-        struct Scratch(PathBuf);
+        // The scratch directory, created and held now; restic sees it
+        // through a pin, and every check below goes through held directories.
+        struct Scratch(crate::beneath::Dir, std::ffi::OsString);
         impl Drop for Scratch {
             fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
+                if let Err(e) = self.0.remove(&self.1) {
+                    tracing::warn!(error = %e, "cannot remove the drill's scratch directory");
+                }
             }
         }
-        let scratch = Scratch(self.inner.config.state_dir.join("drills").join(&run.id));
-        std::fs::create_dir_all(&scratch.0)
-            .map_err(|e| io_error("cannot create the drill directory", &scratch.0, e))?;
+        let scratch_err = |e: crate::beneath::PathError| RunError {
+            code: if e.kind() == "disk_full" { "disk_full" } else { "restore_target_failed" }.into(),
+            message: format!("cannot create the drill's scratch directory, nothing was restored: {e}"),
+        };
+        let state = crate::beneath::Dir::open_trusted(&self.inner.config.state_dir).map_err(scratch_err)?;
+        let drills = state.create(Path::new("drills"), 0o700).map_err(scratch_err)?;
+        let name = std::ffi::OsString::from(&run.id);
+        drills.remove(&name).map_err(scratch_err)?;
+        let dir = drills.create_new(&name, 0o700).map_err(scratch_err)?;
+        let scratch = Scratch(drills, name);
         let everything = sample.len() + skipped == files_in_snapshot && skipped == 0;
         let include = if everything || sample.len() > DRILL_MAX_INCLUDES {
             Vec::new()
         } else {
             sample.iter().map(|n| n.path.clone()).collect()
         };
-        let req = RestoreRequest { snapshot_id: snap.id.clone(), target: scratch.0.clone(), include, verify: true };
+        let pin = self.pin_for_restore(&dir).map_err(scratch_err)?;
+        let target = pin.as_ref().map(|p| p.at().to_path_buf()).unwrap_or_else(|| dir.path().to_path_buf());
+        let req =
+            RestoreRequest { snapshot_id: snap.id.clone(), target, include, verify: true, pin: pin.map(Arc::new) };
         let mut mismatches = Vec::new();
         match self.inner.restic.restore(&repo, &req, token).await {
             Ok(()) => {}
@@ -757,20 +866,28 @@ impl Scheduler {
             Err(e) => return Err(run_error(e)),
         }
         for n in &sample {
-            let path = scratch.0.join(n.path.trim_start_matches('/'));
-            let problem = match std::fs::symlink_metadata(&path) {
-                Err(_) => Some("missing after the restore".to_string()),
-                Ok(m) if !m.is_file() => Some("not a regular file after the restore".into()),
-                Ok(m) if m.len() != n.size => Some(format!("{} bytes instead of {}", m.len(), n.size)),
-                Ok(m) if m.permissions().mode() & 0o7777 != n.mode & 0o7777 => {
-                    Some(format!("permissions {:o} instead of {:o}", m.permissions().mode() & 0o7777, n.mode & 0o7777))
+            let rel = Path::new(n.path.trim_start_matches('/'));
+            let (parent, file) = (rel.parent().unwrap_or(Path::new("")), rel.file_name().unwrap_or_default());
+            let st = dir.open(parent).and_then(|d| d.lstat(file));
+            let problem = match st {
+                Err(crate::beneath::PathError::Missing { .. }) | Ok(None) => {
+                    Some("missing after the restore".to_string())
                 }
-                Ok(_) => None,
+                Err(e) => Some(format!("cannot be checked: {e}")),
+                Ok(Some(m)) if crate::beneath::Kind::of(m.st_mode) != crate::beneath::Kind::File => {
+                    Some("not a regular file after the restore".into())
+                }
+                Ok(Some(m)) if m.st_size as u64 != n.size => Some(format!("{} bytes instead of {}", m.st_size, n.size)),
+                Ok(Some(m)) if m.st_mode & 0o7777 != n.mode & 0o7777 => {
+                    Some(format!("permissions {:o} instead of {:o}", m.st_mode & 0o7777, n.mode & 0o7777))
+                }
+                Ok(Some(_)) => None,
             };
             if let Some(p) = problem {
                 mismatches.push(format!("{}: {p}", n.path));
             }
         }
+        drop(scratch);
         let count = mismatches.len();
         mismatches.truncate(50);
         run.summary = Some(RunSummary {
@@ -796,6 +913,46 @@ impl Scheduler {
         }
         Ok(RunState::Succeeded)
     }
+}
+
+/// The directory of the state directory where restic children see the
+/// directory they restore into (each in its own mount namespace).
+pub const PIN_DIR: &str = "restic-target";
+
+/// How to fix a path refused for lying outside the allowed roots.
+const ALLOWED_ROOT_HINT: &str = "choose a path below one of them, or start the agent with --allowed-root DIR";
+
+/// The policy's source, resolved at the moment of use below its allowed
+/// root: the root and the source, held open.
+fn open_source(
+    config: &crate::config::Config,
+    path: &Path,
+) -> Result<(crate::beneath::Dir, crate::beneath::Dir), RunError> {
+    crate::beneath::open_under(&config.allowed_roots_in_effect(), path, ALLOWED_ROOT_HINT).map_err(|e| {
+        let code = match e {
+            crate::beneath::PathError::Missing { .. } | crate::beneath::PathError::NotDirectory { .. } => {
+                "source_missing"
+            }
+            _ => "source_not_allowed",
+        };
+        RunError { code: code.into(), message: format!("the backup was refused: {e}") }
+    })
+}
+
+/// What restic reads for a backup: `view` (or the source itself) mounted
+/// at the source's path in its own mount namespace. Only root can; an
+/// agent running as another user reads by name, with that user's rights.
+fn pin_for_backup(
+    root: &crate::beneath::Dir,
+    source: &crate::beneath::Dir,
+    view: Option<&crate::beneath::Dir>,
+    path: &Path,
+) -> Result<Option<crate::beneath::Pin>, crate::beneath::PathError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    crate::beneath::Pin::read_only(view.unwrap_or(source), root, path).map(Some)
 }
 
 /// Restores stage their files in a directory of this name inside the
@@ -829,47 +986,6 @@ fn tree_size(dir: &Path) -> (u64, u64) {
         }
     }
     (bytes, files)
-}
-
-/// Move everything inside `from` into `to` (same filesystem: renames),
-/// replacing what is there: a file or symlink is replaced atomically, a
-/// directory is merged, a directory in the way of a file is removed. Then
-/// `to` gets the owner, mode and times of `from`. Used to put a restore in
-/// place, so restic never has to overwrite (it refuses existing symlinks).
-pub(crate) fn merge_into(from: &Path, to: &Path) -> std::io::Result<()> {
-    if !from.exists() {
-        return Ok(()); // an include that matched nothing
-    }
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let src = e.path();
-        let dest = to.join(e.file_name());
-        let src_is_dir = e.file_type()?.is_dir();
-        let dest_meta = dest.symlink_metadata().ok();
-        let dest_is_dir = dest_meta.as_ref().is_some_and(|m| m.is_dir());
-        if src_is_dir && dest_is_dir {
-            merge_into(&src, &dest)?;
-            continue;
-        }
-        if dest_is_dir {
-            std::fs::remove_dir_all(&dest)?;
-        } else if src_is_dir && dest_meta.is_some() {
-            std::fs::remove_file(&dest)?;
-        }
-        std::fs::rename(&src, &dest)?;
-    }
-    copy_dir_metadata(from, to)
-}
-
-fn copy_dir_metadata(from: &Path, to: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(from)?;
-    std::os::unix::fs::chown(to, Some(m.uid()), Some(m.gid()))?;
-    std::fs::set_permissions(to, m.permissions())?;
-    let times = std::fs::FileTimes::new().set_accessed(m.accessed()?).set_modified(m.modified()?);
-    std::fs::File::open(to)?.set_times(times)?;
-    Ok(())
 }
 
 /// The snapshot a backup run wrote, as far as a restore needs it (its id and

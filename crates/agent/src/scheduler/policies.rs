@@ -28,29 +28,17 @@ impl From<FieldError> for PolicyError {
     }
 }
 
-/// Refuse a source outside `--allowed-root` (after resolving symlinks and
-/// `..`, so a link cannot smuggle another directory in).
+/// Refuse a source outside `--allowed-root`, or reached through a symlink
+/// below its root: resolved the way every run resolves it again (see
+/// [`crate::beneath`]), so a policy the runs would refuse is refused now.
 pub fn check_allowed(config: &Config, path: &Path) -> Result<(), FieldError> {
-    let roots = config.allowed_roots_in_effect();
-    let real = std::fs::canonicalize(path)
-        .map_err(|e| FieldError::new("source.path", format!("{} cannot be resolved: {e}", path.display())))?;
-    let ok = roots.iter().any(|root| {
-        let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
-        real.starts_with(&root)
-    });
-    if ok {
-        Ok(())
-    } else {
-        let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
-        Err(FieldError::new(
-            "source.path",
-            format!(
-                "{} is outside the allowed roots ({}); choose a path below one of them, or start the agent with --allowed-root DIR",
-                path.display(),
-                roots.join(", ")
-            ),
-        ))
-    }
+    crate::beneath::open_under(
+        &config.allowed_roots_in_effect(),
+        path,
+        "choose a path below one of them, or start the agent with --allowed-root DIR",
+    )
+    .map(|_| ())
+    .map_err(|e| FieldError::new("source.path", e.to_string()))
 }
 
 /// What this agent can honour: hooks only from the operator's allow list
