@@ -86,7 +86,13 @@ impl Agent {
                 .with_unreachable_after(config.repository_timeout);
         let version = restic.version().await.map_err(|e| e.to_string());
         match &version {
-            Ok(v) => tracing::info!(version = %v, "restic found"),
+            Ok(v) => {
+                let features = restic.features().names().join(",");
+                tracing::info!(version = %v, features = %features, "restic found");
+                if let Some(warning) = restic.detected_version().and_then(|d| d.support().message(d)) {
+                    tracing::warn!("{warning}");
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "restic is not usable: the agent stays up but is not ready, and runs fail until it is installed")
             }
