@@ -59,9 +59,9 @@ fn why_podman_cannot_run() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root: podman's storage and mmdebstrap need root here".into());
     }
+    let path = std::env::var_os("PATH").unwrap_or_default();
     for tool in ["podman", "runc", "mmdebstrap"] {
-        let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output();
-        if !found.is_ok_and(|o| o.status.success()) {
+        if !std::env::split_paths(&path).any(|d| d.join(tool).is_file()) {
             return Some(format!(
                 "{tool} is not installed (scripts/install-deps installs podman, runc and mmdebstrap)"
             ));
@@ -468,6 +468,11 @@ async fn the_image_runs_the_daemonset_container_and_backs_up_and_restores_a_volu
     let in_image = podman_ok(&["exec", &name, "restic", "version"]);
     assert!(in_image.starts_with(&format!("restic {restic_version} ")), "{in_image} vs /readyz {ready}");
     assert!(restic_version.starts_with(DEBIAN_13_RESTIC), "Debian 13's restic is {DEBIAN_13_RESTIC}x: {ready}");
+    let status = agent.get("/v1/status").await;
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"), "{status}");
+    assert_eq!(status["restic"]["version"], restic_version, "{status}");
+    assert_eq!(status["restic"]["support"], "supported", "{status}");
+    assert!(!status["restic"]["features"].as_array().unwrap().is_empty(), "0.18 offers newer features: {status}");
     // The versions at start, in the log (JSON lines, as the chart's --log-json asks).
     let text = agent.log_text();
     let starting = log_lines(&text, "soda-syncer starting");
