@@ -15,6 +15,7 @@ mod kube;
 mod legacy;
 mod lifecycle;
 mod ops;
+mod restic_versions;
 mod restore;
 mod schema;
 mod servers;
