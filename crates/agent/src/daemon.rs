@@ -74,6 +74,8 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
 
 impl Agent {
     pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Agent> {
+        // With "restic found" below: which agent and which restic run, first thing in every log.
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), "soda-syncer starting");
         config.validate()?;
         prepare_state_dir(&config)?;
         let store = open_store(&config)?;

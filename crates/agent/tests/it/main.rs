@@ -10,6 +10,7 @@ mod deploy;
 mod drill;
 mod faults;
 mod help;
+mod image;
 mod kube;
 mod legacy;
 mod lifecycle;
