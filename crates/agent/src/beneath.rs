@@ -528,6 +528,26 @@ pub fn create_under(roots: &[PathBuf], path: &Path, mode: u32, hint: &str) -> Re
     Ok((root, dir))
 }
 
+/// The longest part of `path` below one of `roots` that exists, opened
+/// without following a link, and the rest (which does not exist yet).
+pub fn open_existing_under(roots: &[PathBuf], path: &Path, hint: &str) -> Result<(Dir, PathBuf), PathError> {
+    let (root, rel) = split_root(roots, path, hint)?;
+    let mut cur = Dir::open_trusted(&root)?;
+    let mut comps = rel.components();
+    while let Some(c) = comps.next() {
+        let name = c.as_os_str();
+        match cur.kind_of(name)? {
+            None => {
+                let mut rest = PathBuf::from(name);
+                rest.extend(comps);
+                return Ok((cur, rest));
+            }
+            Some(_) => cur = cur.open(Path::new(name)).map_err(|e| retarget(e, &root.join(&rel)))?,
+        }
+    }
+    Ok((cur, PathBuf::new()))
+}
+
 /// The root `path` lies below (the longest that matches, as given or
 /// with its own symlinks resolved) and the rest of the path.
 pub fn split_root(roots: &[PathBuf], path: &Path, hint: &str) -> Result<(PathBuf, PathBuf), PathError> {

@@ -89,6 +89,9 @@ pub fn run(
         .env_clear()
         .env("PATH", search_path())
         .envs(env.iter().map(|(k, v)| (k, v)))
+        // Hooks and tools start in /, never in a directory a workload
+        // controls (the agent's own working directory may be anything).
+        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

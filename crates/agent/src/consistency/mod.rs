@@ -938,9 +938,25 @@ fn snap_err(method: &'static str, path: &Path, e: std::io::Error) -> Consistency
     ConsistencyError::Snapshot { method, message: format!("{}: {e}", path.display()) }
 }
 
+/// Create the scratch or mount directory `p` (mode 0700) below its parent,
+/// which the agent trusts (a mount point, or its state directory), never
+/// following a link: the scratch directory lies at the top of the volume's
+/// filesystem, where a workload that owns that filesystem can plant one.
 fn create_private_dir(p: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(p)
+    let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no parent directory"));
+    };
+    let base = match parent.file_name() {
+        // state_dir/consistency/<run>: the state directory is the agent's own.
+        Some(n) if n == "consistency" => parent.parent().map(|g| (g, Path::new(n))),
+        _ => Some((parent, Path::new(""))),
+    };
+    let (base, rel) = base.unwrap_or((parent, Path::new("")));
+    std::fs::create_dir_all(base)?;
+    crate::beneath::Dir::open_trusted(base)
+        .and_then(|d| d.create(&rel.join(name), 0o700))
+        .map(|_| ())
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 /// Filesystems on loop devices for the unit tests (root only; they skip

@@ -91,6 +91,28 @@ fn tool(args: &[&str], path: &Path) -> Result<(), String> {
         .map_err(|f| format!("{} {}", args.join(" "), f.describe(TOOL_TIMEOUT)))
 }
 
+/// The directory holding `path` (a scratch directory, whose own parent
+/// the agent trusts: a mount point or the state directory), opened without
+/// following a link, and `path`'s name in it. None when it is gone.
+fn scratch_parent(path: &Path) -> Result<Option<(crate::beneath::Dir, &std::ffi::OsStr)>, String> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(format!("{} has no parent directory", path.display()));
+    };
+    let (Some(base), Some(scratch)) = (parent.parent(), parent.file_name()) else {
+        return Err(format!("{} has no parent directory", parent.display()));
+    };
+    let base = match crate::beneath::Dir::open_trusted(base) {
+        Ok(b) => b,
+        Err(crate::beneath::PathError::Missing { .. }) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    match base.open(Path::new(scratch)) {
+        Ok(dir) => Ok(Some((dir, name))),
+        Err(crate::beneath::PathError::Missing { .. }) => Ok(None),
+        Err(e) => Err(format!("left {} in place: {e}", path.display())),
+    }
+}
+
 fn rmdir_scratch(p: &Path) {
     if let Some(parent) = p.parent().filter(|d| d.file_name().is_some_and(|n| n == SCRATCH_DIR)) {
         let _ = std::fs::remove_dir(parent); // only when empty
@@ -159,17 +181,22 @@ pub fn undo(kind: Kind, path: &Path) -> Result<(), String> {
             Err(e) => Err(format!("cannot remove {}: {e}", path.display())),
         },
         Kind::CloneTree => {
-            let r = match std::fs::remove_dir_all(path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(format!("cannot remove {}: {e}", path.display())),
+            // Through held directories, following no link: the scratch
+            // directory may lie where a workload can plant one.
+            let r = match scratch_parent(path) {
+                Ok(Some((dir, name))) => dir.remove(name).map_err(|e| e.to_string()),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
             };
             rmdir_scratch(path);
             r
         }
         Kind::BtrfsSnapshot => {
-            if path.exists() {
-                tool(&["btrfs", "subvolume", "delete", "--"], path)?;
+            // Only a snapshot reached without a link is deleted by name.
+            if let Some((dir, name)) = scratch_parent(path)? {
+                if dir.kind_of(name).map_err(|e| e.to_string())? == Some(crate::beneath::Kind::Dir) {
+                    tool(&["btrfs", "subvolume", "delete", "--"], path)?;
+                }
             }
             rmdir_scratch(path);
             Ok(())
@@ -232,6 +259,32 @@ pub fn recover_at_start(store: &Store) -> usize {
 mod tests {
     use super::*;
     use crate::consistency::testfs::{writable_within, LoopFs};
+
+    #[test]
+    fn a_scratch_directory_planted_as_a_link_is_neither_created_through_nor_cleaned_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mount, host) = (dir.path().join("volume-fs"), dir.path().join("host"));
+        std::fs::create_dir_all(host.join("policy-x/keep")).unwrap();
+        std::fs::write(host.join("policy-x/keep/file"), "host data").unwrap();
+        std::fs::create_dir_all(&mount).unwrap();
+        let scratch = mount.join(SCRATCH_DIR);
+        std::os::unix::fs::symlink(&host, &scratch).unwrap();
+
+        let e = super::super::create_private_dir(&scratch).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        let e = undo(Kind::CloneTree, &scratch.join("policy-x")).unwrap_err();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read_to_string(host.join("policy-x/keep/file")).unwrap(), "host data");
+
+        // A real scratch directory is cleaned through held directories, a link inside it removed, not followed.
+        std::fs::remove_file(&scratch).unwrap();
+        super::super::create_private_dir(&scratch).unwrap();
+        std::fs::create_dir(scratch.join("policy-y")).unwrap();
+        std::os::unix::fs::symlink(&host, scratch.join("policy-y/link")).unwrap();
+        undo(Kind::CloneTree, &scratch.join("policy-y")).unwrap();
+        assert!(!scratch.exists(), "the emptied scratch directory goes too");
+        assert_eq!(std::fs::read_to_string(host.join("policy-x/keep/file")).unwrap(), "host data");
+    }
 
     #[test]
     fn the_next_start_thaws_and_removes_what_a_crash_left() {

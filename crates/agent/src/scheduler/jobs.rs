@@ -336,6 +336,8 @@ impl Scheduler {
         let consistency_warning = prepared.warning().map(str::to_string);
         let restic_token = prepared.restic_token().clone();
         let backed_up = self.inner.restic.backup(&repo, &req, &restic_token, &mut on_progress).await;
+        // The pin holds the view open: closed before the view is unmounted.
+        req.pin = None;
         let released = prepared.release().await;
         pod_hooks.post().await;
         drop(shared);

@@ -93,26 +93,20 @@ pub fn check_repository(config: &Config, url: &str) -> Result<(), FieldError> {
     if path.components().any(|c| c == std::path::Component::ParentDir) {
         return Err(field(format!("{url}: give the repository's path without '..'")));
     }
-    // The longest part that exists, resolved; the rest is created by restic.
-    let mut existing = path;
-    let mut rest = Vec::new();
-    while !existing.exists() {
-        let Some(parent) = existing.parent() else { break };
-        rest.push(existing.file_name().unwrap_or_default().to_owned());
-        existing = parent;
-    }
-    let mut real = std::fs::canonicalize(existing).unwrap_or_else(|_| existing.to_path_buf());
-    real.extend(rest.iter().rev());
+    // The part that exists, resolved below its root without following a
+    // link (as every run checks again); restic creates the rest.
     let roots = config.repository_roots_in_effect();
-    let ok = roots.iter().any(|root| real.starts_with(std::fs::canonicalize(root).unwrap_or_else(|_| root.clone())));
-    if ok {
-        return Ok(());
+    match crate::beneath::open_existing_under(&roots, path, "") {
+        Ok(_) => Ok(()),
+        Err(crate::beneath::PathError::OutsideRoots { .. }) => {
+            let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+            Err(field(format!(
+                "the local repository {url} is outside the repository roots ({}); put it below one of them, or start the agent with --repository-root DIR",
+                roots.join(", ")
+            )))
+        }
+        Err(e) => Err(field(format!("the local repository {url} was refused: {e}"))),
     }
-    let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
-    Err(field(format!(
-        "the local repository {url} is outside the repository roots ({}); put it below one of them, or start the agent with --repository-root DIR",
-        roots.join(", ")
-    )))
 }
 
 impl Scheduler {
