@@ -332,6 +332,29 @@ impl Dir {
         Ok(typed)
     }
 
+    /// Every FIFO, socket and device node below this directory (paths
+    /// relative to it), found through held directories.
+    pub fn specials(&self) -> Result<Vec<PathBuf>, PathError> {
+        let mut out = Vec::new();
+        let mut stack = vec![(self.try_clone()?, PathBuf::new())];
+        while let Some((dir, rel)) = stack.pop() {
+            for (name, kind) in dir.entries()? {
+                match kind {
+                    Kind::Special => out.push(rel.join(&name)),
+                    Kind::Dir => match dir.open(Path::new(&name)) {
+                        Ok(sub) => stack.push((sub, rel.join(&name))),
+                        // Swapped meanwhile: not a directory any more.
+                        Err(PathError::Symlink { .. } | PathError::NotDirectory { .. } | PathError::Missing { .. }) => {
+                        }
+                        Err(e) => return Err(e),
+                    },
+                    _ => {}
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// What `name` here is (None: it does not exist).
     pub fn kind_of(&self, name: &OsStr) -> Result<Option<Kind>, PathError> {
         Ok(self.lstat(name)?.map(|st| Kind::of(st.st_mode)))

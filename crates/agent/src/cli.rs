@@ -184,9 +184,23 @@ pub struct RestoreArgs {
     /// Only these sub-paths of the volume (repeatable).
     #[arg(long)]
     pub include: Vec<String>,
-    /// Restore over the live source (through the agent only).
+    /// Restore over the live source (through the agent only). On a
+    /// terminal the CLI first shows what would change (restic 0.18+) and
+    /// asks.
     #[arg(long, conflicts_with_all = ["target", "repo"])]
     pub in_place: bool,
+    /// With --in-place: also delete what the snapshot does not hold, so the
+    /// volume becomes exactly the snapshot (restic 0.18+ on the node).
+    /// Without a terminal, --yes is required.
+    #[arg(long, requires = "in_place")]
+    pub delete: bool,
+    /// With --in-place: only show what the restore would overwrite,
+    /// restore and delete; write nothing.
+    #[arg(long, requires = "in_place")]
+    pub dry_run: bool,
+    /// Do not ask before an in-place restore (for scripts).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
     /// Read restored files back and compare them with the repository.
     #[arg(long)]
     pub verify: bool,
@@ -514,7 +528,31 @@ async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> 
             if let Some(t) = &a.target {
                 body["target"] = json!(t);
             }
-            let run = c.call(Method::POST, &format!("/v1/policies/{}/restore", enc(&policy)), Some(body)).await?;
+            if a.delete {
+                body["delete"] = json!(true);
+            }
+            let path = format!("/v1/policies/{}/restore", enc(&policy));
+            if a.dry_run {
+                body["dryRun"] = json!(true);
+                let run = c.call(Method::POST, &path, Some(body)).await?;
+                let end = follow_run(c, run["id"].as_str().unwrap_or_default()).await?;
+                print_value(out, &end, |v| print_preview(&v["summary"]["restorePreview"]));
+                if let Some(e) = end["error"]["message"].as_str() {
+                    eprintln!("error: {e}");
+                }
+                return Ok(exit_code_for(end["state"].as_str().unwrap_or("")));
+            }
+            if a.in_place && !a.yes {
+                let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
+                if !interactive && a.delete {
+                    bail!("an in-place restore with --delete removes files: add --yes to run it without a terminal to confirm on");
+                }
+                if interactive && !confirm_in_place(c, &path, &body, &policy).await? {
+                    eprintln!("nothing was restored");
+                    return Ok(1);
+                }
+            }
+            let run = c.call(Method::POST, &path, Some(body)).await?;
             return finish_run(c, out, run, a.follow).await;
         }
         Command::Maintenance { policy, forget, prune, check, read_data_subset, follow } => {
@@ -568,6 +606,51 @@ async fn finish_run(c: &Client, out: Output, run: Value, follow: bool) -> anyhow
         eprintln!("warning: {w}");
     }
     Ok(exit_code_for(end["state"].as_str().unwrap_or("")))
+}
+
+/// Show what an in-place restore would change (a dry run, where restic
+/// can) and ask on the terminal; true to go on.
+async fn confirm_in_place(c: &Client, path: &str, body: &Value, policy: &str) -> anyhow::Result<bool> {
+    let mut dry = body.clone();
+    dry["dryRun"] = json!(true);
+    match c.call(reqwest::Method::POST, path, Some(dry)).await {
+        Ok(run) => {
+            let end = follow_run(c, run["id"].as_str().unwrap_or_default()).await?;
+            if end["state"] != "succeeded" {
+                bail!("the preview failed: {}", s(&end["error"]["message"]));
+            }
+            print_preview(&end["summary"]["restorePreview"]);
+        }
+        // restic too old for a preview: ask without one.
+        Err(e) if e.to_string().contains("dryRun") => {
+            eprintln!("(no preview: {e})");
+        }
+        Err(e) => return Err(e),
+    }
+    eprint!("restore over the live volume of {policy}? [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+fn print_preview(p: &Value) {
+    let n = |k: &str| p[k].as_u64().unwrap_or(0);
+    eprintln!(
+        "the restore would overwrite {} files, restore {} missing, delete {}, leave {} unchanged ({} bytes to write)",
+        n("filesToOverwrite"),
+        n("filesToRestore"),
+        n("filesToDelete"),
+        n("filesUnchanged"),
+        n("bytesToWrite")
+    );
+    for (key, label) in [("overwrite", "overwrite"), ("restore", "restore"), ("delete", "delete")] {
+        for item in p[key].as_array().into_iter().flatten() {
+            eprintln!("  {label:9} {}", item.as_str().unwrap_or_default());
+        }
+    }
+    if p["truncated"].as_bool() == Some(true) {
+        eprintln!("  (more not listed)");
+    }
 }
 
 /// Follow `GET /v1/runs/{id}/events` (server-sent events) until the `end`

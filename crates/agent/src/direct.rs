@@ -117,7 +117,14 @@ pub async fn restore(
         None
     };
     let restic_target = pin.as_ref().map(|p| p.at().to_path_buf()).unwrap_or_else(|| staging.path().to_path_buf());
-    let req = RestoreRequest { snapshot_id: snap.id.clone(), target: restic_target, include, verify, pin };
+    let req = RestoreRequest {
+        snapshot_id: snap.id.clone(),
+        target: restic_target,
+        include,
+        verify,
+        pin,
+        ..Default::default()
+    };
     let result = restic.restore(&repo, &req, &cancel).await;
     if let Err(e) = result {
         let _ = dir.remove(staging_name);

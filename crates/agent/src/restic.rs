@@ -914,16 +914,36 @@ async fn rest_list_snapshots(url: &str) -> Option<Vec<String>> {
 }
 
 /// One restore: a snapshot (by full or short id) into `target`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RestoreRequest {
     pub snapshot_id: String,
     pub target: PathBuf,
-    /// Absolute paths inside the snapshot to restore (all when empty).
+    /// Absolute paths inside the snapshot to restore (all when empty);
+    /// with `folder`, relative to it.
     pub include: Vec<String>,
     pub verify: bool,
     /// The held directory restic writes into, seen at `target` in the
     /// child's own mount namespace (see [`crate::beneath::Pin`]).
     pub pin: Option<Arc<crate::beneath::Pin>>,
+    /// restic 0.17+: restore only this folder of the snapshot, at the
+    /// target's root (`ID:folder`).
+    pub folder: Option<String>,
+    /// restic 0.17+: `--overwrite if-changed` (only files that differ are written).
+    pub overwrite_if_changed: bool,
+    /// restic 0.17+: `--delete` (remove what the snapshot does not hold).
+    pub delete: bool,
+    /// restic 0.17+: `--dry-run -vv`: write nothing, list what would change.
+    pub dry_run: bool,
+    /// Patterns restic neither restores nor deletes (0.17+).
+    pub exclude: Vec<String>,
+}
+
+/// What `restore --json` said (0.16+; nothing with older restic).
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOutcome {
+    pub summary: Option<soda_syncer_domain::restore::RestoreStatus>,
+    /// Every item of a dry run (`verbose_status`), in restic's order.
+    pub items: Vec<soda_syncer_domain::restore::RestoreItem>,
 }
 
 impl Restic {
@@ -951,13 +971,22 @@ impl Restic {
         Ok(soda_syncer_domain::restic_json::parse_ls(&out))
     }
 
-    /// Size and file count a restore of the snapshot writes (`stats --mode restore-size`).
+    /// Size and file count a restore of the snapshot writes: from the
+    /// snapshot's own summary (`snapshots --json`, restic 0.17+, which
+    /// reads one file), else `stats --mode restore-size` (which loads every
+    /// tree of the snapshot).
     pub async fn restore_size(
         &self,
         repo: &Repo,
         snapshot_id: &str,
         cancel: &CancellationToken,
     ) -> Result<(u64, u64), ResticError> {
+        if self.features().snapshot_summary {
+            let snaps = self.snapshots(repo, None, None, &[snapshot_id], cancel).await?;
+            if let Some(s) = snaps.into_iter().next().and_then(|s| s.summary) {
+                return Ok((s.total_bytes_processed, s.total_files_processed));
+            }
+        }
         let out = self
             .simple(
                 repo,
@@ -970,28 +999,81 @@ impl Restic {
         Ok((v["total_size"].as_u64().unwrap_or(0), v["total_file_count"].as_u64().unwrap_or(0)))
     }
 
-    /// `restic restore`. restic 0.14 prints no progress for restores; the
-    /// caller measures what has been written instead.
+    /// `restic restore`, without progress.
     pub async fn restore(
         &self,
         repo: &Repo,
         req: &RestoreRequest,
         cancel: &CancellationToken,
     ) -> Result<(), ResticError> {
-        let mut args: Vec<OsString> =
-            vec!["restore".into(), req.snapshot_id.clone().into(), "--target".into(), req.target.clone().into()];
+        self.restore_with_progress(repo, req, cancel, &mut |_| {}).await.map(|_| ())
+    }
+
+    /// `restic restore`. From 0.16 on with `--json`: `progress` gets each
+    /// status line and the outcome carries restic's summary (restic 0.14
+    /// prints nothing while it restores; the caller measures instead).
+    pub async fn restore_with_progress(
+        &self,
+        repo: &Repo,
+        req: &RestoreRequest,
+        cancel: &CancellationToken,
+        progress: &mut (dyn FnMut(&soda_syncer_domain::restore::RestoreStatus) + Send),
+    ) -> Result<RestoreOutcome, ResticError> {
+        use soda_syncer_domain::restore::{parse_restore_line, RestoreMessage};
+        let features = self.features();
+        let what = match &req.folder {
+            Some(folder) => format!("{}:{}", req.snapshot_id, folder),
+            None => req.snapshot_id.clone(),
+        };
+        let mut args: Vec<OsString> = vec!["restore".into(), what.into(), "--target".into(), req.target.clone().into()];
+        if features.restore_json {
+            args.push("--json".into());
+        }
         for i in &req.include {
             args.push("--include".into());
             args.push(i.into());
         }
+        for e in &req.exclude {
+            args.push("--exclude".into());
+            args.push(e.into());
+        }
         if req.verify {
             args.push("--verify".into());
+        }
+        if req.overwrite_if_changed {
+            args.push("--overwrite".into());
+            args.push("if-changed".into());
+        }
+        if req.delete {
+            args.push("--delete".into());
+        }
+        if req.dry_run {
+            args.push("--dry-run".into());
+            args.push("-vv".into());
         }
         let isolation = match &req.pin {
             Some(pin) => Isolation::Pinned(pin),
             None => Isolation::None,
         };
-        self.simple_in(repo, args, cancel, isolation).await.map(|_| ())
+        let mut outcome = RestoreOutcome::default();
+        let exec = self
+            .exec_in(
+                repo,
+                &args,
+                cancel,
+                |line| match parse_restore_line(line) {
+                    Some(RestoreMessage::Status(s)) => progress(&s),
+                    Some(RestoreMessage::Summary(s)) => outcome.summary = Some(s),
+                    Some(RestoreMessage::VerboseStatus(i)) if req.dry_run => outcome.items.push(i),
+                    _ => {}
+                },
+                isolation,
+            )
+            .await?;
+        if exec.code != 0 {
+            return Err(self.classify(repo, "restore", exec));
+        }
+        Ok(outcome)
     }
 
     /// `restic prune`, after removing stale locks if the repository is locked.

@@ -10,6 +10,7 @@ pub mod drill;
 pub mod policy;
 pub mod restic_json;
 pub mod restic_version;
+pub mod restore;
 pub mod retention;
 pub mod run;
 pub mod schedule;

@@ -238,6 +238,20 @@ pub struct RunSummary {
     pub bytes_checked: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mismatches: Vec<String>,
+    /// Restores with restic 0.16+ (`restore --json`): files and bytes
+    /// written, files left as they were (unchanged, in place), files
+    /// deleted (`delete`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub files_restored: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub files_skipped: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub files_deleted: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes_restored: u64,
+    /// A restore with `dryRun`: what it would change (nothing was written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_preview: Option<crate::restore::RestorePreview>,
 }
 
 fn is_zero(n: &u64) -> bool {

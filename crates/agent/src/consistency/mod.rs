@@ -139,6 +139,14 @@ fn allowed_hooks(config: &Config) -> Vec<String> {
     config.hook_allow.iter().map(|p| p.display().to_string()).collect()
 }
 
+/// The device, filesystem type and mount point of the filesystem `path`
+/// is on (found by its mount id), for messages.
+pub fn filesystem_of(path: &Path) -> Option<(String, String, String)> {
+    let entries = inspect::mounts().ok()?;
+    let m = inspect::mount_for(&entries, path)?;
+    Some((m.source, m.fs_type, m.mount_point))
+}
+
 /// A local repository's path (`/srv/repo` or `local:/srv/repo`).
 pub fn local_repository(url: &str) -> Option<PathBuf> {
     let p = url.strip_prefix("local:").unwrap_or(url);
