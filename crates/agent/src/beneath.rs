@@ -902,6 +902,39 @@ mod tests {
     }
 
     #[test]
+    fn a_child_sees_the_pinned_directory_at_the_fixed_path_and_follows_no_link_there() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // mounts need root
+        }
+        let (t, root) = tree();
+        std::fs::write(root.join("a/b/inside"), "held").unwrap();
+        symlink(t.path().join("outside"), root.join("a/b/link")).unwrap();
+        let at = t.path().join("pin-point");
+        std::fs::create_dir_all(&at).unwrap();
+        let held = root_dir(&root).open(Path::new("a/b")).unwrap();
+        let pin = std::sync::Arc::new(Pin::writable(&held, &at).unwrap());
+        let script =
+            format!("cat '{at}/inside'; cat '{at}/link/secret' 2>&1; echo new > '{at}/made-here'", at = at.display());
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", &script]);
+        let p = pin.clone();
+        // SAFETY: `enter` makes only system calls on memory allocated before the fork.
+        unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || p.enter()) };
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.starts_with("held"), "{stdout}");
+        assert!(stdout.contains("Too many levels of symbolic links"), "{stdout}");
+        assert!(!stdout.contains("host file"), "{stdout}");
+        assert_eq!(
+            std::fs::read_to_string(root.join("a/b/made-here")).unwrap(),
+            "new\n",
+            "written into the held directory"
+        );
+        assert!(std::fs::read_dir(&at).unwrap().next().is_none(), "nothing visible at the pin point outside the child");
+    }
+
+    #[test]
     fn space_reports_the_filesystem_of_the_held_directory() {
         let (_t, root) = tree();
         let (free, size) = root_dir(&root).space().unwrap();

@@ -154,6 +154,7 @@ pub fn volume(dir: &Path) {
     std::fs::write(dir.join("a/b/c/three.txt"), "three").unwrap();
     std::fs::write(dir.join("passwd"), "the volume's own passwd").unwrap();
     std::fs::write(dir.join("secret"), "the volume's own secret").unwrap();
+    std::fs::write(dir.join("data.bin"), "the volume's own data").unwrap();
 }
 
 pub async fn backed_up_policy(c: &Case, name: &str, source: &Path) -> String {
@@ -359,13 +360,18 @@ fn plant(target: &Path, sentinel: &Path, device: Option<(u32, u32)>) {
     let st = Command::new("mkfifo").arg(target.join("passwd")).status().unwrap();
     assert!(st.success());
     if let Some((major, minor)) = device {
+        // a device node of a host disk: beside the snapshot's files, and
+        // where the snapshot has a file
         std::fs::create_dir_all(target.join("dev")).unwrap();
-        let st = Command::new("mknod")
-            .arg(target.join("dev/disk"))
-            .args(["b", &major.to_string(), &minor.to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        std::fs::remove_file(target.join("data.bin")).unwrap();
+        for node in ["dev/disk", "data.bin"] {
+            let st = Command::new("mknod")
+                .arg(target.join(node))
+                .args(["b", &major.to_string(), &minor.to_string()])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
     }
 }
 
@@ -414,6 +420,7 @@ async fn an_in_place_restore_replaces_planted_links_hard_links_fifos_and_device_
         ("a/b/c/three.txt", "three"),
         ("secret", "the volume's own secret"),
         ("passwd", "the volume's own passwd"),
+        ("data.bin", "the volume's own data"),
     ] {
         let m = vol.join(rel).symlink_metadata().unwrap();
         assert!(m.is_file(), "{rel} is a regular file again");

@@ -494,3 +494,212 @@ async fn restored_snapshots_come_from_the_run_records_unless_the_repository_hold
     assert_eq!(snapshots_calls(), before + 1, "restic was asked for the latest snapshot");
     rest.stop();
 }
+
+/// The restic the agent will find (first on PATH): (minor, "0.x.y").
+fn restic_on_path() -> (u32, String) {
+    let out = Command::new("restic").arg("version").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let version = text.split_whitespace().nth(1).unwrap_or_default().to_string();
+    let minor = version.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(0);
+    (minor, version)
+}
+
+/// restic 0.18+: the agent restores in place with restic's own restore.
+fn restores_in_place_natively() -> bool {
+    restic_on_path().0 >= 18
+}
+
+/// What an application does to its volume after the snapshot.
+fn change_after_the_snapshot(src: &Path) {
+    std::fs::write(src.join("dir/sub/f00001"), "corrupted by the application").unwrap();
+    std::fs::remove_file(src.join("zero")).unwrap();
+    std::fs::remove_dir(src.join("empty")).unwrap();
+    std::fs::write(src.join("new-file"), "created after the snapshot").unwrap();
+    std::fs::create_dir_all(src.join("new-dir/deeper")).unwrap();
+    std::fs::write(src.join("new-dir/deeper/file"), "x").unwrap();
+    std::os::unix::fs::symlink("elsewhere", src.join("new-link")).unwrap();
+    std::fs::set_permissions(src.join("dir/sub"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(src.join("small.txt"), Some(42), Some(42)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_in_place_restore_with_delete_leaves_exactly_the_snapshot_or_names_the_restic_it_needs() {
+    let s = setup();
+    let src = s.tmp.path().join("volume");
+    build_tree(&src);
+    let id = backed_up_policy(&s, "exact", &src, &s.rest.url("exact"), json!({})).await;
+    let snapshot = snapshot_tree(&src);
+    change_after_the_snapshot(&src);
+    let (_, version) = restic_on_path();
+    if !restores_in_place_natively() {
+        let (st, v) = s
+            .agent
+            .call("POST", &format!("/v1/policies/{id}/restore"), Some(json!({"inPlace": true, "delete": true})))
+            .await;
+        assert_eq!(st, 422, "{v}");
+        assert_eq!(v["error"]["field"], "delete", "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("0.17") && message.contains(&version), "names 0.17 and {version}: {message}");
+        return;
+    }
+    let run = run_to_end(&s.agent, &id, "restore", Some(json!({"inPlace": true, "delete": true}))).await;
+    assert_eq!(run["state"], "succeeded", "{run}\n{}", s.agent.log_text());
+    let after = snapshot_tree(&src);
+    assert_eq!(snapshot.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>(), "the same entries");
+    for (path, want) in &snapshot {
+        assert_eq!(Some(want), after.get(path), "{} differs", path.display());
+    }
+    // And as diff sees it, against a plain restore of the same snapshot.
+    let fresh = s.tmp.path().join("fresh");
+    let plain = run_to_end(&s.agent, &id, "restore", Some(json!({"target": fresh}))).await;
+    assert_eq!(plain["state"], "succeeded", "{plain}");
+    let diff = Command::new("diff").args(["-r", "--no-dereference"]).arg(&src).arg(&fresh).output().unwrap();
+    assert!(diff.status.success(), "{}", String::from_utf8_lossy(&diff.stdout));
+    // restic's own counts (restore --json): something written, the four
+    // entries made after the snapshot deleted.
+    let summary = &run["summary"];
+    assert!(summary["filesRestored"].as_u64().unwrap() >= 2, "{summary}");
+    assert!(summary["filesDeleted"].as_u64().unwrap() >= 3, "{summary}");
+    assert!(summary["filesSkipped"].as_u64().unwrap() >= 5, "unchanged files are not rewritten: {summary}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_lists_what_an_in_place_restore_would_change_and_the_cli_asks_before_deleting() {
+    let s = setup();
+    let src = s.tmp.path().join("volume");
+    build_tree(&src);
+    let id = backed_up_policy(&s, "preview", &src, &s.rest.url("preview"), json!({})).await;
+    let snapshot = snapshot_tree(&src);
+    change_after_the_snapshot(&src);
+    let changed = crate::paths::fingerprint(&src);
+    let (_, version) = restic_on_path();
+    if !restores_in_place_natively() {
+        let (st, v) = s
+            .agent
+            .call("POST", &format!("/v1/policies/{id}/restore"), Some(json!({"inPlace": true, "dryRun": true})))
+            .await;
+        assert_eq!(st, 422, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(&version), "{v}");
+        return;
+    }
+    let run =
+        run_to_end(&s.agent, &id, "restore", Some(json!({"inPlace": true, "delete": true, "dryRun": true}))).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    let p = &run["summary"]["restorePreview"];
+    let listed = |k: &str| p[k].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert!(listed("overwrite").contains(&"dir/sub/f00001".to_string()), "{p}");
+    assert!(listed("restore").contains(&"zero".to_string()), "{p}");
+    for gone in ["new-file", "new-dir", "new-link"] {
+        assert!(listed("delete").iter().any(|d| d == gone), "{gone}: {p}");
+    }
+    assert!(p["bytesToWrite"].as_u64().unwrap() > 0, "{p}");
+    assert_eq!(crate::paths::fingerprint(&src), changed, "a dry run writes nothing");
+    // Without delete, nothing is listed for deletion.
+    let run = run_to_end(&s.agent, &id, "restore", Some(json!({"inPlace": true, "dryRun": true}))).await;
+    assert_eq!(run["summary"]["restorePreview"]["filesToDelete"], 0, "{run}");
+    let (st, v) = s.agent.call("POST", &format!("/v1/policies/{id}/restore"), Some(json!({"delete": true}))).await;
+    assert_eq!((st, v["error"]["field"].as_str()), (422, Some("delete")), "delete goes with inPlace: {v}");
+
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["--server", &s.agent.url, "--agent-state-dir"])
+            .arg(&s.agent.state_dir)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) = cli(&["restore", "preview", "--in-place", "--dry-run"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("overwrite") && stderr.contains("dir/sub/f00001"), "{stderr}");
+    let (code, stderr) = cli(&["restore", "preview", "--in-place", "--delete", "--follow"]);
+    assert_eq!(code, Some(1), "no terminal to ask on, no --yes: {stderr}");
+    assert!(stderr.contains("--yes"), "{stderr}");
+    assert_eq!(crate::paths::fingerprint(&src), changed, "nothing was restored");
+    let (code, stderr) = cli(&["restore", "preview", "--in-place", "--delete", "--yes", "--follow"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(snapshot_tree(&src), snapshot, "the volume is the snapshot again");
+}
+
+/// A small ext4 filesystem on a loop device, unmounted and detached on drop.
+struct SmallFs {
+    device: String,
+    mnt: PathBuf,
+}
+
+impl SmallFs {
+    fn new(image: &Path, mb: u64, mnt: &Path) -> SmallFs {
+        std::fs::File::create(image).unwrap().set_len(mb << 20).unwrap();
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(image).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let device = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let fs = SmallFs { device: device.clone(), mnt: mnt.to_path_buf() };
+        assert!(Command::new("mkfs.ext4").args(["-q", "-m", "0", &device]).status().unwrap().success());
+        std::fs::create_dir_all(mnt).unwrap();
+        assert!(Command::new("mount").arg(&device).arg(mnt).status().unwrap().success());
+        fs
+    }
+
+    fn free(&self) -> u64 {
+        let c = CString::new(self.mnt.as_os_str().as_bytes()).unwrap();
+        // SAFETY: statvfs is plain old data; a valid path and out pointer.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        st.f_bfree as u64 * st.f_frsize as u64
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if Command::new("umount").arg(&self.mnt).output().is_ok_and(|o| o.status.success()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = Command::new("losetup").args(["-d", &self.device]).output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_in_place_restore_on_a_nearly_full_volume_writes_only_what_differs_or_is_refused_naming_the_device() {
+    // The issue's case: 24 MB of data, 6 MB free, 5 of 25 files corrupted.
+    let s = setup();
+    let mnt = s.tmp.path().join("small");
+    let fs = SmallFs::new(&s.tmp.path().join("small.img"), 40, &mnt);
+    let src = mnt.join("data");
+    fill(&src, 25, 960 * 1024);
+    let ballast = fs.free().saturating_sub(6 << 20);
+    std::fs::write(mnt.join("ballast"), vec![1u8; ballast as usize]).unwrap();
+    let id = backed_up_policy(&s, "full", &src, &s.rest.url("full"), json!({})).await;
+    let originals: Vec<Vec<u8>> = (0..5).map(|i| std::fs::read(src.join(format!("f{i:05}"))).unwrap()).collect();
+    for i in 0..5 {
+        std::fs::write(src.join(format!("f{i:05}")), vec![0xeeu8; 960 * 1024]).unwrap();
+    }
+    let run = run_to_end(&s.agent, &id, "restore", Some(json!({"inPlace": true}))).await;
+    if restores_in_place_natively() {
+        assert_eq!(run["state"], "succeeded", "{run}\n{}", s.agent.log_text());
+        for (i, want) in originals.iter().enumerate() {
+            assert_eq!(&std::fs::read(src.join(format!("f{i:05}"))).unwrap(), want, "f{i:05}");
+        }
+        let written = run["summary"]["bytesRestored"].as_u64().unwrap();
+        assert_eq!(written, 5 * 960 * 1024, "only the corrupted files were written: {run}");
+    } else {
+        // The staging restore needs the whole snapshot beside the volume:
+        // refused before writing, naming the device and the sizes.
+        assert_eq!(run["state"], "failed", "{run}");
+        assert_eq!(run["error"]["code"], "disk_full", "{run}");
+        let message = run["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&fs.device) && message.contains("ext4"), "names the device: {message}");
+        assert!(message.contains("nothing was written") && message.contains("MiB"), "{message}");
+        assert!(message.contains("restic 0.18"), "says what would fit: {message}");
+        assert_eq!(std::fs::read(src.join("f00000")).unwrap(), vec![0xeeu8; 960 * 1024], "untouched");
+        let left: Vec<_> = std::fs::read_dir(&src)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".soda-syncer-restore"))
+            .collect();
+        assert!(left.is_empty(), "no staging directory left");
+    }
+}
