@@ -635,8 +635,10 @@ impl Scheduler {
         let outcome = match result {
             Ok(o) => o,
             Err(e) => {
+                // Measured before the partial files are removed.
+                let e = self.restore_error(e, target, job.target_path);
                 let _ = target.remove(&staging_name);
-                return Err(self.restore_error(e, target, job.target_path));
+                return Err(e);
             }
         };
         let moved = match staging.open(Path::new(job.root.trim_start_matches('/'))) {

@@ -703,3 +703,24 @@ async fn an_in_place_restore_on_a_nearly_full_volume_writes_only_what_differs_or
         assert!(left.is_empty(), "no staging directory left");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_that_runs_out_of_space_names_the_filesystem_that_filled_up() {
+    // A sub-path restore is not measured beforehand: restic meets the full
+    // disk, and the error says which filesystem it was (not the repository).
+    let s = setup();
+    let src = s.tmp.path().join("volume");
+    fill(&src.join("big"), 12, 1 << 20);
+    let id = backed_up_policy(&s, "enospc", &src, &s.rest.url("enospc"), json!({})).await;
+    let mnt = s.tmp.path().join("small");
+    let fs = SmallFs::new(&s.tmp.path().join("small.img"), 16, &mnt);
+    let ballast = fs.free().saturating_sub(4 << 20);
+    std::fs::write(mnt.join("ballast"), vec![1u8; ballast as usize]).unwrap();
+    let target = mnt.join("restored");
+    let run = run_to_end(&s.agent, &id, "restore", Some(json!({"target": target, "include": ["big"]}))).await;
+    assert_eq!(run["state"], "failed", "{run}");
+    assert_eq!(run["error"]["code"], "disk_full", "{run}");
+    let message = run["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&fs.device) && message.contains("the restore's target"), "{message}");
+    assert!(!message.contains("the repository, or the cache"), "{message}");
+}
