@@ -14,6 +14,7 @@ mod image;
 mod kube;
 mod legacy;
 mod lifecycle;
+mod newuser;
 mod ops;
 mod restic_versions;
 mod restore;
