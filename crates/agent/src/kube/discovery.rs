@@ -131,6 +131,21 @@ impl View {
     pub(super) fn claim(&self, key: &str) -> Option<ClaimInfo> {
         self.lock().claims.get(key).cloned()
     }
+    /// The claim (`namespace/claim`) bound to a PersistentVolume.
+    pub(super) fn claim_of_volume(&self, pv: &str) -> Option<String> {
+        let st = self.lock();
+        st.claims.iter().find(|(_, c)| c.volume.as_deref() == Some(pv)).map(|(k, _)| k.clone())
+    }
+    /// The local or hostPath PersistentVolume whose path on the node is `path`.
+    pub(super) fn volume_at_path(&self, path: &str) -> Option<String> {
+        let st = self.lock();
+        st.pvs
+            .iter()
+            .find(
+                |(_, v)| matches!(&v.source, PvSource::Local { path: p } | PvSource::HostPath { path: p } if p == path),
+            )
+            .map(|(k, _)| k.clone())
+    }
     /// The running pods on this node that use a claim (`namespace/claim`), by name.
     pub(super) fn pods_using(&self, claim: &str) -> Vec<PodUser> {
         let (namespace, name) = claim.split_once('/').unwrap_or(("", claim));
@@ -598,7 +613,7 @@ async fn reconcile(
         };
         if let Some((reason, message)) = problem {
             tracing::warn!(claim = %key, reason, %message, "claim opted in but not backed up as asked");
-            reporter.claim_problem(&v.namespace, &v.claim, reason, &message).await;
+            reporter.claim_problem(&v.namespace, &v.claim, reason, &message);
             // A typo in an annotation (or a profile) keeps the last good
             // settings running; a volume that cannot be read, or a profile
             // that is gone, pauses its policy.
@@ -642,11 +657,11 @@ async fn reconcile(
                     tracing::info!(claim = %key, policy = %p.id, reason, "claim's policy applied");
                 }
                 let p = sched.store().get_policy(&p.id).unwrap_or(p);
-                reporter.claim_active(&v.namespace, &v.claim, &p, reason).await;
+                reporter.claim_active(&v.namespace, &v.claim, &p, reason);
             }
             Err(message) => {
                 tracing::warn!(claim = %key, %message, "cannot make a policy for the claim");
-                reporter.claim_problem(&v.namespace, &v.claim, "BackupPolicyRejected", &message).await;
+                reporter.claim_problem(&v.namespace, &v.claim, "BackupPolicyRejected", &message);
             }
         }
     }
@@ -685,7 +700,7 @@ async fn pause(
         tracing::warn!(error = %e, "cannot pause the policy");
     }
     if report {
-        reporter.claim_paused(&v.namespace, &v.claim, why).await;
+        reporter.claim_paused(&v.namespace, &v.claim, why);
     }
 }
 

@@ -134,8 +134,9 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
         tasks.spawn(soda_sync::SodaSync::new(client.clone(), p.clone(), config).run(cancel.clone()));
     }
     sched.set_pod_hooks(std::sync::Arc::new(exec::PodExec::new(client.clone(), view.clone())));
-    let reporter = status::Reporter::new(client.clone(), config, view.clone());
+    let reporter = status::Reporter::new(client.clone(), config, view.clone(), sched.clone());
     discovery::start(client.clone(), sched.clone(), reporter.clone(), view, &mut tasks, cancel.clone());
+    tasks.spawn(reporter.clone().write_loop(cancel.clone()));
     tasks.spawn(status::report_runs(sched.clone(), reporter, cancel.clone()));
     let fanout = LegacyFanout::new(client, config);
     sched.set_legacy_publisher(std::sync::Arc::new(fanout.clone()));

@@ -5,6 +5,7 @@
 mod api;
 mod auth;
 mod backup;
+mod claim_status;
 mod consistency;
 mod deploy;
 mod drill;
