@@ -114,6 +114,9 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Every claim of the cluster: protected or why not, its deadline, overdue or not (from the
+    /// API server; works with agents down). Exit code 0 only when no claim is past its deadline.
+    Cluster(crate::kube::cluster::ClusterArgs),
     /// List runs, newest first.
     Runs {
         /// Only runs of this policy (id or name).
@@ -447,6 +450,18 @@ async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> 
     use reqwest::Method;
     match cmd {
         Command::Serve(_) => unreachable!("handled by main"),
+        Command::Cluster(args) => {
+            let inv = crate::kube::cluster::inventory(&args).await?;
+            let report = crate::kube::cluster::report(&inv, chrono::Utc::now());
+            match out {
+                Output::Table => crate::kube::cluster::print_table(&report),
+                _ => print_value(out, &serde_json::to_value(&report)?, |_| {}),
+            }
+            if out != Output::Table {
+                eprintln!("{}", report.summary_line());
+            }
+            return Ok(report.exit_code());
+        }
         Command::Policy(PolicyCommand::List) => {
             let all = all_policies(c).await?;
             print_policies(out, &json!({ "policies": all }));
@@ -775,7 +790,7 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {

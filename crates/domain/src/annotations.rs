@@ -251,7 +251,7 @@ pub fn parse(
 }
 
 /// Go's `strconv.ParseBool` spellings, as K8up accepts them.
-fn parse_bool(key: &str, v: &str) -> Result<bool, FieldError> {
+pub fn parse_bool(key: &str, v: &str) -> Result<bool, FieldError> {
     match v {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),

@@ -9,6 +9,7 @@
 //! profiles (`profiles`) and one leader mirrors the cluster's CSI volumes
 //! in SODA (`soda_sync`).
 
+pub mod cluster;
 mod discovery;
 mod exec;
 mod fanout;
@@ -115,7 +116,15 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
     // if this agent dies, and can tell when another host's agent died.
     let mut tasks = tokio::task::JoinSet::new();
     let hostname = crate::restic::own_hostname();
-    lease::keep_alive(client.clone(), &config.namespace, &hostname, sched.restic().clone(), &mut tasks, cancel.clone());
+    lease::keep_alive(
+        client.clone(),
+        &config.namespace,
+        &hostname,
+        &config.node_name,
+        sched.restic().clone(),
+        &mut tasks,
+        cancel.clone(),
+    );
     sched.restic().set_lock_holders(std::sync::Arc::new(lease::HostLeases {
         api: kube::Api::namespaced(client.clone(), &config.namespace),
     }));

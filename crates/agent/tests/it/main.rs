@@ -6,6 +6,7 @@ mod api;
 mod auth;
 mod backup;
 mod claim_status;
+mod cluster_view;
 mod consistency;
 mod deploy;
 mod drill;
