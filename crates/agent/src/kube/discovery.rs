@@ -45,7 +45,7 @@ use crate::store::{PolicyRecord, PolicyStatus};
 /// The prefix of the store key that ties a policy to its claim.
 pub(super) const KEY_PREFIX: &str = "kube:";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct PodInfo {
     uid: String,
     namespace: String,
@@ -59,7 +59,7 @@ struct PodInfo {
 }
 
 /// A pod on this node that uses a claim, as application hooks need it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct PodUser {
     pub namespace: String,
     pub name: String,
@@ -67,7 +67,7 @@ pub(super) struct PodUser {
     pub hooks: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct ClaimInfo {
     pub uid: String,
     pub annotations: BTreeMap<String, String>,
@@ -76,7 +76,7 @@ pub(super) struct ClaimInfo {
     pub bound: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 enum PvSource {
     Csi { driver: String },
     Local { path: String },
@@ -84,20 +84,20 @@ enum PvSource {
     Other { plugin: String },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct PvInfo {
     source: PvSource,
     block: bool,
     affinity: Option<NodeSelector>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct ClassInfo {
     annotations: BTreeMap<String, String>,
     profile: Option<String>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct NodeInfo {
     labels: BTreeMap<String, String>,
 }
@@ -234,6 +234,7 @@ async fn watch<K, T>(
     cancel: CancellationToken,
 ) where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    T: PartialEq,
 {
     let kind = std::any::type_name::<K>().rsplit("::").next().unwrap_or("object");
     let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
@@ -276,18 +277,22 @@ async fn watch<K, T>(
                         st.synced |= 1 << bit;
                         true
                     }
+                    // Only a change of what the view keeps wakes the
+                    // reconciler: the agent's own status annotations on a
+                    // claim (see `prefixed`) come back as watch events.
                     Event::Apply(o) => {
                         let mut st = view.lock();
+                        let t = table(&mut st);
                         match map(&o) {
-                            (k, Some(v)) => table(&mut st).insert(k, v),
-                            (k, None) => table(&mut st).remove(&k),
-                        };
-                        true
+                            (k, Some(v)) if t.get(&k) == Some(&v) => false,
+                            (k, Some(v)) => {
+                                t.insert(k, v);
+                                true
+                            }
+                            (k, None) => t.remove(&k).is_some(),
+                        }
                     }
-                    Event::Delete(o) => {
-                        table(&mut view.lock()).remove(&map(&o).0);
-                        true
-                    }
+                    Event::Delete(o) => table(&mut view.lock()).remove(&map(&o).0).is_some(),
                 }
             }
         };
@@ -301,8 +306,27 @@ fn ns_key<K: Resource>(o: &K) -> String {
     format!("{}/{}", o.meta().namespace.as_deref().unwrap_or(""), o.meta().name.as_deref().unwrap_or(""))
 }
 
+/// The `soda-syncer.io/` annotations the reconciler reads: a user's keys,
+/// and of the agent's own status only the node (the others it only writes).
 fn prefixed(a: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    a.iter().filter(|(k, _)| k.starts_with(PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect()
+    use annotations::status_keys as sk;
+    let written = [
+        sk::POLICY,
+        sk::POLICY_NAME,
+        sk::LAST_BACKUP_TIME,
+        sk::LAST_BACKUP_STATE,
+        sk::LAST_SNAPSHOT,
+        sk::LAST_ERROR,
+        sk::LAST_SUCCESS_TIME,
+        sk::NEXT_BACKUP_TIME,
+        sk::BACKUP_DEADLINE,
+        sk::CONSISTENCY_USED,
+        sk::STATUS,
+    ];
+    a.iter()
+        .filter(|(k, _)| k.starts_with(PREFIX) && !written.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn pod_info(p: &Pod) -> (String, Option<PodInfo>) {
