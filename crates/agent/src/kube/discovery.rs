@@ -136,6 +136,21 @@ impl View {
         let st = self.lock();
         st.claims.iter().find(|(_, c)| c.volume.as_deref() == Some(pv)).map(|(k, _)| k.clone())
     }
+    /// Every bound claim by its PersistentVolume, and every local or
+    /// hostPath PersistentVolume by its path (for many lookups at once).
+    pub(super) fn claim_index(&self) -> (HashMap<String, String>, HashMap<String, String>) {
+        let st = self.lock();
+        let by_volume = st.claims.iter().filter_map(|(k, c)| Some((c.volume.clone()?, k.clone()))).collect();
+        let by_path = st
+            .pvs
+            .iter()
+            .filter_map(|(k, v)| match &v.source {
+                PvSource::Local { path } | PvSource::HostPath { path } => Some((path.clone(), k.clone())),
+                _ => None,
+            })
+            .collect();
+        (by_volume, by_path)
+    }
     /// The local or hostPath PersistentVolume whose path on the node is `path`.
     pub(super) fn volume_at_path(&self, path: &str) -> Option<String> {
         let st = self.lock();

@@ -170,6 +170,16 @@ impl Reporter {
     /// named by the policy's key (annotations, profiles), by its volume
     /// (legacy), or by its source path.
     fn claim_of(&self, policy: &PolicyRecord) -> Option<(String, String)> {
+        self.claim_by(policy, |pv| self.view.claim_of_volume(pv), |path| self.view.volume_at_path(path))
+    }
+
+    /// As `claim_of`, with the view's lookups given (an index for many).
+    fn claim_by(
+        &self,
+        policy: &PolicyRecord,
+        claim_of_volume: impl Fn(&str) -> Option<String>,
+        volume_at_path: impl Fn(&str) -> Option<String>,
+    ) -> Option<(String, String)> {
         let key = if policy.origin == Origin::Kubernetes {
             policy.legacy_key.as_deref().and_then(|k| k.strip_prefix(KEY_PREFIX)).map(str::to_string)
         } else {
@@ -177,8 +187,8 @@ impl Reporter {
                 .volume
                 .clone()
                 .or_else(|| volume_in_kubelet_path(&self.kubelet_dir, Path::new(&policy.spec.source.path)))
-                .or_else(|| self.view.volume_at_path(&policy.spec.source.path));
-            pv.and_then(|pv| self.view.claim_of_volume(&pv))
+                .or_else(|| volume_at_path(&policy.spec.source.path));
+            pv.and_then(|pv| claim_of_volume(&pv))
         }?;
         let (namespace, claim) = key.split_once('/')?;
         Some((namespace.to_string(), claim.to_string()))
@@ -465,8 +475,10 @@ impl Reporter {
     /// before their first run ends.
     fn sweep(&self) {
         let Ok(policies) = self.sched.store().list_policies() else { return };
+        let (by_volume, by_path) = self.view.claim_index();
         for p in policies.iter().filter(|p| p.origin != Origin::Kubernetes) {
-            if let Some((namespace, claim)) = self.claim_of(p) {
+            let found = self.claim_by(p, |pv| by_volume.get(pv).cloned(), |path| by_path.get(path).cloned());
+            if let Some((namespace, claim)) = found {
                 self.claim_active(&namespace, &claim, p, "");
             }
         }
