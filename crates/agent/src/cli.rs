@@ -57,11 +57,11 @@ pub enum Command {
     // The client's global flags are shadowed here by hidden flags that
     // refuse, so `serve --help` lists only the server's flags.
     #[command(
-        arg = client_flag_refused_by_serve("server", "server", None, "serve listens on --listen"),
-        arg = client_flag_refused_by_serve("agent_state_dir", "agent-state-dir", None, "serve takes --state-dir"),
-        arg = client_flag_refused_by_serve("output", "output", Some('o'), "serve prints only its log"),
-        arg = client_flag_refused_by_serve("ca_file", "ca-file", None, "serve takes --tls-cert and --tls-key"),
-        arg = client_flag_refused_by_serve("token", "token", None, "serve reads its tokens from --token-file"),
+        arg = agent_flag_refused("server", "server", None, "serve listens on --listen"),
+        arg = agent_flag_refused("agent_state_dir", "agent-state-dir", None, "serve takes --state-dir"),
+        arg = agent_flag_refused("output", "output", Some('o'), "serve prints only its log"),
+        arg = agent_flag_refused("ca_file", "ca-file", None, "serve takes --tls-cert and --tls-key"),
+        arg = agent_flag_refused("token", "token", None, "serve reads its tokens from --token-file"),
     )]
     Serve(Box<ServeArgs>),
     /// Manage backup policies.
@@ -114,8 +114,17 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Every claim of the cluster: protected or why not, its deadline, overdue or not (from the
-    /// API server; works with agents down). Exit code 0 only when no claim is past its deadline.
+    /// Every claim of the cluster: protected or why not, deadline, overdue (from the API server).
+    ///
+    /// Reads the claims, volumes, storage classes and the agents' liveness Leases, so it answers
+    /// while agents are down. Exit code 0 only when no claim is past its backup deadline.
+    // It asks the API server, not an agent: the agent's connection flags are refused, as for serve.
+    #[command(
+        arg = agent_flag_refused("server", "server", None, "cluster asks the API server: --kubeconfig"),
+        arg = agent_flag_refused("agent_state_dir", "agent-state-dir", None, "cluster asks the API server"),
+        arg = agent_flag_refused("ca_file", "ca-file", None, "the kubeconfig holds the cluster's CA"),
+        arg = agent_flag_refused("token", "token", None, "the kubeconfig holds the credentials"),
+    )]
     Cluster(crate::kube::cluster::ClusterArgs),
     /// List runs, newest first.
     Runs {
@@ -133,15 +142,11 @@ pub enum Command {
     },
 }
 
-/// A hidden `serve` flag in place of a client flag, which says what to use.
-fn client_flag_refused_by_serve(
-    id: &'static str,
-    long: &'static str,
-    short: Option<char>,
-    instead: &'static str,
-) -> clap::Arg {
+/// A hidden flag in place of a global flag for talking to an agent, on a
+/// command that talks to none (`serve`, `cluster`); it says what to use.
+fn agent_flag_refused(id: &'static str, long: &'static str, short: Option<char>, instead: &'static str) -> clap::Arg {
     let arg = clap::Arg::new(id).long(long).hide(true).num_args(1).value_parser(move |_: &str| {
-        Err::<String, String>(format!("--{long} is a flag of the client commands, not of serve ({instead})"))
+        Err::<String, String>(format!("--{long} is for the commands that talk to an agent, not this one ({instead})"))
     });
     match short {
         Some(c) => arg.short(c),

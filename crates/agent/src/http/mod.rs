@@ -903,7 +903,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     tag = "operations",
     responses(
         (status = 200, description = "OpenMetrics text 1.0.0 when accepted, else Prometheus text 0.0.4",
-         content_type = "application/openmetrics-text", body = String),
+         content((String = "application/openmetrics-text"), (String = "text/plain"))),
         (status = 500, description = "The agent's state database failed", body = ErrorBody),
     )
 )]

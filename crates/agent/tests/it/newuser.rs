@@ -143,7 +143,10 @@ fn serve_help_lists_only_the_servers_flags_and_serve_refuses_client_flags() {
     let out = Command::new(BIN).args(["serve", "--server", "http://127.0.0.1:1"]).env_clear().output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("--server is a flag of the client commands, not of serve"), "{err}");
+    assert!(
+        err.contains("--server is for the commands that talk to an agent, not this one (serve listens on --listen)"),
+        "{err}"
+    );
     // The client commands keep their flags, before or after the subcommand.
     let out = Command::new(BIN).args(["runs", "--help"]).env_clear().output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("--server"));
