@@ -141,6 +141,8 @@ pub struct Restic {
     timeout: Duration,
     /// Give up on a repository restic has kept retrying for this long.
     unreachable_after: Duration,
+    /// How long a stopped restic gets between SIGINT and SIGKILL.
+    stop_grace: Duration,
     /// How long to wait for a lock a live process holds.
     lock_wait: Duration,
     /// Serialises `init`, so two policies that share a new repository do
@@ -217,6 +219,7 @@ impl Restic {
             host,
             timeout,
             unreachable_after: Duration::from_secs(300),
+            stop_grace: Duration::from_secs(5),
             lock_wait: Duration::from_secs(600),
             init_lock: Arc::default(),
             init_guard: Arc::default(),
@@ -271,6 +274,14 @@ impl Restic {
     /// run is stopped and reported as `repository_unreachable`.
     pub fn with_unreachable_after(mut self, after: Duration) -> Restic {
         self.unreachable_after = after;
+        self
+    }
+
+    /// A stopped restic removes its lock only once a backend connection is
+    /// free, so on a slow link it may need longer than the default 5 s
+    /// (measured: 6 s at 1 MiB/s with both connections uploading).
+    pub fn with_stop_grace(mut self, grace: Duration) -> Restic {
+        self.stop_grace = grace;
         self
     }
 
@@ -443,7 +454,7 @@ impl Restic {
         let end = match end {
             End::Exited(s) => End::Exited(s),
             other => {
-                kill_group(pid, &mut child).await;
+                kill_group(pid, &mut child, self.stop_grace).await;
                 other
             }
         };
@@ -1203,15 +1214,15 @@ async fn drain_stderr(stderr: impl AsyncRead + Unpin, tail: Arc<Mutex<StderrTail
 }
 
 /// Ask the process group to stop with SIGINT, then kill it if it has not
-/// exited within five seconds. SIGINT because every restic from 0.14 on
+/// exited within `grace`. SIGINT because every restic from 0.14 on
 /// removes its lock on it, while restic before 0.17 dies on SIGTERM without
 /// cleaning up (measured: 0.14 leaves one lock file per stopped backup).
-async fn kill_group(pid: Option<u32>, child: &mut tokio::process::Child) {
+async fn kill_group(pid: Option<u32>, child: &mut tokio::process::Child, grace: Duration) {
     let Some(pid) = pid else { return };
     let pgid = -(pid as i32);
     // SAFETY: kill(2) with a negative pid signals that process group only; it is the group we created for this child.
     unsafe { libc::kill(pgid, libc::SIGINT) };
-    if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
         // SAFETY: as above.
         unsafe { libc::kill(pgid, libc::SIGKILL) };
         let _ = child.wait().await;

@@ -11,6 +11,7 @@ pub mod openapi;
 pub mod serve;
 pub mod slow;
 mod views;
+pub mod waiting;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -31,7 +32,8 @@ use error::{parse_json, ApiJson, ErrorBody};
 use openapi::{PolicyPatch, RunEvent};
 use views::{
     listed_policy_view, policy_view, run_view, CancelRunResponse, DatabaseState, HealthResponse, PolicyList,
-    PolicyView, ReadyResponse, ResticState, RunList, RunView, SchedulerState, SnapshotList, StatusResponse,
+    PolicyView, ReadyResponse, ResticState, RunList, RunView, SchedulerState, SnapshotList, StateLockView,
+    StatusResponse,
 };
 
 use crate::scheduler::legacy::{LegacySnapshotRequest, LegacySnapshotResponse};
@@ -49,6 +51,9 @@ pub struct AppState {
     pub restic_version: Arc<Mutex<Result<String, String>>>,
     pub started: Instant,
     pub auth: Arc<auth::Auth>,
+    /// This agent's entry in the state directory's lock file; `None` when
+    /// no lock is held (routers built in tests).
+    pub state_lock: Option<crate::state_lock::LockHolder>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -856,7 +861,9 @@ async fn healthz() -> Response {
     Json(HealthResponse { status: "ok" }).into_response()
 }
 
-/// Readiness: database open, scheduler running, restic usable.
+/// Readiness: this agent holds the state directory's lock, its database
+/// is open, its scheduler runs and restic is usable. An agent waiting for
+/// the lock answers 503 here with `stateLock.held` false and the holder.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -875,7 +882,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let restic = state.restic_version.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let db_ok = state.sched.store().count_policies().is_ok();
     let sched_ok = state.sched.is_running();
-    let ready = db_ok && sched_ok && restic.is_ok();
+    let held = state.state_lock.is_some();
+    let ready = db_ok && sched_ok && restic.is_ok() && held;
     let body = ReadyResponse {
         ready,
         node: state.sched.config().node_name.clone(),
@@ -887,6 +895,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
         },
         uptime_seconds: state.started.elapsed().as_secs(),
         kubelet_dir: views::KubeletDirView::of(state.sched.config()),
+        state_lock: StateLockView {
+            held,
+            path: crate::state_lock::lock_path(&state.sched.config().state_dir).display().to_string(),
+            holder: state.state_lock.clone(),
+        },
     };
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
@@ -972,6 +985,7 @@ mod tests {
             restic_version: Arc::new(Mutex::new(Ok("0.14.0".into()))),
             started: Instant::now(),
             auth: Arc::new(auth),
+            state_lock: None,
         });
         Harness { app, store, db, data, _dir: dir }
     }
