@@ -15,6 +15,7 @@ mod legacy;
 mod lifecycle;
 mod ops;
 mod restore;
+mod rollout;
 mod schema;
 mod servers;
 mod soda;
