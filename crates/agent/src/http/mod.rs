@@ -493,6 +493,7 @@ async fn resume_policy(State(state): State<AppState>, Path(id): Path<String>) ->
         (status = 404, description = "No such policy", body = ErrorBody),
         (status = 409, description = "The policy already has a queued or running run", body = ErrorBody),
         (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 503, description = "The agent is stopping (agent_stopping): try the next agent", body = ErrorBody),
         (status = 507, description = "The agent's disk is full", body = ErrorBody),
     )
 )]
@@ -518,6 +519,7 @@ async fn run_policy(State(state): State<AppState>, Path(id): Path<String>) -> Re
         (status = 404, description = "No such policy", body = ErrorBody),
         (status = 409, description = "The policy already has a queued or running run", body = ErrorBody),
         (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 503, description = "The agent is stopping (agent_stopping): try the next agent", body = ErrorBody),
         (status = 507, description = "The agent's disk is full", body = ErrorBody),
     )
 )]
@@ -572,6 +574,7 @@ async fn policy_snapshots(State(state): State<AppState>, Path(id): Path<String>)
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid request (the field is named)", body = ErrorBody),
         (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 503, description = "The agent is stopping (agent_stopping): try the next agent", body = ErrorBody),
         (status = 507, description = "The agent's disk is full", body = ErrorBody),
     )
 )]
@@ -604,6 +607,7 @@ async fn restore_policy(
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid request (the field is named)", body = ErrorBody),
         (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 503, description = "The agent is stopping (agent_stopping): try the next agent", body = ErrorBody),
         (status = 507, description = "The agent's disk is full", body = ErrorBody),
     )
 )]
@@ -953,6 +957,8 @@ mod tests {
         store: crate::store::Store,
         db: std::path::PathBuf,
         data: std::path::PathBuf,
+        /// The scheduler's token: cancelled when the agent stops.
+        stop: tokio_util::sync::CancellationToken,
         _dir: tempfile::TempDir,
     }
 
@@ -978,7 +984,8 @@ mod tests {
             "n1".into(),
             std::time::Duration::from_secs(60),
         );
-        let sched = Scheduler::new(store.clone(), restic, config, tokio_util::sync::CancellationToken::new());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let sched = Scheduler::new(store.clone(), restic, config, stop.clone());
         let auth = auth::Auth::new(state_dir.join("token"), auth::LegacyMode::Network, vec![]);
         let app = router(AppState {
             sched,
@@ -987,7 +994,7 @@ mod tests {
             auth: Arc::new(auth),
             state_lock: None,
         });
-        Harness { app, store, db, data, _dir: dir }
+        Harness { app, store, db, data, stop, _dir: dir }
     }
 
     async fn call(h: &Harness, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, String) {
@@ -1032,6 +1039,26 @@ mod tests {
         r.snapshot_id = Some("ab".repeat(32));
         h.store.save_run(&r).unwrap();
         r.id
+    }
+
+    #[tokio::test]
+    async fn a_stopping_agent_refuses_new_runs_with_503_and_queues_nothing() {
+        let h = harness();
+        let body =
+            json!({"name": "late", "source": {"path": h.data}, "schedule": {"intervalSeconds": 3600}, "paused": true});
+        let (st, text) = call(&h, "POST", "/v1/policies", Some(body)).await;
+        assert_eq!(st, StatusCode::CREATED, "{text}");
+        h.stop.cancel();
+        for route in ["run", "drill", "maintenance"] {
+            let body = (route == "maintenance").then(|| json!({"check": true}));
+            let (st, text) = call(&h, "POST", &format!("/v1/policies/late/{route}"), body).await;
+            assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{route}: {text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["error"]["code"], "agent_stopping", "{route}: {text}");
+            assert!(v["error"]["message"].as_str().unwrap().contains("next agent"), "{text}");
+        }
+        let (_, runs) = call(&h, "GET", "/v1/runs", None).await;
+        assert_eq!(serde_json::from_str::<Value>(&runs).unwrap()["runs"], json!([]), "nothing was queued");
     }
 
     #[tokio::test]
