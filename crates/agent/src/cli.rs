@@ -826,6 +826,17 @@ fn print_policies(out: Output, v: &Value) {
 
 fn print_status(v: &Value) {
     println!("node      {}  (soda-syncer {}, up {} s)", s(&v["node"]), s(&v["version"]), s(&v["uptimeSeconds"]));
+    let r = &v["restic"];
+    let features = r["features"].as_array().map(|f| f.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default();
+    println!(
+        "restic    {} ({}); newer features in use: {}",
+        if r["version"].is_null() { "not found".to_string() } else { s(&r["version"]) },
+        s(&r["support"]),
+        if features.is_empty() { "none".to_string() } else { features }
+    );
+    if !r["message"].is_null() {
+        println!("          {}", s(&r["message"]));
+    }
     let sync = &v["sodaSync"];
     if sync.is_null() {
         println!("SODA sync off (no --soda-endpoint, or Kubernetes off)");

@@ -89,6 +89,8 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
 
 impl Agent {
     pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Agent> {
+        // With "restic found" below: which agent and which restic run, first thing in every log.
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), "soda-syncer starting");
         config.validate()?;
         let started_at = chrono::Utc::now();
         let started = Instant::now();
@@ -127,7 +129,13 @@ impl Agent {
         crate::consistency::recover_at_start(&store); // thaw and remove what a crash left
         let version = restic.version().await.map_err(|e| e.to_string());
         match &version {
-            Ok(v) => tracing::info!(version = %v, "restic found"),
+            Ok(v) => {
+                let features = restic.features().names().join(",");
+                tracing::info!(version = %v, features = %features, "restic found");
+                if let Some(warning) = restic.detected_version().and_then(|d| d.support().message(d)) {
+                    tracing::warn!("{warning}");
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "restic is not usable: the agent stays up but is not ready, and runs fail until it is installed")
             }

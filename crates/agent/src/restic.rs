@@ -8,7 +8,7 @@
 use soda_syncer_domain::restic_json::{
     parse_backup_line, BackupMessage, BackupStatus, BackupSummary, ForgetGroup, Snapshot,
 };
-use soda_syncer_domain::restic_version::{Features, ResticVersion};
+use soda_syncer_domain::restic_version::{Features, ResticVersion, Support};
 use soda_syncer_domain::secret::{redact_url, scrub, url_password};
 use soda_syncer_domain::Secret;
 use std::collections::{BTreeMap, VecDeque};
@@ -48,6 +48,8 @@ pub enum ResticError {
     NotInstalled { path: String },
     #[error("cannot start restic: {message}")]
     Spawn { message: String },
+    #[error("{message}")]
+    Unsupported { message: String },
     #[error("wrong password for the repository {repo}: check the policy's repository.password")]
     WrongPassword { repo: String },
     #[error("there is no restic repository at {repo}: {stderr}")]
@@ -64,6 +66,10 @@ pub enum ResticError {
         "no space left on a device restic writes to (the repository, or the cache under the state directory): {stderr}"
     )]
     DiskFull { stderr: String },
+    #[error("the repository {repo} is in a format restic {version} no longer opens (the legacy index or the s3legacy layout): migrate it once with restic 0.17 (`restic migrate` / `restic repair index`) or run the agent with restic 0.17: {stderr}")]
+    LegacyFormat { repo: String, version: String, stderr: String },
+    #[error("restic {command} was interrupted by a signal the agent did not send (exit 130): {stderr}")]
+    Interrupted { command: String, stderr: String },
     #[error("restic {command} was cancelled")]
     Cancelled { command: String },
     #[error("restic {command} was not run or was stopped: {reason}")]
@@ -82,6 +88,7 @@ impl ResticError {
         match self {
             ResticError::NotInstalled { .. } => "restic_missing",
             ResticError::Spawn { .. } => "restic_spawn_failed",
+            ResticError::Unsupported { .. } => "restic_unsupported",
             ResticError::WrongPassword { .. } => "wrong_password",
             ResticError::RepositoryNotFound { .. } => "repository_not_found",
             ResticError::AccessDenied { .. } => "repository_access_denied",
@@ -89,6 +96,8 @@ impl ResticError {
             ResticError::RepositoryUnreachable { .. } => "repository_unreachable",
             ResticError::SourceMissing { .. } => "source_missing",
             ResticError::DiskFull { .. } => "disk_full",
+            ResticError::LegacyFormat { .. } => "repository_format_unsupported",
+            ResticError::Interrupted { .. } => "restic_interrupted",
             ResticError::Cancelled { .. } => "cancelled",
             ResticError::Fenced { .. } => "node_fenced",
             ResticError::TimedOut { .. } => "timed_out",
@@ -290,6 +299,8 @@ impl Restic {
     }
 
     /// `restic version`, e.g. "0.14.0"; remembered for [`Restic::features`].
+    /// A version older than the oldest supported is an error (the agent is
+    /// then not ready); one newer than the newest tested is not.
     pub async fn version(&self) -> Result<String, ResticError> {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("version").env_clear().envs(passthrough_env()).stdin(Stdio::null()).kill_on_drop(true);
@@ -303,6 +314,9 @@ impl Restic {
             message: format!("unexpected output from restic version: {text:?}"),
         })?;
         let _ = self.detected.set(version);
+        if version.support() == Support::TooOld {
+            return Err(ResticError::Unsupported { message: version.support().message(version).unwrap_or_default() });
+        }
         Ok(text.split_whitespace().nth(1).unwrap_or_default().to_string())
     }
 
@@ -418,7 +432,8 @@ impl Restic {
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let tail = Arc::new(Mutex::new(StderrTail::default()));
-        let stderr_task = tokio::spawn(drain_stderr(stderr, tail.clone()));
+        let hopeless = Arc::new(tokio::sync::Notify::new());
+        let stderr_task = tokio::spawn(drain_stderr(stderr, tail.clone(), hopeless.clone()));
         let mut lines = BufReader::new(stdout).lines();
         let deadline = tokio::time::sleep(self.timeout);
         tokio::pin!(deadline);
@@ -429,6 +444,7 @@ impl Restic {
             Fenced,
             TimedOut,
             Unreachable(Duration),
+            Hopeless,
         }
         let mut stdout_open = true;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -442,6 +458,7 @@ impl Restic {
                 _ = cancel.cancelled() => break End::Cancelled,
                 _ = fence.cancelled() => break End::Fenced,
                 _ = &mut deadline => break End::TimedOut,
+                _ = hopeless.notified() => break End::Hopeless,
                 _ = tick.tick() => {
                     if let Some(d) = tail.lock().unwrap_or_else(|p| p.into_inner()).retrying_for() {
                         if d > self.unreachable_after {
@@ -455,6 +472,9 @@ impl Restic {
             End::Exited(s) => End::Exited(s),
             other => {
                 kill_group(pid, &mut child, self.stop_grace).await;
+                if !matches!(other, End::Fenced) && self.may_leave_lock_when_stopped(args) {
+                    self.remove_own_stale_locks(repo).await;
+                }
                 other
             }
         };
@@ -473,6 +493,16 @@ impl Restic {
                 repo: repo.display(),
                 stderr: format!("restic kept retrying for {} s and was stopped: {stderr_tail}", d.as_secs()),
             }),
+            End::Hopeless => Err(match tail.hopeless {
+                Some(HopelessRetry::Refused) => ResticError::AccessDenied {
+                    repo: repo.display(),
+                    stderr: format!("restic was retrying a refused request and was stopped: {stderr_tail}"),
+                },
+                _ => ResticError::RepositoryNotFound {
+                    repo: repo.display(),
+                    stderr: format!("the bucket does not exist (restic was retrying and was stopped): {stderr_tail}"),
+                },
+            }),
             End::Exited(Err(e)) => Err(ResticError::Spawn { message: e.to_string() }),
             End::Exited(Ok(status)) => Ok(Exec {
                 code: status.code().unwrap_or(-1),
@@ -482,56 +512,59 @@ impl Restic {
         }
     }
 
-    /// Map a failed command to an error by restic's stderr (0.14 exits 1
-    /// for nearly everything; TESTING.md lists the texts).
+    /// restic before 0.17 has a window right after it writes its lock
+    /// (before it records the lock for its own clean-up) in which even
+    /// SIGINT leaves the lock behind (measured with 0.14: a stop within
+    /// ~0.3 s of the lock file appearing). 0.18 and 0.19 never did in the
+    /// same probe.
+    fn may_leave_lock_when_stopped(&self, args: &[OsString]) -> bool {
+        let takes_lock = !matches!(args.first().and_then(|a| a.to_str()), Some("version" | "init" | "unlock") | None)
+            && !args.iter().any(|a| a == "--no-lock");
+        takes_lock && !self.features().cleans_up_on_sigterm
+    }
+
+    /// After this agent stopped a restic that may have left its lock:
+    /// `restic unlock` removes exactly the locks whose process is dead on
+    /// this host (the one just stopped among them), never a live one. Not
+    /// cancellable by the run (it was just cancelled); bounded instead.
+    fn remove_own_stale_locks<'a>(&'a self, repo: &'a Repo) -> futures_util::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let bound = CancellationToken::new();
+            let unlocked = tokio::time::timeout(Duration::from_secs(15), self.unlock(repo, &bound)).await;
+            match unlocked {
+                Ok(Ok(())) => {
+                    tracing::debug!(repository = %repo.display(), "removed the lock a stopped restic may have left")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(repository = %repo.display(), error = %e, "cannot remove the lock a stopped restic may have left; the next run removes it")
+                }
+                Err(_) => {
+                    bound.cancel();
+                    tracing::warn!(repository = %repo.display(), "restic unlock after a stop took over 15 s; the next run removes the lock")
+                }
+            }
+        })
+    }
+
+    /// Map a failed command to an error: by restic's exit code where the
+    /// version has distinct ones (0.17+: 10 no repository, 11 lock failed,
+    /// 12 wrong password, 130 interrupted), else by its stderr (0.14 exits 1
+    /// for nearly everything; TESTING.md lists the texts). restic 0.18+
+    /// states the reason as a JSON `exit_error` message; it is shown as text.
     fn classify(&self, repo: &Repo, command: &str, exec: Exec) -> ResticError {
-        let s = exec.stderr_tail.clone();
-        let lower = s.to_lowercase();
+        let s = readable_stderr(&exec.stderr_tail);
         let repo_s = repo.display();
-        let has = |needles: &[&str]| needles.iter().any(|n| lower.contains(n));
-        if has(&["wrong password or no key found"]) {
-            ResticError::WrongPassword { repo: repo_s }
-        } else if has(&["repository is already locked"]) {
-            ResticError::RepositoryLocked { repo: repo_s, stderr: s }
-        } else if has(&["no space left on device", "disk quota exceeded"]) {
-            ResticError::DiskFull { stderr: s }
-        } else if has(&[
-            "401 unauthorized",
-            "403 forbidden",
-            "(401)",
-            "(403)",
-            "accessdenied",
-            "access denied",
-            "invalidaccesskeyid",
-            "signaturedoesnotmatch",
-            "unauthorized",
-        ]) {
-            ResticError::AccessDenied { repo: repo_s, stderr: s }
-        } else if has(&[
-            "connection refused",
-            "dial tcp",
-            "no such host",
-            "i/o timeout",
-            "context deadline exceeded",
-            "network is unreachable",
-            "connection reset",
-            "tls handshake",
-            "server misbehaving",
-            "unexpected eof",
-            ": eof",
-        ]) {
-            ResticError::RepositoryUnreachable { repo: repo_s, stderr: s }
-        } else if has(&[
-            "unable to open config file",
-            "is there a repository at the following location",
-            "repository does not exist",
-            "nosuchbucket",
-            "the specified bucket does not exist",
-        ]) {
-            ResticError::RepositoryNotFound { repo: repo_s, stderr: s }
-        } else {
-            ResticError::Failed { command: command.to_string(), code: exec.code, stderr: s }
+        if self.features().exit_codes {
+            match exec.code {
+                10 => return ResticError::RepositoryNotFound { repo: repo_s, stderr: s },
+                11 => return ResticError::RepositoryLocked { repo: repo_s, stderr: s },
+                12 => return ResticError::WrongPassword { repo: repo_s },
+                130 => return ResticError::Interrupted { command: command.to_string(), stderr: s },
+                _ => {}
+            }
         }
+        let version = self.detected_version().map(|v| v.to_string()).unwrap_or_default();
+        classify_text(repo_s, command, exec.code, s, &version)
     }
 
     async fn simple(
@@ -696,8 +729,10 @@ impl Restic {
         req: &BackupRequest,
         cancel: &CancellationToken,
         progress: &mut (dyn FnMut(&BackupStatus) + Send),
+        wait: &LockWait,
     ) -> Result<BackupOutcome, ResticError> {
         let mut args: Vec<OsString> = vec!["backup".into(), "--json".into(), "--host".into(), self.host.clone().into()];
+        wait.add_retry_lock(&mut args);
         for t in &req.tags {
             args.push("--tag".into());
             args.push(t.into());
@@ -756,9 +791,9 @@ impl Restic {
         }
         let mut initialised = false;
         let mut unlocked = false;
-        let mut wait = LockWait::new(self.lock_wait);
+        let mut wait = LockWait::new(self.lock_wait, self.features().retry_lock);
         loop {
-            match self.backup_once(repo, req, cancel, progress).await {
+            match self.backup_once(repo, req, cancel, progress, &wait).await {
                 Err(ResticError::RepositoryNotFound { .. }) if !initialised => {
                     initialised = true;
                     self.init(repo, cancel).await?;
@@ -1008,9 +1043,11 @@ impl Restic {
     ) -> Result<String, ResticError> {
         let command = args[0].to_string_lossy().into_owned();
         let mut unlocked = false;
-        let mut wait = LockWait::new(self.lock_wait);
+        let mut wait = LockWait::new(self.lock_wait, self.features().retry_lock);
         loop {
-            match self.simple(repo, args.clone(), cancel).await {
+            let mut args = args.clone();
+            wait.add_retry_lock(&mut args);
+            match self.simple(repo, args, cancel).await {
                 Err(ResticError::RepositoryLocked { .. }) if !unlocked => {
                     unlocked = true;
                     self.recover_lock(repo, &command, cancel).await?;
@@ -1029,19 +1066,34 @@ impl Restic {
     }
 }
 
-/// Waiting out a lock that a live process holds: restic 0.14 has no
-/// `--retry-lock`, so the agent retries with backoff (2 s doubling to
-/// 30 s) rather than failing the run or breaking a lock that is in use;
-/// between tries, locks whose holder has died are removed.
+/// Waiting out a lock that a live process holds, rather than failing the
+/// run or breaking a lock that is in use: 2 s doubling to 30 s, up to the
+/// limit. restic 0.14 and 0.15 have no `--retry-lock`, so the agent sleeps
+/// between tries; from 0.16 on, restic waits itself (`--retry-lock` for the
+/// same span) and takes the lock the moment it is free. Between tries,
+/// either way, locks whose holder is provably dead are removed: that proof
+/// (a dead PID here, another host's expired Lease) is the agent's, not
+/// restic's.
 struct LockWait {
     limit: Duration,
     waited: Duration,
     delay: Duration,
+    /// restic has `--retry-lock`.
+    restic_retries: bool,
+    /// Pass `--retry-lock` for this long with the next try.
+    handoff: Option<Duration>,
 }
 
 impl LockWait {
-    fn new(limit: Duration) -> LockWait {
-        LockWait { limit, waited: Duration::ZERO, delay: Duration::from_secs(2) }
+    fn new(limit: Duration, restic_retries: bool) -> LockWait {
+        LockWait { limit, waited: Duration::ZERO, delay: Duration::from_secs(2), restic_retries, handoff: None }
+    }
+
+    /// `--retry-lock`, after the subcommand, when restic is to wait itself.
+    fn add_retry_lock(&self, args: &mut Vec<OsString>) {
+        if let Some(d) = self.handoff {
+            args.splice(1..1, [OsString::from("--retry-lock"), format!("{}s", d.as_secs().max(1)).into()]);
+        }
     }
 
     async fn pause(
@@ -1052,6 +1104,9 @@ impl LockWait {
         locked: ResticError,
         cancel: &CancellationToken,
     ) -> Result<(), ResticError> {
+        if let Some(d) = self.handoff.take() {
+            self.waited += d; // restic waited this long in the last try
+        }
         if self.waited >= self.limit {
             return Err(locked);
         }
@@ -1059,13 +1114,18 @@ impl LockWait {
             repository = %repo.display(),
             command,
             retry_in_s = self.delay.as_secs(),
+            restic_waits = self.restic_retries,
             "the repository is locked by a live process; waiting for it"
         );
-        tokio::select! {
-            _ = cancel.cancelled() => return Err(ResticError::Cancelled { command: command.into() }),
-            _ = tokio::time::sleep(self.delay) => {}
+        if self.restic_retries {
+            self.handoff = Some(self.delay);
+        } else {
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(ResticError::Cancelled { command: command.into() }),
+                _ = tokio::time::sleep(self.delay) => {}
+            }
+            self.waited += self.delay;
         }
-        self.waited += self.delay;
         self.delay = (self.delay * 2).min(Duration::from_secs(30));
         // The holder may have died meanwhile: `unlock` removes a lock only
         // when its process is provably gone (same host, dead PID) or it is
@@ -1136,6 +1196,100 @@ impl LockRemover {
     }
 }
 
+/// A failed command's stderr for people: restic 0.18+'s JSON `exit_error`
+/// line becomes its message; other lines stay as they are.
+fn readable_stderr(tail: &str) -> String {
+    tail.lines()
+        .map(|l| match parse_backup_line(l) {
+            Some(BackupMessage::ExitError(e)) => e.message,
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The error restic's stderr text names (every version prints these texts;
+/// restic 0.14 has no other way to tell its failures apart).
+fn classify_text(repo: String, command: &str, code: i32, s: String, version: &str) -> ResticError {
+    let lower = s.to_lowercase();
+    let has = |needles: &[&str]| needles.iter().any(|n| lower.contains(n));
+    if has(&["wrong password or no key found"]) {
+        ResticError::WrongPassword { repo }
+    } else if has(&["repository is already locked"]) {
+        ResticError::RepositoryLocked { repo, stderr: s }
+    } else if has(&["no space left on device", "disk quota exceeded"]) {
+        ResticError::DiskFull { stderr: s }
+    } else if has(&["s3 legacy layout", "s3legacy", "legacy index", "to migrate if necessary"]) {
+        ResticError::LegacyFormat { repo, version: version.to_string(), stderr: s }
+    } else if has(&ACCESS_DENIED) {
+        ResticError::AccessDenied { repo, stderr: s }
+    } else if has(&[
+        "connection refused",
+        "dial tcp",
+        "no such host",
+        "i/o timeout",
+        "context deadline exceeded",
+        "network is unreachable",
+        "connection reset",
+        "tls handshake",
+        "server misbehaving",
+        "unexpected eof",
+        ": eof",
+    ]) {
+        ResticError::RepositoryUnreachable { repo, stderr: s }
+    } else if has(&[
+        "unable to open config file",
+        "is there a repository at the following location",
+        "repository does not exist",
+        "nosuchbucket",
+        "the specified bucket does not exist",
+    ]) {
+        ResticError::RepositoryNotFound { repo, stderr: s }
+    } else {
+        ResticError::Failed { command: command.to_string(), code, stderr: s }
+    }
+}
+
+/// Texts of a refused login, in restic's errors from S3 and REST servers.
+const ACCESS_DENIED: [&str; 9] = [
+    "401 unauthorized",
+    "403 forbidden",
+    "(401)",
+    "(403)",
+    "accessdenied",
+    "access denied",
+    "invalidaccesskeyid",
+    "signaturedoesnotmatch",
+    "unauthorized",
+];
+
+/// What restic keeps retrying (0.18+ retries a missing bucket and a refused
+/// login with backoff for many minutes) although no retry can help: the
+/// command is stopped at once and the error returned, so a new bucket gets
+/// its `init` and a wrong key fails loudly instead of a run that hangs.
+fn hopeless_retry(line: &str) -> Option<HopelessRetry> {
+    if !line.contains("retrying after") {
+        return None;
+    }
+    let lower = line.to_lowercase();
+    if ["the specified bucket does not exist", "nosuchbucket", "bucket does not exist"]
+        .iter()
+        .any(|n| lower.contains(n))
+    {
+        Some(HopelessRetry::NoBucket)
+    } else if ACCESS_DENIED.iter().any(|n| lower.contains(n)) {
+        Some(HopelessRetry::Refused)
+    } else {
+        None
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HopelessRetry {
+    NoBucket,
+    Refused,
+}
+
 /// The parts of the agent's environment restic may see: the search path,
 /// temp dir, proxies and CA settings. Never a secret of the agent's own.
 fn passthrough_env() -> Vec<(String, String)> {
@@ -1165,6 +1319,8 @@ struct StderrTail {
     error_items: Vec<String>,
     /// First and latest "retrying after" line of the current streak.
     retry_streak: Option<(std::time::Instant, std::time::Instant)>,
+    /// restic retries something no retry can fix.
+    hopeless: Option<HopelessRetry>,
 }
 
 /// restic's backoff waits at most a minute between tries; a quieter gap
@@ -1187,12 +1343,20 @@ impl StderrTail {
     }
 }
 
-async fn drain_stderr(stderr: impl AsyncRead + Unpin, tail: Arc<Mutex<StderrTail>>) {
+async fn drain_stderr(
+    stderr: impl AsyncRead + Unpin,
+    tail: Arc<Mutex<StderrTail>>,
+    hopeless: Arc<tokio::sync::Notify>,
+) {
     let mut lines = BufReader::new(stderr).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
         if line.contains("returned error, retrying after") {
             t.saw_retry();
+        }
+        if let (None, Some(h)) = (t.hopeless, hopeless_retry(&line)) {
+            t.hopeless = Some(h);
+            hopeless.notify_one();
         }
         if let Some(BackupMessage::Error(e)) = parse_backup_line(&line) {
             if t.error_items.len() < MAX_ERROR_ITEMS {
@@ -1226,5 +1390,97 @@ async fn kill_group(pid: Option<u32>, child: &mut tokio::process::Child, grace: 
         // SAFETY: as above.
         unsafe { libc::kill(pgid, libc::SIGKILL) };
         let _ = child.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(version: &str, name: &str) -> String {
+        let p = format!("{}/../domain/tests/fixtures/restic-{version}/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
+    }
+
+    fn restic_of(version: Option<&str>) -> Restic {
+        let r = Restic::new("restic".into(), "/nonexistent".into(), "h".into(), Duration::from_secs(1));
+        if let Some(v) = version {
+            r.detected.set(ResticVersion::parse(v).unwrap()).unwrap();
+        }
+        r
+    }
+
+    fn repo() -> Repo {
+        Repo { url: "/tmp/fixture/repo".into(), password: Secret::new("fixture-pw"), env: BTreeMap::new() }
+    }
+
+    fn classify(version: &str, name: &str) -> ResticError {
+        let code = fixture(version, &format!("{name}.code")).trim().parse().unwrap();
+        let exec = Exec { code, stderr_tail: fixture(version, &format!("{name}.stderr")), error_items: Vec::new() };
+        restic_of(Some(version)).classify(&repo(), "snapshots", exec)
+    }
+
+    #[test]
+    fn every_version_s_failures_map_to_the_same_errors() {
+        for v in ["0.14.0", "0.18.0", "0.19.1"] {
+            assert_eq!(classify(v, "wrong-password").kind(), "wrong_password", "{v}");
+            assert_eq!(classify(v, "no-repository").kind(), "repository_not_found", "{v}");
+            assert_eq!(classify(v, "locked").kind(), "repository_locked", "{v}");
+            // 0.18's JSON exit_error is shown as its message, not as JSON.
+            let e = classify(v, "no-repository").to_string();
+            assert!(!e.contains("message_type"), "{v}: {e}");
+            assert!(e.contains("unable to open config file"), "{v}: {e}");
+        }
+    }
+
+    #[test]
+    fn exit_codes_decide_before_the_text_where_restic_has_them() {
+        let exec = |code| Exec { code, stderr_tail: "Fatal: something new".into(), error_items: Vec::new() };
+        let new = restic_of(Some("0.19.1"));
+        assert_eq!(new.classify(&repo(), "backup", exec(10)).kind(), "repository_not_found");
+        assert_eq!(new.classify(&repo(), "backup", exec(11)).kind(), "repository_locked");
+        assert_eq!(new.classify(&repo(), "backup", exec(12)).kind(), "wrong_password");
+        assert_eq!(new.classify(&repo(), "backup", exec(130)).kind(), "restic_interrupted");
+        assert_eq!(new.classify(&repo(), "backup", exec(1)).kind(), "restic_failed");
+        // 0.14 has no such codes: an exit 10 there means nothing special.
+        assert_eq!(restic_of(Some("0.14.0")).classify(&repo(), "backup", exec(10)).kind(), "restic_failed");
+    }
+
+    #[test]
+    fn a_repository_in_a_format_newer_restic_dropped_gets_its_own_error() {
+        let exec = Exec {
+            code: 1,
+            stderr_tail: r#"{"message_type":"exit_error","code":1,"message":"Fatal: S3 legacy layout is no longer supported. Use restic 0.17.3 to migrate if necessary."}"#.into(),
+            error_items: Vec::new(),
+        };
+        let e = restic_of(Some("0.18.0")).classify(&repo(), "backup", exec);
+        assert_eq!(e.kind(), "repository_format_unsupported");
+        assert!(e.to_string().contains("restic 0.18.0 no longer opens"), "{e}");
+    }
+
+    #[test]
+    fn retries_that_cannot_help_are_recognised() {
+        let bucket =
+            "Stat(<config/>) returned error, retrying after 1.310531967s: Stat: The specified bucket does not exist";
+        assert_eq!(hopeless_retry(bucket), Some(HopelessRetry::NoBucket));
+        let denied = "Load(<lock/12ab>, 0, 0) returned error, retrying after 552ms: Access Denied.";
+        assert_eq!(hopeless_retry(denied), Some(HopelessRetry::Refused));
+        let network =
+            "Save(<data/12ab>) returned error, retrying after 720ms: dial tcp 127.0.0.1:9: connection refused";
+        assert_eq!(hopeless_retry(network), None, "a network error may heal: the unreachable timer decides");
+        assert_eq!(hopeless_retry("Fatal: the specified bucket does not exist"), None, "not a retry");
+    }
+
+    #[test]
+    fn retry_lock_goes_after_the_subcommand_only_when_restic_waits_itself() {
+        let mut args: Vec<OsString> = vec!["prune".into()];
+        let mut own = LockWait::new(Duration::from_secs(600), false);
+        own.handoff = None;
+        own.add_retry_lock(&mut args);
+        assert_eq!(args, vec![OsString::from("prune")]);
+        let mut theirs = LockWait::new(Duration::from_secs(600), true);
+        theirs.handoff = Some(Duration::from_secs(4));
+        theirs.add_retry_lock(&mut args);
+        assert_eq!(args, ["prune", "--retry-lock", "4s"].map(OsString::from).to_vec());
     }
 }

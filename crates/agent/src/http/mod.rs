@@ -850,6 +850,10 @@ async fn agent_status(State(state): State<AppState>) -> Response {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs(),
         soda_sync: crate::kube::soda_sync_status(),
+        restic: views::ResticStatusView::of(
+            state.sched.restic(),
+            state.restic_version.lock().unwrap_or_else(|p| p.into_inner()).clone().err(),
+        ),
     })
     .into_response()
 }

@@ -257,6 +257,44 @@ pub struct StatusResponse {
     pub uptime_seconds: u64,
     /// null: no SODA sync (no --soda-endpoint, or Kubernetes off).
     pub soda_sync: Option<crate::kube::SodaSyncStatus>,
+    pub restic: ResticStatusView,
+}
+
+/// The restic the agent drives: its version, whether it is supported, and
+/// which of newer restic's features the agent uses with it.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResticStatusView {
+    /// null when restic could not be run or its version not read.
+    pub version: Option<String>,
+    /// `supported` (0.14.0 to 0.19.x), `newerThanTested` (runs, with a
+    /// warning), `tooOld` (not ready), or `unknown`.
+    pub support: &'static str,
+    /// Why it is not ready, or what to watch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The newer-restic features in use (none with 0.14).
+    pub features: Vec<&'static str>,
+}
+
+impl ResticStatusView {
+    pub fn of(restic: &crate::restic::Restic, error: Option<String>) -> ResticStatusView {
+        use soda_syncer_domain::restic_version::Support;
+        let Some(v) = restic.detected_version() else {
+            return ResticStatusView { version: None, support: "unknown", message: error, features: Vec::new() };
+        };
+        let support = v.support();
+        ResticStatusView {
+            version: Some(v.to_string()),
+            support: match support {
+                Support::Supported => "supported",
+                Support::NewerThanTested => "newerThanTested",
+                Support::TooOld => "tooOld",
+            },
+            message: support.message(v).or(error),
+            features: v.features().names(),
+        }
+    }
 }
 
 /// The kubelet root the agent looks for volumes in, and how it was chosen.

@@ -364,14 +364,16 @@ impl Scheduler {
         if let Some(h) = pod_hooks.warning() {
             run.warning = Some(run.warning.take().map_or(h.clone(), |w| format!("{w}; {h}")));
         }
-        let short_id = outcome.summary.snapshot_id.clone();
-        run.snapshot_id = Some(short_id.clone());
+        let short_id: String = outcome.summary.snapshot_id.chars().take(8).collect();
+        run.snapshot_id = Some(outcome.summary.snapshot_id.clone());
 
         // Retention: forget this policy's old snapshots. A suspicious
         // snapshot must not push a good one out, so retention waits for a
         // clean backup.
         let keep = spec.retention.forget_args();
-        let mut full_id = None;
+        // restic 0.15+ prints the full id in its summary; 0.14 only the short
+        // one, which is resolved below (after forget, which lists it anyway).
+        let mut full_id = outcome.summary.full_snapshot_id().map(str::to_string);
         if !keep.is_empty() && state == RunState::Succeeded {
             // forget takes restic's exclusive lock: wait for this agent's other
             // runs on the repository instead of colliding with them.
@@ -379,11 +381,13 @@ impl Scheduler {
             match self.inner.restic.forget(&repo, &policy_tag, &keep, token).await {
                 Ok(groups) => {
                     summary.snapshots_forgotten = groups.iter().map(|g| g.removed().len() as u64).sum();
-                    full_id = groups
-                        .iter()
-                        .flat_map(|g| g.kept())
-                        .find(|s| s.short_id == short_id || s.id.starts_with(&short_id))
-                        .map(|s| s.id.clone());
+                    full_id = full_id.or_else(|| {
+                        groups
+                            .iter()
+                            .flat_map(|g| g.kept())
+                            .find(|s| s.short_id == short_id || s.id.starts_with(&short_id))
+                            .map(|s| s.id.clone())
+                    });
                 }
                 Err(e) => {
                     run.summary = Some(summary);

@@ -13,7 +13,8 @@
 //!   HostToContainer, hostPort 50030, every taint tolerated, the
 //!   capabilities and nothing more), the RBAC rules are exactly a reviewed
 //!   table, and the real binary accepts the DaemonSet's arguments;
-//! - the Dockerfile's structure (it was never built here).
+//! - the Dockerfile's structure (Docker cannot be installed here; image.rs
+//!   builds and runs the same image from scripts/image with podman).
 //!
 //! After changing the chart, regenerate the plain manifests with
 //! `SODA_SYNCER_BLESS_DEPLOY=1 cargo nextest run -p soda-syncer --test it deploy`.
@@ -472,6 +473,15 @@ macro_rules! one {
         assert_eq!(all.len(), 1, "exactly one {}", stringify!($v));
         all[0]
     }};
+}
+
+/// The chart's DaemonSet rendered with values.yaml overridden by `over`,
+/// and the files of the chart's own Secrets as the kubelet would mount
+/// them (path in the container -> content): what the image test runs.
+pub(crate) fn rendered_daemonset(over: &Value) -> (DaemonSet, BTreeMap<String, String>) {
+    let b = chart(over);
+    let ds = one!(b, DaemonSet).as_ref().clone();
+    (ds, secret_files(&b))
 }
 
 // ---------------------------------------------------------------------------
@@ -1247,15 +1257,35 @@ fn dockerfile_builds_and_runs_the_agent_binary() {
         })
         .collect();
     let froms: Vec<&str> = instr.iter().filter(|(k, _)| k == "FROM").map(|(_, v)| v.as_str()).collect();
-    assert_eq!(froms, ["rust:1-bookworm AS build", "debian:bookworm-slim"], "a build stage and a slim runtime");
+    // Debian 13 at run time (restic 0.18); the build stage's glibc must not
+    // be newer than the runtime's, or the binary does not start there.
+    assert_eq!(froms, ["rust:1-bookworm AS build", "debian:trixie-slim"], "a build stage and a slim runtime");
     let bin = Path::new(env!("CARGO_BIN_EXE_soda-syncer")).file_name().unwrap().to_string_lossy().into_owned();
     let pkg = env!("CARGO_PKG_NAME");
     let runs: Vec<&str> = instr.iter().filter(|(k, _)| k == "RUN").map(|(_, v)| v.as_str()).collect();
     assert!(runs.iter().any(|r| r.contains(&format!("cargo build --release --locked -p {pkg}"))), "{runs:?}");
     let apt = runs.iter().find(|r| r.contains("apt-get install")).expect("packages from Debian");
+    let packages: Vec<&str> = apt
+        .split("--no-install-recommends")
+        .nth(1)
+        .and_then(|rest| rest.split("&&").next())
+        .expect("apt-get install -y --no-install-recommends PACKAGES &&")
+        .split_whitespace()
+        .collect();
     for pkg in ["restic", "ca-certificates", "btrfs-progs", "xfsprogs", "util-linux", "mount"] {
-        assert!(apt.split_whitespace().any(|w| w == pkg), "the image installs {pkg}");
+        assert!(packages.contains(&pkg), "the image installs {pkg}: {packages:?}");
     }
+    // scripts/image builds the same image without Docker: the same packages.
+    let script = read(&repo().join("scripts/image"));
+    let listed = script
+        .lines()
+        .find_map(|l| l.strip_prefix("PACKAGES=(").and_then(|r| r.strip_suffix(')')))
+        .expect("PACKAGES=(...) in scripts/image");
+    assert_eq!(
+        listed.split_whitespace().collect::<Vec<_>>(),
+        packages,
+        "scripts/image and the Dockerfile install the same packages"
+    );
     let copy = instr
         .iter()
         .find(|(k, v)| k == "COPY" && v.starts_with("--from=build"))
