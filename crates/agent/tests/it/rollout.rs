@@ -239,7 +239,12 @@ async fn an_upgrade_during_a_backup_hands_it_over_without_a_stale_lock_or_two_ba
     let state = tmp.path().join("state");
     let repo = state.join("repository");
     let slow = slow_restic(tmp.path(), 256);
-    let mut old = AgentProc::start(&state, &["--restic", slow.to_str().unwrap()]).unwrap();
+    // A shorter grace than the default 30 s: restic 0.18+ removes its lock
+    // at once on SIGINT but then waits for the throttled uploads in flight
+    // (the throttle is not cancellable), so it is killed at the end of the
+    // grace (here 5 s) instead of stopping; 0.14 stops in milliseconds.
+    let old_args = ["--restic", slow.to_str().unwrap(), "--shutdown-grace-seconds", "12"];
+    let mut old = AgentProc::start(&state, &old_args).unwrap();
     let p = old
         .create_policy(json!({"name": "upgraded", "source": {"path": data}, "schedule": {"intervalSeconds": 3600}}))
         .await;
