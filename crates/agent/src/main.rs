@@ -38,7 +38,7 @@ fn serve(args: soda_syncer::config::ServeArgs) -> i32 {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
-            tracing::info!("signal received: stopping (runs are interrupted and run again by the next agent)");
+            tracing::info!("signal received");
             s2.cancel();
         });
         match soda_syncer::run(config, shutdown).await {
