@@ -13,6 +13,7 @@ use soda_syncer_domain::secret::{redact_url, scrub, url_password};
 use soda_syncer_domain::Secret;
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -352,6 +353,8 @@ impl Restic {
         if let Some(reason) = fenced {
             return Err(ResticError::Fenced { command, reason });
         }
+        let ((stdout_read, stdout_write), (stderr_read, stderr_write)) = (output_pipe()?, output_pipe()?);
+        let kept_by_child = [stdout_read.as_raw_fd(), stderr_read.as_raw_fd()];
         let mut cmd = Command::new(&self.bin);
         cmd.args(args)
             .env_clear()
@@ -362,17 +365,29 @@ impl Restic {
             .env("RESTIC_PROGRESS_FPS", "2")
             .envs(repo.env.iter().map(|(k, v)| (k, v.expose())))
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(stdout_write)
+            .stderr(stderr_write)
             .process_group(0)
             .kill_on_drop(true);
         // If the agent dies (even by SIGKILL), restic gets SIGINT and
         // removes its lock instead of running on as an orphan (SIGINT, not
         // SIGTERM: restic before 0.17 dies on SIGTERM and leaves its lock).
-        // SAFETY: prctl is async-signal-safe and touches only the child.
+        // restic then prints "cleaning up" to stderr; were the agent's read
+        // end of that pipe its only one, the write would kill restic with
+        // SIGPIPE before it removed its lock (seen with 0.14 and 0.19). So
+        // the child keeps a read end of both pipes open itself (nothing
+        // reads it; the 64 KiB pipe buffer takes what restic prints while
+        // it stops).
+        // SAFETY: prctl and fcntl are async-signal-safe and touch only the
+        // child (FD_CLOEXEC is a flag of the child's own descriptor table).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT, 0, 0, 0);
+                for fd in kept_by_child {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -429,8 +444,9 @@ impl Restic {
             _ => self.spawn_error(e),
         })?;
         let pid = child.id();
-        let stdout = child.stdout.take().expect("piped");
-        let stderr = child.stderr.take().expect("piped");
+        drop(cmd); // our copies of the write ends: EOF comes when restic's close
+        let stdout = receiver(stdout_read)?;
+        let stderr = receiver(stderr_read)?;
         let tail = Arc::new(Mutex::new(StderrTail::default()));
         let hopeless = Arc::new(tokio::sync::Notify::new());
         let stderr_task = tokio::spawn(drain_stderr(stderr, tail.clone(), hopeless.clone()));
@@ -1194,6 +1210,23 @@ impl LockRemover {
             }
         }
     }
+}
+
+/// A pipe for a restic child's stdout or stderr (read end, write end),
+/// both close-on-exec; the child keeps its read end anyway (see `exec_in`).
+fn output_pipe() -> Result<(OwnedFd, OwnedFd), ResticError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two new descriptors, owned from here on.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(ResticError::Spawn { message: format!("cannot make a pipe: {}", std::io::Error::last_os_error()) });
+    }
+    // SAFETY: both were just created and are not owned elsewhere.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn receiver(read: OwnedFd) -> Result<tokio::net::unix::pipe::Receiver, ResticError> {
+    tokio::net::unix::pipe::Receiver::from_owned_fd(read)
+        .map_err(|e| ResticError::Spawn { message: format!("cannot read restic's output: {e}") })
 }
 
 /// A failed command's stderr for people: restic 0.18+'s JSON `exit_error`
