@@ -20,6 +20,7 @@ mod newuser;
 mod ops;
 mod restic_versions;
 mod restore;
+mod rollout;
 mod schema;
 mod servers;
 mod soda;
