@@ -287,8 +287,7 @@ impl Reporter {
 
     /// The claim is backed up by this node under `policy`.
     pub fn claim_active(&self, namespace: &str, claim: &str, policy: &PolicyRecord, reason: &str) {
-        let status =
-            if policy.spec.paused { "paused by a user of the agent's API".to_string() } else { "active".into() };
+        let status = claim_status(policy);
         let next = policy.next_run_at.map(|t| t.to_rfc3339()).unwrap_or_default();
         let key = format!("{namespace}/{claim}");
         // Only the next run moved: a repeat; the status or policy: a change.
@@ -400,7 +399,7 @@ impl Reporter {
                 _ => self.sched.store().last_clean_backup(&policy.id).ok().flatten().and_then(|r| r.finished_at),
             };
             let mut a = serde_json::json!({
-                keys::STATUS: if policy.spec.paused { "paused by a user of the agent's API" } else { "active" },
+                keys::STATUS: claim_status(policy),
                 keys::NODE: self.node,
                 keys::POLICY: policy.id,
                 keys::POLICY_NAME: policy.spec.name,
@@ -481,6 +480,19 @@ impl Reporter {
             if let Some((namespace, claim)) = found {
                 self.claim_active(&namespace, &claim, p, "");
             }
+        }
+    }
+}
+
+/// The claim's `status` annotation for the policy that backs it up.
+fn claim_status(policy: &PolicyRecord) -> String {
+    if policy.spec.paused {
+        return "paused by a user of the agent's API".into();
+    }
+    match policy.status {
+        crate::store::PolicyStatus::Active => "active".into(),
+        crate::store::PolicyStatus::VolumeGone => {
+            format!("paused: {}", policy.status_message.as_deref().unwrap_or("its volume is no longer on this node"))
         }
     }
 }

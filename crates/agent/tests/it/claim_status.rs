@@ -100,6 +100,16 @@ async fn claims_backed_up_through_the_legacy_call_on_two_nodes_show_annotations_
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(told(&c, "on-a", "BackupSucceeded"), 1, "{:?}", c.event_reasons("on-a"));
+
+    // Node B's volume is unmounted: its legacy policy is paused, and the
+    // claim says so (the sweep runs every 30 s).
+    b.mounts[0].unmount();
+    let ann = eventually(45, "the paused status on on-b", || {
+        let a = annotations(&c, "on-b");
+        a["soda-syncer.io/status"].as_str().is_some_and(|s| s.starts_with("paused: ")).then_some(a)
+    })
+    .await;
+    assert!(ann["soda-syncer.io/status"].as_str().unwrap().contains("no longer mounted"), "{ann}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
