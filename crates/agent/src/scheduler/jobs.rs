@@ -284,6 +284,17 @@ impl Scheduler {
     ) -> Result<RunState, RunError> {
         let spec = &policy.spec;
         let path = PathBuf::from(&spec.source.path);
+        // Gone (a volume unmounted, a directory removed) is not "not allowed":
+        // its own code, so an alert and the operator look at the right thing.
+        if std::fs::symlink_metadata(&path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+            return Err(RunError {
+                code: "source_missing".into(),
+                message: format!(
+                    "the source {} does not exist on this node (unmounted or removed?); restore it or change the policy's source",
+                    path.display()
+                ),
+            });
+        }
         // Resolved now, not at admission: the volume or its parents may
         // have been swapped for a link since.
         let (root_dir, source_dir) = open_source(&self.inner.config, &path)?;

@@ -801,6 +801,26 @@ fn check_daemonset(b: &Bundle, x: &Expect) -> Vec<String> {
             p.push(format!("{which} probe: GET {path} on port {PORT} ({})", if x.tls { "HTTPS" } else { "HTTP" }));
         }
     }
+    // Rollouts: one agent per state directory, and a stop that ends before the kubelet's SIGKILL.
+    if !args.iter().any(|a| a == "--wait-for-state-lock") {
+        p.push("--wait-for-state-lock: a new pod next to its predecessor waits for the state lock, not ready, instead of crash-looping".into());
+    }
+    match (pod.termination_grace_period_seconds, flag(&args, "--shutdown-grace-seconds")) {
+        (Some(g), Some(f)) if f == g.to_string() && g >= 20 => {}
+        (g, f) => p.push(format!(
+            "terminationGracePeriodSeconds ({g:?}, at least 20: runs get all but 10 s) and --shutdown-grace-seconds ({f:?}) must be the same number"
+        )),
+    }
+    let strategy = spec.update_strategy.clone().unwrap_or_default();
+    let surge = strategy.rolling_update.as_ref().and_then(|r| r.max_surge.clone());
+    if strategy.type_.as_deref() != Some("RollingUpdate")
+        || !matches!(&surge, None | Some(IntOrString::Int(0)))
+            && !matches!(&surge, Some(IntOrString::String(s)) if s == "0" || s == "0%")
+    {
+        p.push(format!(
+            "updateStrategy must be RollingUpdate with maxSurge 0 (got {strategy:?}): a surge pod waits for the old pod's state lock, is never ready, and the controller never deletes the old pod"
+        ));
+    }
     // Resources: a memory request and limit (restic's memory is the agent's risk).
     let res = c.resources.clone().unwrap_or_default();
     if !res.requests.as_ref().is_some_and(|r| r.contains_key("memory"))
@@ -1062,6 +1082,8 @@ fn options() -> Value {
         ],
         "apiSecret": {"useSecretsKey": true, "secretsKey": "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"},
         "priorityClassName": "system-node-critical",
+        "terminationGracePeriodSeconds": 120,
+        "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%", "maxSurge": 0}},
         "logJson": false,
         "legacy": "token",
         "legacyAllowCidrs": "10.42.0.0/16",
@@ -1088,6 +1110,24 @@ fn chart_options_change_what_they_say() {
     let args = container_args(&b);
     assert!(args.contains(&"--allowed-root=/mnt/disks,/opt/local-path-provisioner".to_string()), "{args:?}");
     assert!(args.contains(&"--legacy=token".to_string()) && !args.contains(&"--log-json".to_string()), "{args:?}");
+    assert!(args.contains(&"--shutdown-grace-seconds=120".to_string()), "{args:?}");
+    assert_eq!(pod.termination_grace_period_seconds, Some(120));
+    let rolling = ds.spec.update_strategy.as_ref().and_then(|u| u.rolling_update.clone()).unwrap();
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::String("10%".into())));
+    // A surge, or a grace the flag does not follow, is caught.
+    let surge = chart(
+        &json!({"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}}),
+    );
+    let p = check_daemonset(&surge, &Expect::from_values(&chart_values()));
+    assert!(p.iter().any(|p| p.contains("maxSurge 0")), "{p:?}");
+    let mut short = chart(&json!({}));
+    for o in short.objs.iter_mut() {
+        if let Obj::DaemonSet(d) = o {
+            d.spec.template.spec.as_mut().unwrap().termination_grace_period_seconds = Some(10);
+        }
+    }
+    let p = check_daemonset(&short, &Expect::from_values(&chart_values()));
+    assert!(p.iter().any(|p| p.contains("terminationGracePeriodSeconds")), "{p:?}");
     let mounts = pod.containers[0].volume_mounts.clone().unwrap();
     assert!(mounts
         .iter()
