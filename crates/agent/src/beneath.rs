@@ -36,6 +36,8 @@ pub enum PathError {
     NotNormal { path: String },
     #[error("refusing {path}: {component} leads out of {root}")]
     Escapes { path: String, component: String, root: String },
+    #[error("refusing {path}: it is no longer the directory the agent checked (it was swapped)")]
+    Swapped { path: String },
     #[error("cannot {op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -55,6 +57,7 @@ impl PathError {
             PathError::Missing { .. } => "path_missing",
             PathError::NotNormal { .. } => "path_not_normal",
             PathError::Escapes { .. } => "path_escapes_root",
+            PathError::Swapped { .. } => "path_swapped",
             PathError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => "disk_full",
             PathError::Io { .. } => "path_io_failed",
         }
@@ -627,26 +630,32 @@ pub fn merge_into(from: &Dir, to: &Dir) -> Result<(), PathError> {
     to.copy_metadata_from(from)
 }
 
-/// A held directory as a restic child sees it: mounted at a fixed path of
-/// a private mount namespace of the child, `nosymfollow`, `nodev` and
-/// `nosuid` (and read-only for backups). Both ends are held descriptors
-/// until the mount is made, and the child checks that the path it will
-/// use leads to that mount before restic starts.
+/// A checked directory as a restic child sees it: mounted at a fixed path
+/// of a private mount namespace of the child, `nosymfollow`, `nodev` and
+/// `nosuid` (and read-only for backups). A pin holds no descriptor (a held
+/// directory would keep its volume busy, and kubelet could not unmount it
+/// while restic talks to the repository): right before each restic child
+/// is started, [`Pin::open`] resolves the directory again from its trusted
+/// base without following a link and checks it is still the one checked
+/// (device and inode); the descriptors live only until the child has made
+/// its mounts, and the child checks that the path restic will use leads to
+/// that mount.
 pub struct Pin {
-    what: OwnedFd,
+    base: PathBuf,
+    rel: PathBuf,
+    expect: (u64, u64),
     at: CString,
     at_shown: PathBuf,
     attrs: u64,
     /// For backups at the volume's own path: the allowed root it lies
     /// below, mounted over itself `nosymfollow` in the child first, so no
     /// component between the root and the volume can be a link either.
-    root: Option<(OwnedFd, CString)>,
-    expect: (u64, u64),
+    root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Pin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pin").field("at", &self.at_shown).finish()
+        f.debug_struct("Pin").field("dir", &self.base.join(&self.rel)).field("at", &self.at_shown).finish()
     }
 }
 
@@ -654,8 +663,8 @@ impl std::fmt::Debug for Pin {
 const PIN_ATTRS: u64 = libc::MOUNT_ATTR_NOSYMFOLLOW | libc::MOUNT_ATTR_NODEV | libc::MOUNT_ATTR_NOSUID;
 
 impl Pin {
-    /// Restic writes into `dir`, which it sees at `at` (a directory of
-    /// the agent's own, which no workload can reach).
+    /// restic writes into `dir`, which it sees at `at` (a directory of the
+    /// agent's own, which no workload can reach).
     pub fn writable(dir: &Dir, at: &Path) -> Result<Pin, PathError> {
         Pin::new(dir, at, PIN_ATTRS, None)
     }
@@ -663,16 +672,22 @@ impl Pin {
     /// restic reads `view` (the volume itself or a point-in-time view of
     /// it) at the volume's path `at`, below `root`, read-only.
     pub fn read_only(view: &Dir, root: &Dir, at: &Path) -> Result<Pin, PathError> {
-        let root_fd = root.fd.try_clone().map_err(|e| PathError::io("duplicate the descriptor of", &root.path, e))?;
-        let root_path = cstring(root.path.as_os_str()).map_err(|e| PathError::io("pin", &root.path, e))?;
-        Pin::new(view, at, PIN_ATTRS | libc::MOUNT_ATTR_RDONLY, Some((root_fd, root_path)))
+        Pin::new(view, at, PIN_ATTRS | libc::MOUNT_ATTR_RDONLY, Some(root.path.clone()))
     }
 
-    fn new(dir: &Dir, at: &Path, attrs: u64, root: Option<(OwnedFd, CString)>) -> Result<Pin, PathError> {
+    fn new(dir: &Dir, at: &Path, attrs: u64, root: Option<PathBuf>) -> Result<Pin, PathError> {
         let st = dir.stat()?;
-        let what = dir.fd.try_clone().map_err(|e| PathError::io("duplicate the descriptor of", &dir.path, e))?;
         let at_c = cstring(at.as_os_str()).map_err(|e| PathError::io("pin", at, e))?;
-        Ok(Pin { what, at: at_c, at_shown: at.to_path_buf(), attrs, root, expect: (st.st_dev, st.st_ino) })
+        let rel = dir.path.strip_prefix(&dir.root).unwrap_or(Path::new("")).to_path_buf();
+        Ok(Pin {
+            base: dir.root.clone(),
+            rel,
+            expect: (st.st_dev, st.st_ino),
+            at: at_c,
+            at_shown: at.to_path_buf(),
+            attrs,
+            root,
+        })
     }
 
     /// The path restic uses.
@@ -680,6 +695,35 @@ impl Pin {
         &self.at_shown
     }
 
+    /// Resolve the directory again, now, and hold it for one child.
+    pub fn open(&self) -> Result<OpenPin, PathError> {
+        let dir = Dir::open_trusted(&self.base)?.open(&self.rel)?;
+        let st = dir.stat()?;
+        if (st.st_dev, st.st_ino) != self.expect {
+            return Err(PathError::Swapped { path: dir.path.display().to_string() });
+        }
+        let root = match &self.root {
+            Some(r) => {
+                let c = cstring(r.as_os_str()).map_err(|e| PathError::io("pin", r, e))?;
+                Some((Dir::open_trusted(r)?.fd, c))
+            }
+            None => None,
+        };
+        Ok(OpenPin { what: dir.fd, at: self.at.clone(), attrs: self.attrs, root, expect: self.expect })
+    }
+}
+
+/// A pin's directories, held from just before a child is forked until it
+/// has made its mounts.
+pub struct OpenPin {
+    what: OwnedFd,
+    at: CString,
+    attrs: u64,
+    root: Option<(OwnedFd, CString)>,
+    expect: (u64, u64),
+}
+
+impl OpenPin {
     /// Make the mounts in the child, between fork and exec. Only system
     /// calls here (async-signal-safe); everything was allocated before.
     ///
@@ -712,8 +756,10 @@ impl Pin {
         if libc::mount(none, c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
             return Err(io::Error::last_os_error());
         }
+        // Private: nothing mounted or unmounted here reaches the agent's
+        // namespace, nor the other way round.
         let set = |fd: libc::c_long, attrs: u64| -> io::Result<()> {
-            let attr = MountAttr { attr_set: attrs, attr_clr: 0, propagation: 0, userns_fd: 0 };
+            let attr = MountAttr { attr_set: attrs, attr_clr: 0, propagation: libc::MS_PRIVATE as u64, userns_fd: 0 };
             let rc = libc::syscall(
                 libc::SYS_mount_setattr,
                 fd,
@@ -913,7 +959,7 @@ mod tests {
         let at = t.path().join("pin-point");
         std::fs::create_dir_all(&at).unwrap();
         let held = root_dir(&root).open(Path::new("a/b")).unwrap();
-        let pin = std::sync::Arc::new(Pin::writable(&held, &at).unwrap());
+        let pin = std::sync::Arc::new(Pin::writable(&held, &at).unwrap().open().unwrap());
         let script =
             format!("cat '{at}/inside'; cat '{at}/link/secret' 2>&1; echo new > '{at}/made-here'", at = at.display());
         let mut cmd = std::process::Command::new("sh");

@@ -20,7 +20,7 @@ use crate::store::{PolicyRecord, RunRecord};
 /// Error codes of failed runs: the label values of
 /// `soda_syncer_run_errors_total`. Anything else counts as `other`, so the
 /// label set stays bounded whatever an error says.
-pub const ERROR_CODES: [&str; 36] = [
+pub const ERROR_CODES: [&str; 37] = [
     "drill_mismatch",
     "restic_missing",
     "restic_spawn_failed",
@@ -44,6 +44,7 @@ pub const ERROR_CODES: [&str; 36] = [
     "restore_target_failed",
     "target_not_allowed",
     "target_not_empty",
+    "restic_too_old",
     "invalid_request",
     "consistency_needs_root",
     "consistency_unavailable",

@@ -393,11 +393,13 @@ impl Restic {
             });
         }
         if let Some(pin) = pinned {
-            let pin = pin.clone();
+            // Resolved again now; held only until the child has its mounts.
+            let opened =
+                pin.open().map_err(|e| ResticError::Spawn { message: format!("restic was not started: {e}") })?;
             // SAFETY: `enter` makes only system calls, on memory allocated
             // before the fork (see its doc).
             unsafe {
-                cmd.pre_exec(move || pin.enter());
+                cmd.pre_exec(move || opened.enter());
             }
         }
         if let Isolation::AsHost(host) = isolation {

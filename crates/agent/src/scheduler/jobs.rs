@@ -296,9 +296,12 @@ impl Scheduler {
             });
         }
         // Resolved now, not at admission: the volume or its parents may
-        // have been swapped for a link since.
-        let (root_dir, source_dir) = open_source(&self.inner.config, &path)?;
-        let source_id = source_dir.stat().map(|st| (st.st_dev, st.st_ino)).ok();
+        // have been swapped for a link since. (Not held open: a volume
+        // being unmounted must not find it busy while the run waits.)
+        let source_id = {
+            let (_, source_dir) = open_source(&self.inner.config, &path)?;
+            source_dir.stat().map(|st| (st.st_dev, st.st_ino)).ok()
+        };
         let repo = self.repo_for(policy).await?;
         let policy_tag = format!("policy={}", policy.id);
         let mut tags = vec!["soda-syncer".to_string(), policy_tag.clone()];
@@ -352,8 +355,19 @@ impl Scheduler {
         }
         // restic reads the directory just checked (or the view made of it)
         // through a pin: at the volume's path, read-only, following no link.
-        let pinned = match prepared.view_dir() {
-            Ok(view) => pin_for_backup(&root_dir, &source_dir, view.as_ref(), &req.path),
+        // Resolved once more at the moment of use: still the directory checked.
+        let pinned = match open_source(&self.inner.config, &req.path) {
+            Ok((_, source)) if source.stat().map(|st| (st.st_dev, st.st_ino)).ok() != source_id => Err(RunError {
+                code: "source_not_allowed".into(),
+                message: format!(
+                    "the backup was refused: {} is no longer the directory the run checked (it was swapped)",
+                    req.path.display()
+                ),
+            }),
+            Ok((root, source)) => prepared
+                .view_dir()
+                .and_then(|view| pin_for_backup(&root, &source, view.as_ref(), &req.path))
+                .map_err(|e| RunError { code: "source_not_allowed".into(), message: e.to_string() }),
             Err(e) => Err(e),
         };
         match pinned {
@@ -362,7 +376,7 @@ impl Scheduler {
                 let released = prepared.release().await;
                 pod_hooks.post().await;
                 run.consistency = serde_json::to_value(&released.report).ok();
-                return Err(RunError { code: "source_not_allowed".into(), message: e.to_string() });
+                return Err(e);
             }
         }
         req.ignore_inode = prepared.ignore_inode();
