@@ -103,6 +103,15 @@ pub struct ServeArgs {
     /// Log lines as JSON instead of text.
     #[arg(long, env = "SODA_SYNCER_LOG_JSON")]
     pub log_json: bool,
+    /// When another agent holds the state directory, wait for it to exit
+    /// (not ready meanwhile) instead of exiting with code 75.
+    #[arg(long, env = "SODA_SYNCER_WAIT_FOR_STATE_LOCK")]
+    pub wait_for_state_lock: bool,
+    /// The whole time a stop may take, SIGTERM to exit: set it to the pod's
+    /// terminationGracePeriodSeconds. Runs get this minus a margin (10 s,
+    /// or half of it when shorter) to stop [default: 30].
+    #[arg(long, env = "SODA_SYNCER_SHUTDOWN_GRACE_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub shutdown_grace_seconds: Option<u64>,
     /// Kubernetes discovery of annotated claims: `auto` uses the in-cluster
     /// service account inside a pod (or --kubeconfig if given), `on`
     /// requires one of them, `off` never connects [default: auto].
@@ -173,6 +182,8 @@ struct FileConfig {
     deadline_grace_seconds: Option<u64>,
     soda_endpoint: Option<String>,
     soda_poll_seconds: Option<u64>,
+    wait_for_state_lock: Option<bool>,
+    shutdown_grace_seconds: Option<u64>,
 }
 
 /// The resolved configuration the daemon runs with. Tests build it directly.
@@ -219,8 +230,12 @@ pub struct Config {
     pub namespace: String,
     /// This pod's name, for the events' reporting instance.
     pub pod_name: Option<String>,
-    /// How long shutdown waits for restic children before killing them.
+    /// The whole time a stop may take, from SIGTERM to exit (the pod's
+    /// terminationGracePeriodSeconds); see [`Config::run_stop_grace`].
     pub shutdown_grace: Duration,
+    /// Wait for the state directory lock instead of exiting when another
+    /// agent holds it.
+    pub wait_for_state_lock: bool,
     /// Only CSI volume directories that are mount points count as volumes.
     pub require_mountpoints: bool,
     /// How long a client may take to send a request's headers, and
@@ -282,7 +297,8 @@ impl Config {
             kubelet_dir_source: crate::kubelet::RootSource::Configured,
             namespace: "soda-syncer".into(),
             pod_name: std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()),
-            shutdown_grace: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+            wait_for_state_lock: false,
             require_mountpoints: true,
             request_read_timeout: Duration::from_secs(20),
             deadline_grace: None,
@@ -400,6 +416,10 @@ impl Config {
         if let Some(v) = args.soda_poll_seconds.or(file.soda_poll_seconds) {
             c.soda_poll = Duration::from_secs(v);
         }
+        c.wait_for_state_lock = args.wait_for_state_lock || file.wait_for_state_lock.unwrap_or(false);
+        if let Some(v) = args.shutdown_grace_seconds.or(file.shutdown_grace_seconds) {
+            c.shutdown_grace = Duration::from_secs(v);
+        }
         c.validate()?;
         Ok(c)
     }
@@ -462,6 +482,12 @@ impl Config {
         if self.hook_timeout.is_zero() {
             return Err(ConfigError::Invalid("--hook-timeout-seconds must be at least 1".into()));
         }
+        if !(1..=3600).contains(&self.shutdown_grace.as_secs()) {
+            return Err(ConfigError::Invalid(format!(
+                "--shutdown-grace-seconds must be between 1 and 3600 (the pod's terminationGracePeriodSeconds); got {}",
+                self.shutdown_grace.as_secs()
+            )));
+        }
         for root in &self.allowed_roots {
             if !root.is_absolute() {
                 return Err(ConfigError::Invalid(format!(
@@ -475,6 +501,14 @@ impl Config {
 
     pub fn db_path(&self) -> PathBuf {
         self.state_dir.join("state.db")
+    }
+    /// How long a stop waits for running runs to end (restic gets SIGINT at
+    /// once, SIGKILL 5 s later) before it gives up on them: the shutdown
+    /// grace minus what the steps after them need (closing the database,
+    /// releasing snapshots, draining HTTP for up to 5 s), so the whole stop
+    /// ends before Kubernetes kills the pod.
+    pub fn run_stop_grace(&self) -> Duration {
+        self.shutdown_grace - (self.shutdown_grace / 2).min(SHUTDOWN_MARGIN)
     }
     pub fn cache_dir(&self) -> PathBuf {
         self.state_dir.join("cache")
@@ -516,6 +550,9 @@ impl Config {
         url_file(&self.state_dir)
     }
 }
+
+/// What a stop keeps back, after its runs ended, for the steps that follow.
+pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(10);
 
 /// Where the agent keeps its generated API token.
 pub fn token_file(state_dir: &Path) -> PathBuf {
@@ -586,6 +623,30 @@ mod tests {
         std::fs::write(&file, "lisen = \"127.0.0.1:9000\"\n").unwrap();
         let err = Config::from_args(&ServeArgs { config: Some(file), ..Default::default() }).unwrap_err();
         assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn runs_get_the_shutdown_grace_less_a_margin_that_never_takes_more_than_half() {
+        let mut c = Config::with_state_dir("/x".into());
+        for (grace, runs) in [(30, 20.0), (60, 50.0), (10, 5.0), (1, 0.5)] {
+            c.shutdown_grace = Duration::from_secs(grace);
+            assert_eq!(c.run_stop_grace().as_secs_f64(), runs, "grace {grace}");
+        }
+    }
+
+    #[test]
+    fn the_shutdown_grace_and_the_lock_wait_come_from_the_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "wait_for_state_lock = true\nshutdown_grace_seconds = 60\n").unwrap();
+        let args = ServeArgs { config: Some(file), state_dir: Some(dir.path().into()), ..Default::default() };
+        let c = Config::from_args(&args).unwrap();
+        assert!(c.wait_for_state_lock);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(60));
+        let args = ServeArgs { state_dir: Some(dir.path().into()), ..Default::default() };
+        let c = Config::from_args(&args).unwrap();
+        assert!(!c.wait_for_state_lock, "exit, not wait, unless asked");
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
     }
 
     #[test]

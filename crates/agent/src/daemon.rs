@@ -1,7 +1,9 @@
-//! Starting and stopping the agent. [`Agent::start`] brings everything up
-//! and returns once the API listens; cancelling the token shuts down in
-//! order: stop scheduling, cancel runs and wait for restic (with a
-//! deadline), stop the rescan, close the database, stop HTTP last.
+//! Starting and stopping the agent. [`Agent::start`] takes the state
+//! directory's lock (or waits for it, serving only "not ready"), brings
+//! everything up and returns once the API listens; cancelling the token
+//! shuts down in order: stop scheduling, cancel runs and wait for restic
+//! (within the shutdown grace), stop the rescan, close the database, stop
+//! HTTP, and release the state directory's lock last.
 
 use anyhow::Context;
 use std::net::SocketAddr;
@@ -15,6 +17,7 @@ use crate::config::Config;
 use crate::http::{router, AppState};
 use crate::restic::Restic;
 use crate::scheduler::Scheduler;
+use crate::state_lock::{LockHolder, StateLock, StateLockError, TryLock};
 use crate::store::Store;
 
 pub struct Agent {
@@ -22,15 +25,27 @@ pub struct Agent {
     join: JoinHandle<anyhow::Result<()>>,
 }
 
-/// Run the agent until `shutdown` is cancelled.
+/// Run the agent until `shutdown` is cancelled. A stop while it waits for
+/// the state directory's lock is a clean exit.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    Agent::start(config, shutdown).await?.wait().await
+    match Agent::start(config, shutdown).await {
+        Ok(agent) => agent.wait().await,
+        Err(e) if matches!(e.downcast_ref(), Some(StateLockError::StoppedWhileWaiting)) => {
+            tracing::info!("stopped while waiting for the state directory lock");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
-fn prepare_state_dir(config: &Config) -> anyhow::Result<()> {
+fn create_state_dir(config: &Config) -> anyhow::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&config.state_dir).with_context(|| {
         format!("cannot create the state directory {}: choose another with --state-dir", config.state_dir.display())
-    })?;
+    })
+}
+
+/// Everything in the state directory besides the lock: only with the lock held.
+fn prepare_state_dir(config: &Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(config.cache_dir())?;
     // The local repository's password: generated once, readable by root only.
     let pw = config.local_repository_password_file();
@@ -74,16 +89,44 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
 
 impl Agent {
     pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Agent> {
+        // With "restic found" below: which agent and which restic run, first thing in every log.
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), "soda-syncer starting");
         config.validate()?;
+        let started_at = chrono::Utc::now();
+        let started = Instant::now();
+        create_state_dir(&config)?;
+        let restic =
+            Restic::new(config.restic.clone(), config.cache_dir(), config.node_name.clone(), config.run_timeout)
+                .with_unreachable_after(config.repository_timeout)
+                // SIGKILL a moment before the stop gives up on the run, so
+                // the run still records its end itself.
+                .with_stop_grace(
+                    config
+                        .run_stop_grace()
+                        .saturating_sub(std::time::Duration::from_secs(1))
+                        .max(std::time::Duration::from_secs(1)),
+                );
+        // Before the database, the freeze recovery, anything: a second agent
+        // on this directory would take the first one's runs for a crash's.
+        let me = LockHolder::this_process(&config.node_name, config.pod_name.as_deref(), started_at);
+        let (lock, early_listener) = match StateLock::try_acquire(&config.state_dir, me.clone())? {
+            TryLock::Acquired(lock) => (lock, None),
+            TryLock::Held(holder) if !config.wait_for_state_lock => {
+                return Err(StateLockError::Held {
+                    dir: config.state_dir.clone(),
+                    holder: crate::state_lock::describe(holder.as_ref()),
+                }
+                .into())
+            }
+            TryLock::Held(holder) => wait_for_state_lock(&config, &restic, me, holder, started, &shutdown).await?,
+        };
+        tracing::info!(file = %lock.path().display(), pid = lock.holder().pid, "holding the state directory lock");
         prepare_state_dir(&config)?;
         let store = open_store(&config)?;
         // Start-up (and the scheduler's first pass) read every policy a few
         // times: give that memory back once it has settled, then now and then.
         store.release_memory_every(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
         crate::consistency::recover_at_start(&store); // thaw and remove what a crash left
-        let restic =
-            Restic::new(config.restic.clone(), config.cache_dir(), config.node_name.clone(), config.run_timeout)
-                .with_unreachable_after(config.repository_timeout);
         let version = restic.version().await.map_err(|e| e.to_string());
         match &version {
             Ok(v) => {
@@ -101,7 +144,10 @@ impl Agent {
         let sched = Scheduler::new(store, restic, config.clone(), sched_cancel.clone());
         let interrupted = sched.recover_after_start()?;
         if interrupted > 0 {
-            tracing::warn!(count = interrupted, "runs were interrupted by the last stop; their policies run again now");
+            tracing::warn!(
+                count = interrupted,
+                "runs were interrupted by the last stop (an upgrade, a restart or a crash); their policies run again now"
+            );
         }
         if let Err(e) = sched.rescan_volumes() {
             tracing::warn!(error = %e, "first volume scan failed");
@@ -116,12 +162,10 @@ impl Agent {
         {
             tracing::info!(file = %token_path.display(), "generated an API token; the CLI on this node reads it from there");
         }
-        let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
-            format!(
-                "cannot listen on {}: is another agent running? choose another address with --listen",
-                config.listen
-            )
-        })?;
+        let listener = match early_listener {
+            Some(l) => l,
+            None => bind(&config).await?,
+        };
         let addr = listener.local_addr()?;
         if !addr.ip().is_loopback() && config.tls_cert.is_none() {
             tracing::warn!(%addr, "listening on a non-loopback address over plain HTTP: tokens and repository secrets in requests cross the network unencrypted; put the agent behind TLS or listen on loopback");
@@ -141,35 +185,13 @@ impl Agent {
         let state = AppState {
             sched: sched.clone(),
             restic_version: Arc::new(Mutex::new(version)),
-            started: Instant::now(),
+            started,
             auth: Arc::new(auth),
+            state_lock: Some(lock.holder().clone()),
         };
         let app = router(state);
-        let read_timeout = config.request_read_timeout;
         let http_stop = CancellationToken::new();
-        let http_stop2 = http_stop.clone();
-        let http = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => {
-                let tls = crate::tls::TlsFiles::load(cert.clone(), key.clone()).await?;
-                tls.watch(http_stop.clone());
-                let std_listener = listener.into_std()?;
-                let handle = axum_server::Handle::new();
-                let h2 = handle.clone();
-                tokio::spawn(async move {
-                    http_stop2.cancelled().await;
-                    h2.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
-                });
-                let mut server = axum_server::from_tcp_rustls(std_listener, tls.config()).handle(handle);
-                server
-                    .http_builder()
-                    .http1()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(read_timeout);
-                let app = app.into_make_service_with_connect_info::<SocketAddr>();
-                tokio::spawn(async move { server.serve(app).await })
-            }
-            _ => tokio::spawn(crate::http::serve::serve_plain(listener, app, read_timeout, http_stop2)),
-        };
+        let http = serve(listener, app, &config, http_stop.clone()).await?;
         let sched_task = tokio::spawn(sched.clone().run());
         let rescan_cancel = CancellationToken::new();
         let rescan = tokio::spawn(sched.clone().rescan_loop(rescan_cancel.clone()));
@@ -193,8 +215,11 @@ impl Agent {
             drop(sched); // the last handle on the database closes it
             let _ = std::fs::remove_file(url_file);
             http_stop.cancel();
-            http.await.context("HTTP task")?.context("HTTP server")?;
+            let http_result = http.await;
+            // Last: the next agent may start the moment this is released.
+            drop(lock);
             tracing::info!(ms = t.elapsed().as_millis() as u64, "stopped");
+            http_result.context("HTTP task")?.context("HTTP server")?;
             Ok(())
         });
         Ok(Agent { addr, join })
@@ -203,4 +228,112 @@ impl Agent {
     pub async fn wait(self) -> anyhow::Result<()> {
         self.join.await.context("agent task")?
     }
+}
+
+async fn bind(config: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(config.listen).await.with_context(|| {
+        format!("cannot listen on {}: is another agent running? choose another address with --listen", config.listen)
+    })
+}
+
+/// Serve `app` on `listener` (HTTPS with --tls-cert) until `stop`.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    config: &Config,
+    stop: CancellationToken,
+) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
+    let read_timeout = config.request_read_timeout;
+    Ok(match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = crate::tls::TlsFiles::load(cert.clone(), key.clone()).await?;
+            tls.watch(stop.clone());
+            let std_listener = listener.into_std()?;
+            let handle = axum_server::Handle::new();
+            let h2 = handle.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                h2.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+            });
+            let mut server = axum_server::from_tcp_rustls(std_listener, tls.config()).handle(handle);
+            server.http_builder().http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(read_timeout);
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            tokio::spawn(async move { server.serve(app).await })
+        }
+        _ => tokio::spawn(crate::http::serve::serve_plain(listener, app, read_timeout, stop)),
+    })
+}
+
+/// A second descriptor of the same listening socket: the waiting router
+/// serves on it and closes it when it stops, the agent keeps the socket.
+fn dup_listener(listener: &tokio::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
+    use std::os::fd::AsFd;
+    let std_listener = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
+    std_listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(std_listener)
+}
+
+/// Another agent holds the state directory: listen already (alive, not
+/// ready, naming the holder), wait for the lock, then hand the socket on.
+/// The URL file is left alone meanwhile: it names the holder, which the
+/// CLI must keep finding.
+async fn wait_for_state_lock(
+    config: &Config,
+    restic: &Restic,
+    me: LockHolder,
+    holder: Option<LockHolder>,
+    started: Instant,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(StateLock, Option<tokio::net::TcpListener>)> {
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            // The holder on the same address in the same network namespace:
+            // listen once it has gone.
+            tracing::warn!(listen = %config.listen, error = %e, "cannot listen while waiting for the state directory lock; listening once this agent holds it");
+            None
+        }
+    };
+    let stop = CancellationToken::new();
+    let mut http = None;
+    if let Some(l) = &listener {
+        let state = crate::http::waiting::WaitingState {
+            config: Arc::new(config.clone()),
+            restic_version: restic.version().await.map_err(|e| e.to_string()),
+            started,
+        };
+        let app = crate::http::waiting::waiting_router(state);
+        http = Some(serve(dup_listener(l)?, app, config, stop.clone()).await?);
+    }
+    tracing::warn!(
+        holder = %crate::state_lock::describe(holder.as_ref()),
+        state_dir = %config.state_dir.display(),
+        addr = %listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+        "another agent holds the state directory lock; waiting for it to exit (alive, not ready meanwhile)"
+    );
+    let lock = StateLock::wait(&config.state_dir, me, shutdown).await;
+    stop.cancel();
+    if let Some(h) = http {
+        let _ = h.await;
+    }
+    let Some(lock) = lock? else {
+        return Err(StateLockError::StoppedWhileWaiting.into());
+    };
+    let listener = match listener {
+        Some(l) => l,
+        // The holder's socket closes as it exits, maybe a moment after its lock.
+        None => {
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match tokio::net::TcpListener::bind(config.listen).await {
+                    Ok(l) => break l,
+                    Err(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await
+                    }
+                    Err(_) => break bind(config).await?,
+                }
+            }
+        }
+    };
+    Ok((lock, Some(listener)))
 }

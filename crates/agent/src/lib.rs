@@ -4,7 +4,8 @@
 //! binary), [`store`] (SQLite), [`kubelet`] (the kubelet's volume
 //! directories), [`kube`] (the Kubernetes API server). [`scheduler`] orchestrates runs through them; [`http`] is
 //! the API; [`daemon`] wires everything up and shuts it down in order;
-//! [`cli`] is the client. Pure rules live in the `soda-syncer-domain` crate.
+//! [`cli`] is the client; [`state_lock`] keeps it to one agent per state
+//! directory. Pure rules live in the `soda-syncer-domain` crate.
 
 pub mod cli;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod restic;
 pub mod scheduler;
 pub mod sealed;
 pub mod soda;
+pub mod state_lock;
 pub mod store;
 pub mod tls;
 

@@ -1,6 +1,11 @@
 use clap::Parser;
 use soda_syncer::cli::{Cli, Command};
 
+/// `serve`'s exit codes: 0 stopped cleanly, 1 failed, 2 bad configuration,
+/// and this: another agent holds the state directory (EX_TEMPFAIL of
+/// sysexits.h: try again later, or pass --wait-for-state-lock).
+const EXIT_STATE_DIR_LOCKED: i32 = 75;
+
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
@@ -41,7 +46,10 @@ fn serve(args: soda_syncer::config::ServeArgs) -> i32 {
             Err(e) => {
                 tracing::error!("{e:#}");
                 eprintln!("soda-syncer: {e:#}");
-                1
+                match e.downcast_ref() {
+                    Some(soda_syncer::state_lock::StateLockError::Held { .. }) => EXIT_STATE_DIR_LOCKED,
+                    _ => 1,
+                }
             }
         }
     })

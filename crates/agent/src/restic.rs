@@ -13,6 +13,7 @@ use soda_syncer_domain::secret::{redact_url, scrub, url_password};
 use soda_syncer_domain::Secret;
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::OsString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -150,6 +151,8 @@ pub struct Restic {
     timeout: Duration,
     /// Give up on a repository restic has kept retrying for this long.
     unreachable_after: Duration,
+    /// How long a stopped restic gets between SIGINT and SIGKILL.
+    stop_grace: Duration,
     /// How long to wait for a lock a live process holds.
     lock_wait: Duration,
     /// Serialises `init`, so two policies that share a new repository do
@@ -226,6 +229,7 @@ impl Restic {
             host,
             timeout,
             unreachable_after: Duration::from_secs(300),
+            stop_grace: Duration::from_secs(5),
             lock_wait: Duration::from_secs(600),
             init_lock: Arc::default(),
             init_guard: Arc::default(),
@@ -280,6 +284,14 @@ impl Restic {
     /// run is stopped and reported as `repository_unreachable`.
     pub fn with_unreachable_after(mut self, after: Duration) -> Restic {
         self.unreachable_after = after;
+        self
+    }
+
+    /// A stopped restic removes its lock only once a backend connection is
+    /// free, so on a slow link it may need longer than the default 5 s
+    /// (measured: 6 s at 1 MiB/s with both connections uploading).
+    pub fn with_stop_grace(mut self, grace: Duration) -> Restic {
+        self.stop_grace = grace;
         self
     }
 
@@ -341,6 +353,8 @@ impl Restic {
         if let Some(reason) = fenced {
             return Err(ResticError::Fenced { command, reason });
         }
+        let ((stdout_read, stdout_write), (stderr_read, stderr_write)) = (output_pipe()?, output_pipe()?);
+        let kept_by_child = [stdout_read.as_raw_fd(), stderr_read.as_raw_fd()];
         let mut cmd = Command::new(&self.bin);
         cmd.args(args)
             .env_clear()
@@ -351,17 +365,29 @@ impl Restic {
             .env("RESTIC_PROGRESS_FPS", "2")
             .envs(repo.env.iter().map(|(k, v)| (k, v.expose())))
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(stdout_write)
+            .stderr(stderr_write)
             .process_group(0)
             .kill_on_drop(true);
         // If the agent dies (even by SIGKILL), restic gets SIGINT and
         // removes its lock instead of running on as an orphan (SIGINT, not
         // SIGTERM: restic before 0.17 dies on SIGTERM and leaves its lock).
-        // SAFETY: prctl is async-signal-safe and touches only the child.
+        // restic then prints "cleaning up" to stderr; were the agent's read
+        // end of that pipe its only one, the write would kill restic with
+        // SIGPIPE before it removed its lock (seen with 0.14 and 0.19). So
+        // the child keeps a read end of both pipes open itself (nothing
+        // reads it; the 64 KiB pipe buffer takes what restic prints while
+        // it stops).
+        // SAFETY: prctl and fcntl are async-signal-safe and touch only the
+        // child (FD_CLOEXEC is a flag of the child's own descriptor table).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT, 0, 0, 0);
+                for fd in kept_by_child {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -418,8 +444,9 @@ impl Restic {
             _ => self.spawn_error(e),
         })?;
         let pid = child.id();
-        let stdout = child.stdout.take().expect("piped");
-        let stderr = child.stderr.take().expect("piped");
+        drop(cmd); // our copies of the write ends: EOF comes when restic's close
+        let stdout = receiver(stdout_read)?;
+        let stderr = receiver(stderr_read)?;
         let tail = Arc::new(Mutex::new(StderrTail::default()));
         let hopeless = Arc::new(tokio::sync::Notify::new());
         let stderr_task = tokio::spawn(drain_stderr(stderr, tail.clone(), hopeless.clone()));
@@ -460,7 +487,7 @@ impl Restic {
         let end = match end {
             End::Exited(s) => End::Exited(s),
             other => {
-                kill_group(pid, &mut child).await;
+                kill_group(pid, &mut child, self.stop_grace).await;
                 if !matches!(other, End::Fenced) && self.may_leave_lock_when_stopped(args) {
                     self.remove_own_stale_locks(repo).await;
                 }
@@ -1185,6 +1212,23 @@ impl LockRemover {
     }
 }
 
+/// A pipe for a restic child's stdout or stderr (read end, write end),
+/// both close-on-exec; the child keeps its read end anyway (see `exec_in`).
+fn output_pipe() -> Result<(OwnedFd, OwnedFd), ResticError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two new descriptors, owned from here on.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(ResticError::Spawn { message: format!("cannot make a pipe: {}", std::io::Error::last_os_error()) });
+    }
+    // SAFETY: both were just created and are not owned elsewhere.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn receiver(read: OwnedFd) -> Result<tokio::net::unix::pipe::Receiver, ResticError> {
+    tokio::net::unix::pipe::Receiver::from_owned_fd(read)
+        .map_err(|e| ResticError::Spawn { message: format!("cannot read restic's output: {e}") })
+}
+
 /// A failed command's stderr for people: restic 0.18+'s JSON `exit_error`
 /// line becomes its message; other lines stay as they are.
 fn readable_stderr(tail: &str) -> String {
@@ -1367,15 +1411,15 @@ async fn drain_stderr(
 }
 
 /// Ask the process group to stop with SIGINT, then kill it if it has not
-/// exited within five seconds. SIGINT because every restic from 0.14 on
+/// exited within `grace`. SIGINT because every restic from 0.14 on
 /// removes its lock on it, while restic before 0.17 dies on SIGTERM without
 /// cleaning up (measured: 0.14 leaves one lock file per stopped backup).
-async fn kill_group(pid: Option<u32>, child: &mut tokio::process::Child) {
+async fn kill_group(pid: Option<u32>, child: &mut tokio::process::Child, grace: Duration) {
     let Some(pid) = pid else { return };
     let pgid = -(pid as i32);
     // SAFETY: kill(2) with a negative pid signals that process group only; it is the group we created for this child.
     unsafe { libc::kill(pgid, libc::SIGINT) };
-    if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
         // SAFETY: as above.
         unsafe { libc::kill(pgid, libc::SIGKILL) };
         let _ = child.wait().await;

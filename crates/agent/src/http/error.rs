@@ -124,6 +124,7 @@ impl From<crate::scheduler::RunRequestError> for ApiError {
             ),
             E::Invalid(f) => ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", &f.field, f.message),
             E::TargetNotEmpty(m) => ApiError::field(StatusCode::CONFLICT, "target_not_empty", "target", m),
+            e @ E::Stopping => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "agent_stopping", e.to_string()),
             E::Store(s) => s.into(),
         }
     }

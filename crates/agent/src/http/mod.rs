@@ -11,6 +11,7 @@ pub mod openapi;
 pub mod serve;
 pub mod slow;
 mod views;
+pub mod waiting;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -31,7 +32,8 @@ use error::{parse_json, ApiJson, ErrorBody};
 use openapi::{PolicyPatch, RunEvent};
 use views::{
     listed_policy_view, policy_view, run_view, CancelRunResponse, DatabaseState, HealthResponse, PolicyList,
-    PolicyView, ReadyResponse, ResticState, RunList, RunView, SchedulerState, SnapshotList, StatusResponse,
+    PolicyView, ReadyResponse, ResticState, RunList, RunView, SchedulerState, SnapshotList, StateLockView,
+    StatusResponse,
 };
 
 use crate::scheduler::legacy::{LegacySnapshotRequest, LegacySnapshotResponse};
@@ -49,6 +51,9 @@ pub struct AppState {
     pub restic_version: Arc<Mutex<Result<String, String>>>,
     pub started: Instant,
     pub auth: Arc<auth::Auth>,
+    /// This agent's entry in the state directory's lock file; `None` when
+    /// no lock is held (routers built in tests).
+    pub state_lock: Option<crate::state_lock::LockHolder>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -488,6 +493,7 @@ async fn resume_policy(State(state): State<AppState>, Path(id): Path<String>) ->
         (status = 404, description = "No such policy", body = ErrorBody),
         (status = 409, description = "The policy already has a queued or running run", body = ErrorBody),
         (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 503, description = "The agent is stopping (agent_stopping): try the next agent", body = ErrorBody),
         (status = 507, description = "The agent's disk is full", body = ErrorBody),
     )
 )]
@@ -513,6 +519,7 @@ async fn run_policy(State(state): State<AppState>, Path(id): Path<String>) -> Re
         (status = 404, description = "No such policy", body = ErrorBody),
         (status = 409, description = "The policy already has a queued or running run", body = ErrorBody),
         (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 503, description = "The agent is stopping (agent_stopping): try the next agent", body = ErrorBody),
         (status = 507, description = "The agent's disk is full", body = ErrorBody),
     )
 )]
@@ -567,6 +574,7 @@ async fn policy_snapshots(State(state): State<AppState>, Path(id): Path<String>)
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid request (the field is named)", body = ErrorBody),
         (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 503, description = "The agent is stopping (agent_stopping): try the next agent", body = ErrorBody),
         (status = 507, description = "The agent's disk is full", body = ErrorBody),
     )
 )]
@@ -599,6 +607,7 @@ async fn restore_policy(
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid request (the field is named)", body = ErrorBody),
         (status = 500, description = "The agent's state database failed", body = ErrorBody),
+        (status = 503, description = "The agent is stopping (agent_stopping): try the next agent", body = ErrorBody),
         (status = 507, description = "The agent's disk is full", body = ErrorBody),
     )
 )]
@@ -860,7 +869,9 @@ async fn healthz() -> Response {
     Json(HealthResponse { status: "ok" }).into_response()
 }
 
-/// Readiness: database open, scheduler running, restic usable.
+/// Readiness: this agent holds the state directory's lock, its database
+/// is open, its scheduler runs and restic is usable. An agent waiting for
+/// the lock answers 503 here with `stateLock.held` false and the holder.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -879,7 +890,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let restic = state.restic_version.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let db_ok = state.sched.store().count_policies().is_ok();
     let sched_ok = state.sched.is_running();
-    let ready = db_ok && sched_ok && restic.is_ok();
+    let held = state.state_lock.is_some();
+    let ready = db_ok && sched_ok && restic.is_ok() && held;
     let body = ReadyResponse {
         ready,
         node: state.sched.config().node_name.clone(),
@@ -891,6 +903,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
         },
         uptime_seconds: state.started.elapsed().as_secs(),
         kubelet_dir: views::KubeletDirView::of(state.sched.config()),
+        state_lock: StateLockView {
+            held,
+            path: crate::state_lock::lock_path(&state.sched.config().state_dir).display().to_string(),
+            holder: state.state_lock.clone(),
+        },
     };
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
@@ -944,6 +961,8 @@ mod tests {
         store: crate::store::Store,
         db: std::path::PathBuf,
         data: std::path::PathBuf,
+        /// The scheduler's token: cancelled when the agent stops.
+        stop: tokio_util::sync::CancellationToken,
         _dir: tempfile::TempDir,
     }
 
@@ -969,15 +988,17 @@ mod tests {
             "n1".into(),
             std::time::Duration::from_secs(60),
         );
-        let sched = Scheduler::new(store.clone(), restic, config, tokio_util::sync::CancellationToken::new());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let sched = Scheduler::new(store.clone(), restic, config, stop.clone());
         let auth = auth::Auth::new(state_dir.join("token"), auth::LegacyMode::Network, vec![]);
         let app = router(AppState {
             sched,
             restic_version: Arc::new(Mutex::new(Ok("0.14.0".into()))),
             started: Instant::now(),
             auth: Arc::new(auth),
+            state_lock: None,
         });
-        Harness { app, store, db, data, _dir: dir }
+        Harness { app, store, db, data, stop, _dir: dir }
     }
 
     async fn call(h: &Harness, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, String) {
@@ -1022,6 +1043,26 @@ mod tests {
         r.snapshot_id = Some("ab".repeat(32));
         h.store.save_run(&r).unwrap();
         r.id
+    }
+
+    #[tokio::test]
+    async fn a_stopping_agent_refuses_new_runs_with_503_and_queues_nothing() {
+        let h = harness();
+        let body =
+            json!({"name": "late", "source": {"path": h.data}, "schedule": {"intervalSeconds": 3600}, "paused": true});
+        let (st, text) = call(&h, "POST", "/v1/policies", Some(body)).await;
+        assert_eq!(st, StatusCode::CREATED, "{text}");
+        h.stop.cancel();
+        for route in ["run", "drill", "maintenance"] {
+            let body = (route == "maintenance").then(|| json!({"check": true}));
+            let (st, text) = call(&h, "POST", &format!("/v1/policies/late/{route}"), body).await;
+            assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{route}: {text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["error"]["code"], "agent_stopping", "{route}: {text}");
+            assert!(v["error"]["message"].as_str().unwrap().contains("next agent"), "{text}");
+        }
+        let (_, runs) = call(&h, "GET", "/v1/runs", None).await;
+        assert_eq!(serde_json::from_str::<Value>(&runs).unwrap()["runs"], json!([]), "nothing was queued");
     }
 
     #[tokio::test]

@@ -231,6 +231,21 @@ pub struct ReadyResponse {
     pub restic: ResticState,
     pub uptime_seconds: u64,
     pub kubelet_dir: KubeletDirView,
+    pub state_lock: StateLockView,
+}
+
+/// The state directory's lock: one agent per state directory. An agent
+/// that waits for it is alive but not ready, and serves nothing else.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StateLockView {
+    /// Whether this agent holds it; false while it waits for another agent.
+    pub held: bool,
+    /// The lock file in the state directory.
+    pub path: String,
+    /// Who holds it (this agent, when `held`); null when not known yet.
+    #[schema(required = true)]
+    pub holder: Option<crate::state_lock::LockHolder>,
 }
 
 /// `GET /v1/status`.

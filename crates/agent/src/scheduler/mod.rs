@@ -42,9 +42,19 @@ pub enum RunRequestError {
     Invalid(soda_syncer_domain::policy::FieldError),
     #[error("{0}")]
     TargetNotEmpty(String),
+    #[error("{STOPPING_REFUSED}")]
+    Stopping,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// Why a stop interrupted a run, as the run records it (code `agent_stopped`).
+pub const INTERRUPTED_BY_STOP: &str =
+    "agent stopping for upgrade or restart: the run was interrupted, and the next agent on this node runs it again as soon as it starts";
+const INTERRUPTED_BEFORE_START: &str =
+    "agent stopping for upgrade or restart before this run started: the next agent on this node runs it as soon as it starts";
+const STOPPING_REFUSED: &str =
+    "the agent is stopping (an upgrade or restart) and accepts no new runs: try again once the next agent on this node is ready";
 
 #[derive(Default)]
 struct Slots {
@@ -320,7 +330,22 @@ impl Scheduler {
     /// and their policies are due at once (one catch-up run each).
     pub fn recover_after_start(&self) -> Result<usize, StoreError> {
         let now = Utc::now();
-        let ids = self.inner.store.interrupt_unfinished_runs(now)?;
+        // A crash left its runs queued or running: they become interrupted now.
+        let mut ids: std::collections::BTreeSet<String> =
+            self.inner.store.interrupt_unfinished_runs(now)?.into_iter().collect();
+        // A clean stop (an upgrade) recorded its runs interrupted itself:
+        // the policy's newest run says so. Both kinds run again at once.
+        for run in self.inner.store.last_runs()?.into_values() {
+            if run.state == RunState::Interrupted && run.kind == RunKind::Backup {
+                tracing::info!(
+                    policy = %run.policy_id,
+                    interrupted_run = %run.id,
+                    trigger = run.trigger.as_str(),
+                    "the last stop interrupted this policy's backup; running it again now"
+                );
+                ids.insert(run.policy_id);
+            }
+        }
         for id in &ids {
             if let Ok(mut p) = self.inner.store.get_policy(id) {
                 if p.next_run_at.is_none() || p.next_run_at > Some(now) {
@@ -366,6 +391,10 @@ impl Scheduler {
     ) -> Result<RunRecord, RunRequestError> {
         let now = Utc::now();
         let mut slots = self.slots();
+        // Under the slots' lock: the loop's stop drains the queue under it too.
+        if self.inner.cancel.is_cancelled() {
+            return Err(RunRequestError::Stopping);
+        }
         if let Some(run) = slots.queued.get(&policy.id) {
             return Err(RunRequestError::Busy { policy: policy.spec.name.clone(), run: run.clone(), state: "queued" });
         }
@@ -395,7 +424,12 @@ impl Scheduler {
             run
         };
         if let Some(run_id) = removed {
-            self.finish_unstarted(&run_id, RunState::Cancelled, "the policy was paused before the run started");
+            self.finish_unstarted(
+                &run_id,
+                RunState::Cancelled,
+                "cancelled",
+                "the policy was paused before the run started",
+            );
         }
     }
 
@@ -426,16 +460,16 @@ impl Scheduler {
             }
         };
         if queued {
-            self.finish_unstarted(&run.id, RunState::Cancelled, "cancelled before it started");
+            self.finish_unstarted(&run.id, RunState::Cancelled, "cancelled", "cancelled before it started");
         }
         queued
     }
 
-    fn finish_unstarted(&self, run_id: &str, state: RunState, why: &str) {
+    fn finish_unstarted(&self, run_id: &str, state: RunState, code: &str, why: &str) {
         if let Ok(mut run) = self.inner.store.get_run(run_id) {
             run.state = state;
             run.finished_at = Some(Utc::now());
-            run.error = Some(RunError { code: state.as_str().into(), message: why.into() });
+            run.error = Some(RunError { code: code.into(), message: why.into() });
             let _ = self.inner.store.save_run(&run);
             if let Ok(policy) = self.inner.store.get_policy(&run.policy_id) {
                 self.inner.metrics.run_ended(&policy, &run);
@@ -603,17 +637,30 @@ impl Scheduler {
             slots.queue.drain(..).collect()
         };
         for id in queued {
-            self.finish_unstarted(
-                &id,
-                RunState::Interrupted,
-                "the agent stopped before this run started; it will run after the next start",
-            );
+            self.finish_unstarted(&id, RunState::Interrupted, "agent_stopped", INTERRUPTED_BEFORE_START);
         }
-        // Running jobs see the parent token cancelled and stop restic.
-        let grace = self.inner.config.shutdown_grace;
+        // Running jobs see the parent token cancelled and stop restic
+        // (SIGINT, so it removes its repository lock).
+        let grace = self.inner.config.run_stop_grace();
+        let running = self.slots().running.len();
+        if running > 0 {
+            tracing::info!(runs = running, grace_s = grace.as_secs_f64(), "stopping the running runs");
+        }
         if tokio::time::timeout(grace, async { while jobs.join_next().await.is_some() {} }).await.is_err() {
-            tracing::warn!(seconds = grace.as_secs(), "runs did not stop within the shutdown grace; aborting them");
+            let stuck: Vec<String> = self.slots().running.values().map(|(id, _)| id.clone()).collect();
+            tracing::warn!(
+                seconds = grace.as_secs_f64(),
+                runs = ?stuck,
+                "runs did not stop within the shutdown grace (--shutdown-grace-seconds less its margin); aborting them"
+            );
             jobs.shutdown().await;
+            // Aborted before they could record their end: record it here,
+            // so the next agent finds them interrupted, not running.
+            for id in stuck {
+                if self.inner.store.get_run(&id).is_ok_and(|r| !r.state.is_terminal()) {
+                    self.finish_unstarted(&id, RunState::Interrupted, "agent_stopped", INTERRUPTED_BY_STOP);
+                }
+            }
         }
     }
 
@@ -784,10 +831,7 @@ impl Scheduler {
             Err(mut err) => {
                 run.state = if err.code == "cancelled" {
                     if self.inner.cancel.is_cancelled() {
-                        err = RunError {
-                            code: "agent_stopped".into(),
-                            message: "the agent was stopped during this run; it runs again after the next start".into(),
-                        };
+                        err = RunError { code: "agent_stopped".into(), message: INTERRUPTED_BY_STOP.into() };
                         RunState::Interrupted
                     } else {
                         RunState::Cancelled

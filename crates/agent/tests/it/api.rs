@@ -48,6 +48,8 @@ fn harness() -> Harness {
         restic_version: Arc::new(Mutex::new(Ok("0.14.0".into()))),
         started: std::time::Instant::now(),
         auth: Arc::new(auth),
+        // As the agent fills it in, so /readyz's holder is checked against the document too.
+        state_lock: Some(soda_syncer::state_lock::LockHolder::this_process("n1", None, chrono::Utc::now())),
     });
     Harness { app, _dir: dir, data, outside }
 }

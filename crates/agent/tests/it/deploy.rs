@@ -13,7 +13,8 @@
 //!   HostToContainer, hostPort 50030, every taint tolerated, the
 //!   capabilities and nothing more), the RBAC rules are exactly a reviewed
 //!   table, and the real binary accepts the DaemonSet's arguments;
-//! - the Dockerfile's structure (it was never built here).
+//! - the Dockerfile's structure (Docker cannot be installed here; image.rs
+//!   builds and runs the same image from scripts/image with podman).
 //!
 //! After changing the chart, regenerate the plain manifests with
 //! `SODA_SYNCER_BLESS_DEPLOY=1 cargo nextest run -p soda-syncer --test it deploy`.
@@ -474,6 +475,15 @@ macro_rules! one {
     }};
 }
 
+/// The chart's DaemonSet rendered with values.yaml overridden by `over`,
+/// and the files of the chart's own Secrets as the kubelet would mount
+/// them (path in the container -> content): what the image test runs.
+pub(crate) fn rendered_daemonset(over: &Value) -> (DaemonSet, BTreeMap<String, String>) {
+    let b = chart(over);
+    let ds = one!(b, DaemonSet).as_ref().clone();
+    (ds, secret_files(&b))
+}
+
 // ---------------------------------------------------------------------------
 // What the objects must say.
 // ---------------------------------------------------------------------------
@@ -791,6 +801,26 @@ fn check_daemonset(b: &Bundle, x: &Expect) -> Vec<String> {
             p.push(format!("{which} probe: GET {path} on port {PORT} ({})", if x.tls { "HTTPS" } else { "HTTP" }));
         }
     }
+    // Rollouts: one agent per state directory, and a stop that ends before the kubelet's SIGKILL.
+    if !args.iter().any(|a| a == "--wait-for-state-lock") {
+        p.push("--wait-for-state-lock: a new pod next to its predecessor waits for the state lock, not ready, instead of crash-looping".into());
+    }
+    match (pod.termination_grace_period_seconds, flag(&args, "--shutdown-grace-seconds")) {
+        (Some(g), Some(f)) if f == g.to_string() && g >= 20 => {}
+        (g, f) => p.push(format!(
+            "terminationGracePeriodSeconds ({g:?}, at least 20: runs get all but 10 s) and --shutdown-grace-seconds ({f:?}) must be the same number"
+        )),
+    }
+    let strategy = spec.update_strategy.clone().unwrap_or_default();
+    let surge = strategy.rolling_update.as_ref().and_then(|r| r.max_surge.clone());
+    if strategy.type_.as_deref() != Some("RollingUpdate")
+        || !matches!(&surge, None | Some(IntOrString::Int(0)))
+            && !matches!(&surge, Some(IntOrString::String(s)) if s == "0" || s == "0%")
+    {
+        p.push(format!(
+            "updateStrategy must be RollingUpdate with maxSurge 0 (got {strategy:?}): a surge pod waits for the old pod's state lock, is never ready, and the controller never deletes the old pod"
+        ));
+    }
     // Resources: a memory request and limit (restic's memory is the agent's risk).
     let res = c.resources.clone().unwrap_or_default();
     if !res.requests.as_ref().is_some_and(|r| r.contains_key("memory"))
@@ -1052,6 +1082,8 @@ fn options() -> Value {
         ],
         "apiSecret": {"useSecretsKey": true, "secretsKey": "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"},
         "priorityClassName": "system-node-critical",
+        "terminationGracePeriodSeconds": 120,
+        "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%", "maxSurge": 0}},
         "logJson": false,
         "legacy": "token",
         "legacyAllowCidrs": "10.42.0.0/16",
@@ -1078,6 +1110,24 @@ fn chart_options_change_what_they_say() {
     let args = container_args(&b);
     assert!(args.contains(&"--allowed-root=/mnt/disks,/opt/local-path-provisioner".to_string()), "{args:?}");
     assert!(args.contains(&"--legacy=token".to_string()) && !args.contains(&"--log-json".to_string()), "{args:?}");
+    assert!(args.contains(&"--shutdown-grace-seconds=120".to_string()), "{args:?}");
+    assert_eq!(pod.termination_grace_period_seconds, Some(120));
+    let rolling = ds.spec.update_strategy.as_ref().and_then(|u| u.rolling_update.clone()).unwrap();
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::String("10%".into())));
+    // A surge, or a grace the flag does not follow, is caught.
+    let surge = chart(
+        &json!({"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}}),
+    );
+    let p = check_daemonset(&surge, &Expect::from_values(&chart_values()));
+    assert!(p.iter().any(|p| p.contains("maxSurge 0")), "{p:?}");
+    let mut short = chart(&json!({}));
+    for o in short.objs.iter_mut() {
+        if let Obj::DaemonSet(d) = o {
+            d.spec.template.spec.as_mut().unwrap().termination_grace_period_seconds = Some(10);
+        }
+    }
+    let p = check_daemonset(&short, &Expect::from_values(&chart_values()));
+    assert!(p.iter().any(|p| p.contains("terminationGracePeriodSeconds")), "{p:?}");
     let mounts = pod.containers[0].volume_mounts.clone().unwrap();
     assert!(mounts
         .iter()
@@ -1207,15 +1257,35 @@ fn dockerfile_builds_and_runs_the_agent_binary() {
         })
         .collect();
     let froms: Vec<&str> = instr.iter().filter(|(k, _)| k == "FROM").map(|(_, v)| v.as_str()).collect();
-    assert_eq!(froms, ["rust:1-bookworm AS build", "debian:bookworm-slim"], "a build stage and a slim runtime");
+    // Debian 13 at run time (restic 0.18); the build stage's glibc must not
+    // be newer than the runtime's, or the binary does not start there.
+    assert_eq!(froms, ["rust:1-bookworm AS build", "debian:trixie-slim"], "a build stage and a slim runtime");
     let bin = Path::new(env!("CARGO_BIN_EXE_soda-syncer")).file_name().unwrap().to_string_lossy().into_owned();
     let pkg = env!("CARGO_PKG_NAME");
     let runs: Vec<&str> = instr.iter().filter(|(k, _)| k == "RUN").map(|(_, v)| v.as_str()).collect();
     assert!(runs.iter().any(|r| r.contains(&format!("cargo build --release --locked -p {pkg}"))), "{runs:?}");
     let apt = runs.iter().find(|r| r.contains("apt-get install")).expect("packages from Debian");
+    let packages: Vec<&str> = apt
+        .split("--no-install-recommends")
+        .nth(1)
+        .and_then(|rest| rest.split("&&").next())
+        .expect("apt-get install -y --no-install-recommends PACKAGES &&")
+        .split_whitespace()
+        .collect();
     for pkg in ["restic", "ca-certificates", "btrfs-progs", "xfsprogs", "util-linux", "mount"] {
-        assert!(apt.split_whitespace().any(|w| w == pkg), "the image installs {pkg}");
+        assert!(packages.contains(&pkg), "the image installs {pkg}: {packages:?}");
     }
+    // scripts/image builds the same image without Docker: the same packages.
+    let script = read(&repo().join("scripts/image"));
+    let listed = script
+        .lines()
+        .find_map(|l| l.strip_prefix("PACKAGES=(").and_then(|r| r.strip_suffix(')')))
+        .expect("PACKAGES=(...) in scripts/image");
+    assert_eq!(
+        listed.split_whitespace().collect::<Vec<_>>(),
+        packages,
+        "scripts/image and the Dockerfile install the same packages"
+    );
     let copy = instr
         .iter()
         .find(|(k, v)| k == "COPY" && v.starts_with("--from=build"))

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{fill, AgentProc, BIN};
+use crate::support::{children_named, fill, AgentProc, BIN};
 
 /// The restic first on PATH, as an absolute path (wrappers exec it).
 fn real_restic() -> PathBuf {
@@ -65,6 +65,8 @@ enum Stop {
     Cancel,
     Timeout,
     Shutdown,
+    /// kill -9 of the agent: restic gets SIGINT as its parent-death signal.
+    Kill,
 }
 
 /// A backup that takes about 15 s (8 MB at restic's `--limit-upload 512`
@@ -102,6 +104,23 @@ async fn stop_a_backup_midway(stop: Stop) {
             assert!(status.success(), "exit status {status}\n{}", agent.log_text());
             Value::Null
         }
+        Stop::Kill => {
+            // Past restic 0.14's window right after writing its lock, in
+            // which no signal makes it remove the lock (nobody is left to
+            // run `restic unlock` after a kill -9; the next start does).
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let restic = children_named(agent.pid(), "restic");
+            assert_eq!(restic.len(), 1, "one restic runs: {restic:?}");
+            agent.kill9();
+            // 0.18+ remove the lock at once, then finish the throttled
+            // uploads in flight (8 MB at 512 KiB/s at most).
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while std::path::Path::new(&format!("/proc/{}", restic[0])).exists() {
+                assert!(Instant::now() < deadline, "restic outlived its agent by 60 s");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Value::Null
+        }
     };
     if let Stop::Timeout = stop {
         assert_eq!(ended["error"]["code"], "timed_out", "{ended}");
@@ -133,6 +152,11 @@ async fn a_timed_out_backup_leaves_no_lock() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_stopped_by_the_agent_s_shutdown_leaves_no_lock() {
     stop_a_backup_midway(Stop::Shutdown).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_whose_agent_is_killed_removes_its_lock() {
+    stop_a_backup_midway(Stop::Kill).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

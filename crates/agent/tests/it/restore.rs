@@ -55,7 +55,7 @@ fn set_mtime(path: &Path, secs: i64, nanos: i64) {
 }
 
 /// A tree with every kind of entry a volume may hold.
-fn build_tree(root: &Path) {
+pub(crate) fn build_tree(root: &Path) {
     std::fs::create_dir_all(root.join("dir/sub")).unwrap();
     std::fs::create_dir_all(root.join("empty")).unwrap();
     fill(&root.join("dir/sub"), 5, 70_000);
@@ -75,7 +75,7 @@ fn build_tree(root: &Path) {
 }
 
 #[derive(Debug, PartialEq)]
-struct Entry {
+pub(crate) struct Entry {
     kind: &'static str,
     mode: u32,
     uid: u32,
@@ -89,7 +89,7 @@ struct Entry {
 
 /// Every entry below `root` (relative path → what it is), directories'
 /// mtimes included except the root's own.
-fn snapshot_tree(root: &Path) -> BTreeMap<PathBuf, Entry> {
+pub(crate) fn snapshot_tree(root: &Path) -> BTreeMap<PathBuf, Entry> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {

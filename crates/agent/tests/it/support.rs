@@ -32,7 +32,7 @@ impl AgentProc {
     /// As `start`, with these variables added to the agent's environment
     /// (`restart` does not keep them).
     pub fn start_with_env(state_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Result<AgentProc> {
-        Self::spawn(state_dir, extra.iter().map(|s| s.to_string()).collect(), env)
+        Self::spawn(state_dir, extra.iter().map(|s| s.to_string()).collect(), env, None)
     }
 
     /// As `start`, but as another user (by uid; its group is the same number).
@@ -43,17 +43,51 @@ impl AgentProc {
             std::os::unix::fs::chown(state_dir, Some(uid), Some(uid))?;
             args.push(format!("--as-uid={uid}"));
         }
-        Self::spawn(state_dir, args, &[])
+        Self::spawn(state_dir, args, &[], None)
     }
 
-    fn spawn(state_dir: &Path, args: Vec<String>, env: &[(&str, &str)]) -> Result<AgentProc> {
+    fn spawn(state_dir: &Path, args: Vec<String>, env: &[(&str, &str)], log: Option<PathBuf>) -> Result<AgentProc> {
+        let url_file = state_dir.join("agent.url");
+        let _ = std::fs::remove_file(&url_file);
+        let mut agent = Self::spawn_only(state_dir, args, env, log)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(u) = std::fs::read_to_string(&url_file).ok().filter(|u| u.starts_with("http")) {
+                agent.url = u.trim().to_string();
+                agent.token = std::fs::read_to_string(state_dir.join("token")).unwrap_or_default().trim().to_string();
+                return Ok(agent);
+            }
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("soda-syncer exited with {status} before listening; log:\n{}", agent.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("soda-syncer did not write its URL within 20 s; log:\n{}", agent.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Start `soda-syncer serve` as `start` does, but return at once: for an
+    /// agent that may have to wait for another's state directory lock (the
+    /// URL file then names the other agent). `url` and `token` stay empty
+    /// until [`AgentProc::wait_until_holding`].
+    pub fn start_without_waiting(state_dir: &Path, extra: &[&str]) -> Result<AgentProc> {
+        Self::spawn_only(state_dir, extra.iter().map(|s| s.to_string()).collect(), &[], None)
+    }
+
+    /// `log`: append to this log (a restart); `None`: a log of its own.
+    fn spawn_only(
+        state_dir: &Path,
+        args: Vec<String>,
+        env: &[(&str, &str)],
+        log: Option<PathBuf>,
+    ) -> Result<AgentProc> {
         std::fs::create_dir_all(state_dir)?;
         // `--as-uid` is ours, not the agent's: it becomes setpriv in front.
         let as_uid = args.iter().find_map(|a| a.strip_prefix("--as-uid=").map(str::to_string));
         let agent_args: Vec<String> = args.iter().filter(|a| !a.starts_with("--as-uid=")).cloned().collect();
-        let url_file = state_dir.join("agent.url");
-        let _ = std::fs::remove_file(&url_file);
-        let log = state_dir.with_extension("log");
+        // Several agents may share a state directory: one log each.
+        let log = log.unwrap_or_else(|| unused_log_path(state_dir));
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let mut cmd = match &as_uid {
             Some(uid) => {
@@ -81,28 +115,37 @@ impl AgentProc {
             .stderr(logf)
             .spawn()
             .context("spawning soda-syncer")?;
-        let mut agent = AgentProc {
-            child,
-            state_dir: state_dir.to_path_buf(),
-            log,
-            url: String::new(),
-            args,
-            token: String::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        Ok(AgentProc { child, state_dir: state_dir.to_path_buf(), log, url: String::new(), args, token: String::new() })
+    }
+
+    /// Wait until this agent holds its state directory's lock and serves
+    /// the full API on the URL in the URL file (its `/readyz` names it as
+    /// the holder); then `url` and `token` are set.
+    pub async fn wait_until_holding(&mut self, secs: u64) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
         loop {
-            if let Some(u) = std::fs::read_to_string(&url_file).ok().filter(|u| u.starts_with("http")) {
-                agent.url = u.trim().to_string();
-                agent.token = std::fs::read_to_string(state_dir.join("token")).unwrap_or_default().trim().to_string();
-                return Ok(agent);
+            if let Ok(url) = std::fs::read_to_string(self.state_dir.join("agent.url")) {
+                let url = url.trim().to_string();
+                if let Ok(resp) = http.get(format!("{url}/readyz")).send().await {
+                    let v: Value = resp.json().await.unwrap_or_default();
+                    if v["stateLock"]["held"] == true && v["stateLock"]["holder"]["pid"] == self.pid() {
+                        self.url = url;
+                        self.token = std::fs::read_to_string(self.state_dir.join("token"))
+                            .unwrap_or_default()
+                            .trim()
+                            .to_string();
+                        return Ok(());
+                    }
+                }
             }
-            if let Some(status) = agent.child.try_wait()? {
-                bail!("soda-syncer exited with {status} before listening; log:\n{}", agent.log_text());
+            if let Some(status) = self.child.try_wait()? {
+                bail!("soda-syncer exited with {status} before it held the state directory; log:\n{}", self.log_text());
             }
             if Instant::now() > deadline {
-                bail!("soda-syncer did not write its URL within 20 s; log:\n{}", agent.log_text());
+                bail!("soda-syncer did not take over its state directory within {secs} s; log:\n{}", self.log_text());
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -130,7 +173,7 @@ impl AgentProc {
     /// Start again with the same state directory and flags.
     pub fn restart(&mut self) -> Result<()> {
         self.kill9();
-        let new = Self::spawn(&self.state_dir.clone(), self.args.clone(), &[])?;
+        let new = Self::spawn(&self.state_dir.clone(), self.args.clone(), &[], Some(self.log.clone()))?;
         // The old child was reaped by kill9; dropping it again is harmless.
         drop(std::mem::replace(self, new));
         Ok(())
@@ -194,6 +237,23 @@ impl AgentProc {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// `<state-dir>.log` for the first agent, `<state-dir>.2.log` and so on for
+/// agents started beside it.
+fn unused_log_path(state_dir: &Path) -> PathBuf {
+    let first = state_dir.with_extension("log");
+    if !first.exists() {
+        return first;
+    }
+    (2..).map(|n| state_dir.with_extension(format!("{n}.log"))).find(|p| !p.exists()).expect("a free name")
+}
+
+/// The pid the state directory's lock file names (its holder while one
+/// holds it; the last holder otherwise).
+pub fn lock_holder_pid(state_dir: &Path) -> Option<u32> {
+    let v: Value = serde_json::from_slice(&std::fs::read(state_dir.join("agent.lock")).ok()?).ok()?;
+    v["pid"].as_u64().map(|p| p as u32)
 }
 
 impl Drop for AgentProc {
