@@ -54,6 +54,15 @@ pub enum Output {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent.
+    // The client's global flags are shadowed here by hidden flags that
+    // refuse, so `serve --help` lists only the server's flags.
+    #[command(
+        arg = agent_flag_refused("server", "server", None, "serve listens on --listen"),
+        arg = agent_flag_refused("agent_state_dir", "agent-state-dir", None, "serve takes --state-dir"),
+        arg = agent_flag_refused("output", "output", Some('o'), "serve prints only its log"),
+        arg = agent_flag_refused("ca_file", "ca-file", None, "serve takes --tls-cert and --tls-key"),
+        arg = agent_flag_refused("token", "token", None, "serve reads its tokens from --token-file"),
+    )]
     Serve(Box<ServeArgs>),
     /// Manage backup policies.
     #[command(subcommand)]
@@ -105,6 +114,18 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Every claim of the cluster: protected or why not, deadline, overdue (from the API server).
+    ///
+    /// Reads the claims, volumes, storage classes and the agents' liveness Leases, so it answers
+    /// while agents are down. Exit code 0 only when no claim is past its backup deadline.
+    // It asks the API server, not an agent: the agent's connection flags are refused, as for serve.
+    #[command(
+        arg = agent_flag_refused("server", "server", None, "cluster asks the API server: --kubeconfig"),
+        arg = agent_flag_refused("agent_state_dir", "agent-state-dir", None, "cluster asks the API server"),
+        arg = agent_flag_refused("ca_file", "ca-file", None, "the kubeconfig holds the cluster's CA"),
+        arg = agent_flag_refused("token", "token", None, "the kubeconfig holds the credentials"),
+    )]
+    Cluster(crate::kube::cluster::ClusterArgs),
     /// List runs, newest first.
     Runs {
         /// Only runs of this policy (id or name).
@@ -119,6 +140,18 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+}
+
+/// A hidden flag in place of a global flag for talking to an agent, on a
+/// command that talks to none (`serve`, `cluster`); it says what to use.
+fn agent_flag_refused(id: &'static str, long: &'static str, short: Option<char>, instead: &'static str) -> clap::Arg {
+    let arg = clap::Arg::new(id).long(long).hide(true).num_args(1).value_parser(move |_: &str| {
+        Err::<String, String>(format!("--{long} is for the commands that talk to an agent, not this one ({instead})"))
+    });
+    match short {
+        Some(c) => arg.short(c),
+        None => arg,
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -422,18 +455,20 @@ async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> 
     use reqwest::Method;
     match cmd {
         Command::Serve(_) => unreachable!("handled by main"),
-        Command::Policy(PolicyCommand::List) => {
-            // Every page, so the list is complete.
-            let mut all = Vec::new();
-            let mut after = String::new();
-            loop {
-                let v = c.call(Method::GET, &format!("/v1/policies?limit=1000&after={}", enc(&after)), None).await?;
-                all.extend(v["policies"].as_array().cloned().unwrap_or_default());
-                match v["next"].as_str() {
-                    Some(n) if !n.is_empty() => after = n.to_string(),
-                    _ => break,
-                }
+        Command::Cluster(args) => {
+            let inv = crate::kube::cluster::inventory(&args).await?;
+            let report = crate::kube::cluster::report(&inv, chrono::Utc::now());
+            match out {
+                Output::Table => crate::kube::cluster::print_table(&report),
+                _ => print_value(out, &serde_json::to_value(&report)?, |_| {}),
             }
+            if out != Output::Table {
+                eprintln!("{}", report.summary_line());
+            }
+            return Ok(report.exit_code());
+        }
+        Command::Policy(PolicyCommand::List) => {
+            let all = all_policies(c).await?;
             print_policies(out, &json!({ "policies": all }));
         }
         Command::Policy(PolicyCommand::Get { policy }) => {
@@ -536,11 +571,46 @@ async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> 
             if let Some(k) = kind {
                 q.push(format!("kind={}", enc(&k)));
             }
-            let v = c.call(Method::GET, &format!("/v1/runs?{}", q.join("&")), None).await?;
+            let mut v = c.call(Method::GET, &format!("/v1/runs?{}", q.join("&")), None).await?;
+            if out == Output::Table {
+                name_policies(c, &mut v).await?;
+            }
             print_value(out, &v, print_runs);
         }
     }
     Ok(0)
+}
+
+/// Every page of `GET /v1/policies`, so the list is complete.
+async fn all_policies(c: &Client) -> anyhow::Result<Vec<Value>> {
+    let mut all = Vec::new();
+    let mut after = String::new();
+    loop {
+        let v = c.call(reqwest::Method::GET, &format!("/v1/policies?limit=1000&after={}", enc(&after)), None).await?;
+        all.extend(v["policies"].as_array().cloned().unwrap_or_default());
+        match v["next"].as_str() {
+            Some(n) if !n.is_empty() => after = n.to_string(),
+            _ => break,
+        }
+    }
+    Ok(all)
+}
+
+/// Give each run of a `{"runs": [...]}` its policy's name (`policyName`),
+/// for the table: people know their policies by name, not by id. A run of
+/// a deleted policy keeps only its id.
+async fn name_policies(c: &Client, v: &mut Value) -> anyhow::Result<()> {
+    let names: std::collections::HashMap<String, Value> = all_policies(c)
+        .await?
+        .into_iter()
+        .filter_map(|p| Some((p["id"].as_str()?.to_string(), p["name"].clone())))
+        .collect();
+    for r in v["runs"].as_array_mut().into_iter().flatten() {
+        if let Some(name) = r["policyId"].as_str().and_then(|id| names.get(id)) {
+            r["policyName"] = name.clone();
+        }
+    }
+    Ok(())
 }
 
 /// 0 succeeded, 3 partial or suspicious, 1 anything else.
@@ -560,7 +630,12 @@ async fn finish_run(c: &Client, out: Output, run: Value, follow: bool) -> anyhow
     }
     let id = run["id"].as_str().unwrap_or_default().to_string();
     let end = follow_run(c, &id).await?;
-    print_value(out, &end, |v| print_runs(&json!({ "runs": [v] })));
+    let mut shown = json!({ "runs": [end.clone()] });
+    if out == Output::Table {
+        // The run's outcome matters more than the name: print it anyway.
+        let _ = name_policies(c, &mut shown).await;
+    }
+    print_value(out, &end, |_| print_runs(&shown));
     if let Some(e) = end["error"]["message"].as_str() {
         eprintln!("error: {e}");
     }
@@ -706,64 +781,10 @@ fn print_value(out: Output, v: &Value, table: impl FnOnce(&Value)) {
     }
 }
 
-/// YAML for a JSON value (block style; strings quoted as JSON, which is valid YAML).
+/// YAML for a JSON value, as people write it: plain keys, strings quoted
+/// only where YAML would otherwise read them as something else.
 pub fn to_yaml(v: &Value) -> String {
-    fn scalar(v: &Value) -> String {
-        match v {
-            Value::String(s) => serde_json::to_string(s).unwrap_or_default(),
-            Value::Null => "null".into(),
-            other => other.to_string(),
-        }
-    }
-    fn walk(v: &Value, indent: usize, out: &mut String) {
-        let pad = "  ".repeat(indent);
-        match v {
-            Value::Object(m) if !m.is_empty() => {
-                for (k, v) in m {
-                    let key = serde_json::to_string(k).unwrap_or_default();
-                    match v {
-                        Value::Object(c) if !c.is_empty() => {
-                            out.push_str(&format!("{pad}{key}:\n"));
-                            walk(v, indent + 1, out);
-                        }
-                        Value::Array(a) if !a.is_empty() => {
-                            out.push_str(&format!("{pad}{key}:\n"));
-                            walk(v, indent, out);
-                        }
-                        _ => out.push_str(&format!("{pad}{key}: {}\n", inline(v))),
-                    }
-                }
-            }
-            Value::Array(a) if !a.is_empty() => {
-                for item in a {
-                    match item {
-                        Value::Object(c) if !c.is_empty() => {
-                            let mut inner = String::new();
-                            walk(item, indent + 1, &mut inner);
-                            let trimmed = inner.trim_start().to_string();
-                            out.push_str(&format!("{pad}- {trimmed}"));
-                        }
-                        Value::Array(c) if !c.is_empty() => {
-                            out.push_str(&format!("{pad}-\n"));
-                            walk(item, indent + 1, out);
-                        }
-                        _ => out.push_str(&format!("{pad}- {}\n", inline(item))),
-                    }
-                }
-            }
-            other => out.push_str(&format!("{pad}{}\n", inline(other))),
-        }
-    }
-    fn inline(v: &Value) -> String {
-        match v {
-            Value::Object(_) => "{}".into(),
-            Value::Array(_) => "[]".into(),
-            other => scalar(other),
-        }
-    }
-    let mut out = String::new();
-    walk(v, 0, &mut out);
-    out
+    serde_yaml_ng::to_string(v).unwrap_or_else(|e| format!("# cannot print as YAML: {e}\n"))
 }
 
 fn s(v: &Value) -> String {
@@ -774,7 +795,7 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -905,9 +926,10 @@ fn print_runs(v: &Value) {
             a.iter()
                 .map(|r| {
                     let snap: String = s(&r["snapshotId"]).chars().take(8).collect();
+                    let policy = if r["policyName"].is_string() { &r["policyName"] } else { &r["policyId"] };
                     vec![
                         s(&r["id"]),
-                        s(&r["policyId"]),
+                        s(policy),
                         s(&r["kind"]),
                         s(&r["trigger"]),
                         s(&r["state"]),

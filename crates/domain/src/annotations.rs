@@ -54,6 +54,16 @@ pub mod status_keys {
     pub const NEXT_BACKUP_TIME: &str = "soda-syncer.io/next-backup-time";
     /// Why the claim is opted in but not backed up (block mode, bad annotation, ...).
     pub const STATUS: &str = "soda-syncer.io/status";
+    /// The policy's name (the id is in `POLICY`).
+    pub const POLICY_NAME: &str = "soda-syncer.io/policy-name";
+    /// The end of the last clean backup (RFC 3339).
+    pub const LAST_SUCCESS_TIME: &str = "soda-syncer.io/last-success-time";
+    /// When the next successful backup is due, as the agent's
+    /// `soda_syncer_policy_backup_deadline_timestamp_seconds` (RFC 3339).
+    pub const BACKUP_DEADLINE: &str = "soda-syncer.io/backup-deadline";
+    /// The point-in-time method the last backup used (`btrfs`, `fsfreeze`,
+    /// `none`, ...); `soda-syncer.io/consistency` is the mode a user asks for.
+    pub const CONSISTENCY_USED: &str = "soda-syncer.io/consistency-used";
 }
 
 /// Application hooks, on a **pod** (Velero's shape, our prefix): a command
@@ -241,7 +251,7 @@ pub fn parse(
 }
 
 /// Go's `strconv.ParseBool` spellings, as K8up accepts them.
-fn parse_bool(key: &str, v: &str) -> Result<bool, FieldError> {
+pub fn parse_bool(key: &str, v: &str) -> Result<bool, FieldError> {
     match v {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),

@@ -138,10 +138,69 @@ pub async fn track(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> R
     resp
 }
 
-/// The metrics handler's body.
-pub fn response(m: &Metrics) -> Result<Response, ApiError> {
+/// The Prometheus text format, for scrapers that do not ask for OpenMetrics
+/// (curl piped into `promtool check metrics`).
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The metrics handler's body: OpenMetrics when the `Accept` header names
+/// it (Prometheus does), else the Prometheus text format.
+pub fn response(m: &Metrics, headers: &axum::http::HeaderMap) -> Result<Response, ApiError> {
     let text = m.render()?;
-    Ok((StatusCode::OK, [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response())
+    let wants_openmetrics = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("application/openmetrics-text")));
+    if wants_openmetrics {
+        return Ok((StatusCode::OK, [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response());
+    }
+    let text = openmetrics_to_prometheus_text(&text);
+    Ok((StatusCode::OK, [(axum::http::header::CONTENT_TYPE, TEXT_CONTENT_TYPE)], text).into_response())
+}
+
+/// OpenMetrics text as the Prometheus text format 0.0.4. The two differ
+/// where promtool looks: an OpenMetrics counter family is named without
+/// `_total` while its samples carry it, so a text parser sees samples with
+/// no HELP or TYPE; and `# UNIT`, `# EOF`, `unknown` and `info` do not exist
+/// in the older format. Samples are the same in both.
+pub fn openmetrics_to_prometheus_text(om: &str) -> String {
+    let mut renamed: std::collections::HashMap<&str, (String, &str)> = std::collections::HashMap::new();
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some((name, ty)) = rest.split_once(' ') {
+                let (suffix, text_type) = match ty {
+                    "counter" => ("_total", "counter"),
+                    "info" => ("_info", "gauge"),
+                    "unknown" => ("", "untyped"),
+                    "gaugehistogram" | "stateset" => ("", "untyped"),
+                    other => ("", other),
+                };
+                renamed.insert(name, (format!("{name}{suffix}"), text_type));
+            }
+        }
+    }
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let name = renamed.get(name).map(|(n, _)| n.as_str()).unwrap_or(name);
+            // OpenMetrics also escapes `"` in help; the text format does not.
+            out.push_str(&format!("# HELP {name} {}\n", help.replace("\\\"", "\"")));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split_once(' ').map(|(n, _)| n).unwrap_or(rest);
+            if let Some((n, ty)) = renamed.get(name) {
+                out.push_str(&format!("# TYPE {n} {ty}\n"));
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Reads the store and the scheduler at each scrape.
@@ -444,4 +503,23 @@ fn encode_soda(enc: &mut DescriptorEncoder, st: &crate::kube::SodaSyncStatus) ->
         None,
         MetricType::Counter,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::openmetrics_to_prometheus_text;
+
+    #[test]
+    fn openmetrics_counters_become_text_format_families_named_with_total() {
+        let om = "# HELP soda_syncer_runs Runs that \\\"ended\\\".\n# TYPE soda_syncer_runs counter\n\
+                  soda_syncer_runs_total{kind=\"backup\"} 1\n# HELP up_seconds Up.\n# TYPE up_seconds gauge\n\
+                  # UNIT up_seconds seconds\nup_seconds 3\n# TYPE build info\nbuild_info{v=\"1\"} 1\n# EOF\n";
+        let text = openmetrics_to_prometheus_text(om);
+        assert_eq!(
+            text,
+            "# HELP soda_syncer_runs_total Runs that \"ended\".\n# TYPE soda_syncer_runs_total counter\n\
+             soda_syncer_runs_total{kind=\"backup\"} 1\n# HELP up_seconds Up.\n# TYPE up_seconds gauge\n\
+             up_seconds 3\n# TYPE build_info gauge\nbuild_info{v=\"1\"} 1\n"
+        );
+    }
 }

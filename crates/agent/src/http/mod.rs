@@ -168,7 +168,8 @@ fn find_policy(state: &AppState, id_or_name: &str) -> Result<PolicyRecord, ApiEr
 /// Backs up one path, or every CSI volume on this node (now and later) when
 /// `resticSourceRepo` is empty. Answers at once; never waits for a volume or
 /// a backup. The same repository and source again update the interval. The
-/// content type may be left out; if sent, it must be JSON.
+/// body must be JSON whatever the content type says: the prototype took any,
+/// and `curl -d` sends `application/x-www-form-urlencoded`.
 #[utoipa::path(
     post,
     path = "/snapshot",
@@ -180,7 +181,6 @@ fn find_policy(state: &AppState, id_or_name: &str) -> Result<PolicyRecord, ApiEr
         (status = 400, description = "The body is not JSON", body = ErrorBody),
         (status = 409, description = "A policy of another origin has the generated name", body = ErrorBody),
         (status = 413, description = "The body is over 1 MiB", body = ErrorBody),
-        (status = 415, description = "A content type other than JSON", body = ErrorBody),
         (status = 422, description = "The body does not fit, or a field is invalid", body = ErrorBody),
         (status = 500, description = "The agent's state database failed", body = ErrorBody),
         (status = 507, description = "The agent's disk is full", body = ErrorBody),
@@ -188,13 +188,8 @@ fn find_policy(state: &AppState, id_or_name: &str) -> Result<PolicyRecord, ApiEr
 )]
 async fn legacy_snapshot(
     State(state): State<AppState>,
-    headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    // soda-proxy may send no content type; a wrong one is still refused.
-    if let Some(ct) = headers.get(axum::http::header::CONTENT_TYPE) {
-        error::require_json(ct)?;
-    }
     let body = body.map_err(ApiError::from_bytes_rejection)?;
     let req: LegacySnapshotRequest = parse_json(&body)?;
     let sched = state.sched.clone();
@@ -915,19 +910,22 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 /// Prometheus metrics.
 ///
-/// OpenMetrics text, ending in `# EOF`. The README's Operations section
-/// lists the metrics.
+/// OpenMetrics text, ending in `# EOF`, when the scraper asks for it (as
+/// Prometheus does); otherwise the Prometheus text format 0.0.4, which
+/// `promtool check metrics` reads. The README's Operations section lists
+/// the metrics.
 #[utoipa::path(
     get,
     path = "/metrics",
     tag = "operations",
     responses(
-        (status = 200, description = "OpenMetrics text 1.0.0", content_type = "application/openmetrics-text", body = String),
+        (status = 200, description = "OpenMetrics text 1.0.0 when accepted, else Prometheus text 0.0.4",
+         content((String = "application/openmetrics-text"), (String = "text/plain"))),
         (status = 500, description = "The agent's state database failed", body = ErrorBody),
     )
 )]
-async fn metrics(Extension(m): Extension<Arc<metrics::Metrics>>) -> Result<Response, ApiError> {
-    metrics::response(&m)
+async fn metrics(Extension(m): Extension<Arc<metrics::Metrics>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    metrics::response(&m, &headers)
 }
 
 /// This OpenAPI document.

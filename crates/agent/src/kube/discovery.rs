@@ -45,7 +45,7 @@ use crate::store::{PolicyRecord, PolicyStatus};
 /// The prefix of the store key that ties a policy to its claim.
 pub(super) const KEY_PREFIX: &str = "kube:";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct PodInfo {
     uid: String,
     namespace: String,
@@ -59,7 +59,7 @@ struct PodInfo {
 }
 
 /// A pod on this node that uses a claim, as application hooks need it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct PodUser {
     pub namespace: String,
     pub name: String,
@@ -67,7 +67,7 @@ pub(super) struct PodUser {
     pub hooks: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) struct ClaimInfo {
     pub uid: String,
     pub annotations: BTreeMap<String, String>,
@@ -76,7 +76,7 @@ pub(super) struct ClaimInfo {
     pub bound: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 enum PvSource {
     Csi { driver: String },
     Local { path: String },
@@ -84,20 +84,20 @@ enum PvSource {
     Other { plugin: String },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct PvInfo {
     source: PvSource,
     block: bool,
     affinity: Option<NodeSelector>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 struct ClassInfo {
     annotations: BTreeMap<String, String>,
     profile: Option<String>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct NodeInfo {
     labels: BTreeMap<String, String>,
 }
@@ -130,6 +130,36 @@ impl View {
     }
     pub(super) fn claim(&self, key: &str) -> Option<ClaimInfo> {
         self.lock().claims.get(key).cloned()
+    }
+    /// The claim (`namespace/claim`) bound to a PersistentVolume.
+    pub(super) fn claim_of_volume(&self, pv: &str) -> Option<String> {
+        let st = self.lock();
+        st.claims.iter().find(|(_, c)| c.volume.as_deref() == Some(pv)).map(|(k, _)| k.clone())
+    }
+    /// Every bound claim by its PersistentVolume, and every local or
+    /// hostPath PersistentVolume by its path (for many lookups at once).
+    pub(super) fn claim_index(&self) -> (HashMap<String, String>, HashMap<String, String>) {
+        let st = self.lock();
+        let by_volume = st.claims.iter().filter_map(|(k, c)| Some((c.volume.clone()?, k.clone()))).collect();
+        let by_path = st
+            .pvs
+            .iter()
+            .filter_map(|(k, v)| match &v.source {
+                PvSource::Local { path } | PvSource::HostPath { path } => Some((path.clone(), k.clone())),
+                _ => None,
+            })
+            .collect();
+        (by_volume, by_path)
+    }
+    /// The local or hostPath PersistentVolume whose path on the node is `path`.
+    pub(super) fn volume_at_path(&self, path: &str) -> Option<String> {
+        let st = self.lock();
+        st.pvs
+            .iter()
+            .find(
+                |(_, v)| matches!(&v.source, PvSource::Local { path: p } | PvSource::HostPath { path: p } if p == path),
+            )
+            .map(|(k, _)| k.clone())
     }
     /// The running pods on this node that use a claim (`namespace/claim`), by name.
     pub(super) fn pods_using(&self, claim: &str) -> Vec<PodUser> {
@@ -219,6 +249,7 @@ async fn watch<K, T>(
     cancel: CancellationToken,
 ) where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    T: PartialEq,
 {
     let kind = std::any::type_name::<K>().rsplit("::").next().unwrap_or("object");
     let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
@@ -261,18 +292,22 @@ async fn watch<K, T>(
                         st.synced |= 1 << bit;
                         true
                     }
+                    // Only a change of what the view keeps wakes the
+                    // reconciler: the agent's own status annotations on a
+                    // claim (see `prefixed`) come back as watch events.
                     Event::Apply(o) => {
                         let mut st = view.lock();
+                        let t = table(&mut st);
                         match map(&o) {
-                            (k, Some(v)) => table(&mut st).insert(k, v),
-                            (k, None) => table(&mut st).remove(&k),
-                        };
-                        true
+                            (k, Some(v)) if t.get(&k) == Some(&v) => false,
+                            (k, Some(v)) => {
+                                t.insert(k, v);
+                                true
+                            }
+                            (k, None) => t.remove(&k).is_some(),
+                        }
                     }
-                    Event::Delete(o) => {
-                        table(&mut view.lock()).remove(&map(&o).0);
-                        true
-                    }
+                    Event::Delete(o) => table(&mut view.lock()).remove(&map(&o).0).is_some(),
                 }
             }
         };
@@ -286,8 +321,27 @@ fn ns_key<K: Resource>(o: &K) -> String {
     format!("{}/{}", o.meta().namespace.as_deref().unwrap_or(""), o.meta().name.as_deref().unwrap_or(""))
 }
 
+/// The `soda-syncer.io/` annotations the reconciler reads: a user's keys,
+/// and of the agent's own status only the node (the others it only writes).
 fn prefixed(a: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    a.iter().filter(|(k, _)| k.starts_with(PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect()
+    use annotations::status_keys as sk;
+    let written = [
+        sk::POLICY,
+        sk::POLICY_NAME,
+        sk::LAST_BACKUP_TIME,
+        sk::LAST_BACKUP_STATE,
+        sk::LAST_SNAPSHOT,
+        sk::LAST_ERROR,
+        sk::LAST_SUCCESS_TIME,
+        sk::NEXT_BACKUP_TIME,
+        sk::BACKUP_DEADLINE,
+        sk::CONSISTENCY_USED,
+        sk::STATUS,
+    ];
+    a.iter()
+        .filter(|(k, _)| k.starts_with(PREFIX) && !written.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 fn pod_info(p: &Pod) -> (String, Option<PodInfo>) {
@@ -598,7 +652,7 @@ async fn reconcile(
         };
         if let Some((reason, message)) = problem {
             tracing::warn!(claim = %key, reason, %message, "claim opted in but not backed up as asked");
-            reporter.claim_problem(&v.namespace, &v.claim, reason, &message).await;
+            reporter.claim_problem(&v.namespace, &v.claim, reason, &message);
             // A typo in an annotation (or a profile) keeps the last good
             // settings running; a volume that cannot be read, or a profile
             // that is gone, pauses its policy.
@@ -642,11 +696,11 @@ async fn reconcile(
                     tracing::info!(claim = %key, policy = %p.id, reason, "claim's policy applied");
                 }
                 let p = sched.store().get_policy(&p.id).unwrap_or(p);
-                reporter.claim_active(&v.namespace, &v.claim, &p, reason).await;
+                reporter.claim_active(&v.namespace, &v.claim, &p, reason);
             }
             Err(message) => {
                 tracing::warn!(claim = %key, %message, "cannot make a policy for the claim");
-                reporter.claim_problem(&v.namespace, &v.claim, "BackupPolicyRejected", &message).await;
+                reporter.claim_problem(&v.namespace, &v.claim, "BackupPolicyRejected", &message);
             }
         }
     }
@@ -685,7 +739,7 @@ async fn pause(
         tracing::warn!(error = %e, "cannot pause the policy");
     }
     if report {
-        reporter.claim_paused(&v.namespace, &v.claim, why).await;
+        reporter.claim_paused(&v.namespace, &v.claim, why);
     }
 }
 

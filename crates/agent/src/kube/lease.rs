@@ -22,7 +22,14 @@ pub struct LeaseLock {
     duration: Duration,
     /// The holder the last `try_hold` saw (ours when it won).
     seen: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// Written on the Lease with every renewal (a liveness Lease names its node).
+    annotations: serde_json::Map<String, serde_json::Value>,
 }
+
+/// On a liveness Lease: the node whose agent holds it, so `soda-syncer
+/// cluster` can tell which nodes have a live agent (the Lease is named by
+/// the pod's host name, which is not the node's).
+pub const NODE_ANNOTATION: &str = "soda-syncer.io/node";
 
 fn micro(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
@@ -36,7 +43,14 @@ impl LeaseLock {
             holder: holder.into(),
             duration,
             seen: Default::default(),
+            annotations: Default::default(),
         }
+    }
+
+    /// Also write this annotation on the Lease.
+    pub fn annotated(mut self, key: &str, value: &str) -> LeaseLock {
+        self.annotations.insert(key.into(), value.into());
+        self
     }
 
     /// Who held the lease at the last `try_hold` (None: nobody, or not asked yet).
@@ -50,7 +64,7 @@ impl LeaseLock {
 
     fn spec(&self, now: DateTime<Utc>, acquired: Option<String>, transitions: i64) -> Result<Lease, kube::Error> {
         let v = serde_json::json!({
-            "metadata": { "name": self.name },
+            "metadata": { "name": self.name, "annotations": self.annotations },
             "spec": {
                 "holderIdentity": self.holder,
                 "leaseDurationSeconds": self.duration.as_secs().max(1),
@@ -264,7 +278,7 @@ pub const LIVENESS: Duration = Duration::from_secs(30);
 /// Past its expiry, how much longer a liveness Lease must have gone
 /// unrenewed before its host's locks are removed: room for clock skew
 /// between nodes and for a restic child still being stopped.
-const LIVENESS_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const LIVENESS_GRACE: Duration = Duration::from_secs(30);
 
 /// The Lease that says the agent on host `hostname` is alive; `hostname` is
 /// what restic writes into its locks (the pod's host name).
@@ -284,16 +298,18 @@ pub fn host_lease_name(hostname: &str) -> String {
 /// someone else took the name) fences restic on this node until it is
 /// held again: other nodes may break this host's locks from 30 s after
 /// that (the grace), by which time its restic commands have been stopped.
+#[allow(clippy::too_many_arguments)]
 pub fn keep_alive(
     client: kube::Client,
     namespace: &str,
     hostname: &str,
+    node: &str,
     restic: crate::restic::Restic,
     tasks: &mut tokio::task::JoinSet<()>,
     cancel: CancellationToken,
 ) {
     let name = host_lease_name(hostname);
-    let lock = LeaseLock::new(client, namespace, &name, hostname, LIVENESS);
+    let lock = LeaseLock::new(client, namespace, &name, hostname, LIVENESS).annotated(NODE_ANNOTATION, node);
     let (mut held, renewer) = lock.run(cancel.clone());
     // In the agent's Kubernetes tasks, which a clean stop awaits after its
     // restic children have ended: the hand-back is the last thing it does.
@@ -364,7 +380,7 @@ impl crate::restic::LockHolders for HostLeases {
 /// would leave one behind.
 pub const HOST_LEASE_KEEP: Duration = Duration::from_secs(3600);
 const SWEEP_EVERY: Duration = Duration::from_secs(600);
-const HOST_LEASE_PREFIX: &str = "soda-syncer-host-";
+pub(crate) const HOST_LEASE_PREFIX: &str = "soda-syncer-host-";
 
 /// Delete, shortly after the start and then every 10 minutes, the liveness
 /// Leases of agents gone for longer than `HOST_LEASE_KEEP`. Every agent

@@ -9,6 +9,7 @@
 //! profiles (`profiles`) and one leader mirrors the cluster's CSI volumes
 //! in SODA (`soda_sync`).
 
+pub mod cluster;
 mod discovery;
 mod exec;
 mod fanout;
@@ -115,7 +116,15 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
     // if this agent dies, and can tell when another host's agent died.
     let mut tasks = tokio::task::JoinSet::new();
     let hostname = crate::restic::own_hostname();
-    lease::keep_alive(client.clone(), &config.namespace, &hostname, sched.restic().clone(), &mut tasks, cancel.clone());
+    lease::keep_alive(
+        client.clone(),
+        &config.namespace,
+        &hostname,
+        &config.node_name,
+        sched.restic().clone(),
+        &mut tasks,
+        cancel.clone(),
+    );
     sched.restic().set_lock_holders(std::sync::Arc::new(lease::HostLeases {
         api: kube::Api::namespaced(client.clone(), &config.namespace),
     }));
@@ -134,8 +143,9 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
         tasks.spawn(soda_sync::SodaSync::new(client.clone(), p.clone(), config).run(cancel.clone()));
     }
     sched.set_pod_hooks(std::sync::Arc::new(exec::PodExec::new(client.clone(), view.clone())));
-    let reporter = status::Reporter::new(client.clone(), config, view.clone());
+    let reporter = status::Reporter::new(client.clone(), config, view.clone(), sched.clone());
     discovery::start(client.clone(), sched.clone(), reporter.clone(), view, &mut tasks, cancel.clone());
+    tasks.spawn(reporter.clone().write_loop(cancel.clone()));
     tasks.spawn(status::report_runs(sched.clone(), reporter, cancel.clone()));
     let fanout = LegacyFanout::new(client, config);
     sched.set_legacy_publisher(std::sync::Arc::new(fanout.clone()));

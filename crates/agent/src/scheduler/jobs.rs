@@ -262,6 +262,17 @@ impl Scheduler {
     ) -> Result<RunState, RunError> {
         let spec = &policy.spec;
         let path = PathBuf::from(&spec.source.path);
+        // Gone (a volume unmounted, a directory removed) is not "not allowed":
+        // its own code, so an alert and the operator look at the right thing.
+        if std::fs::metadata(&path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+            return Err(RunError {
+                code: "source_missing".into(),
+                message: format!(
+                    "the source {} does not exist on this node (unmounted or removed?); restore it or change the policy's source",
+                    path.display()
+                ),
+            });
+        }
         super::policies::check_allowed(&self.inner.config, &path)
             .map_err(|e| RunError { code: "source_not_allowed".into(), message: e.message })?;
         let repo = self.repo_for(policy).await?;

@@ -379,7 +379,7 @@ async fn block_volumes_are_reported_local_volumes_found_without_a_pod_and_restar
     policy_named(agent, "app-after-expiry", 40).await;
 }
 
-fn local_pv(c: &Cluster, name: &str, path: &Path, node: &str, claim: &str) {
+pub(crate) fn local_pv(c: &Cluster, name: &str, path: &Path, node: &str, claim: &str) {
     c.api
         .apply(json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
             "spec": {"capacity": {"storage": "1Gi"}, "volumeMode": "Filesystem", "storageClassName": "fast",

@@ -5,6 +5,8 @@
 mod api;
 mod auth;
 mod backup;
+mod claim_status;
+mod cluster_view;
 mod consistency;
 mod deploy;
 mod drill;
@@ -14,6 +16,7 @@ mod image;
 mod kube;
 mod legacy;
 mod lifecycle;
+mod newuser;
 mod ops;
 mod restic_versions;
 mod restore;

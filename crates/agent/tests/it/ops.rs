@@ -117,7 +117,13 @@ fn dashboard_exprs() -> Vec<String> {
 }
 
 pub(crate) async fn scrape(agent: &AgentProc) -> (String, String) {
-    let resp = reqwest::get(format!("{}/metrics", agent.url)).await.unwrap();
+    // What Prometheus asks for; curl's `*/*` gets the older text format (newuser.rs).
+    let resp = reqwest::Client::new()
+        .get(format!("{}/metrics", agent.url))
+        .header("accept", "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
     (ct, resp.text().await.unwrap())

@@ -85,7 +85,11 @@ impl AgentProc {
         std::fs::create_dir_all(state_dir)?;
         // `--as-uid` is ours, not the agent's: it becomes setpriv in front.
         let as_uid = args.iter().find_map(|a| a.strip_prefix("--as-uid=").map(str::to_string));
-        let agent_args: Vec<String> = args.iter().filter(|a| !a.starts_with("--as-uid=")).cloned().collect();
+        // `--uts-hostname=` is ours too: the agent runs in its own UTS
+        // namespace with that host name, as each DaemonSet pod has its own.
+        let uts_hostname = args.iter().find_map(|a| a.strip_prefix("--uts-hostname=").map(str::to_string));
+        let agent_args: Vec<String> =
+            args.iter().filter(|a| !a.starts_with("--as-uid=") && !a.starts_with("--uts-hostname=")).cloned().collect();
         // Several agents may share a state directory: one log each.
         let log = log.unwrap_or_else(|| unused_log_path(state_dir));
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
@@ -95,7 +99,21 @@ impl AgentProc {
                 c.args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into(), BIN.into()]);
                 c
             }
-            None => Command::new(BIN),
+            None => match &uts_hostname {
+                Some(h) => {
+                    let mut c = Command::new("unshare");
+                    c.args([
+                        "--uts",
+                        "--",
+                        "sh",
+                        "-c",
+                        "echo \"$1\" > /proc/sys/kernel/hostname && shift && exec \"$@\"",
+                    ]);
+                    c.args(["sh", h.as_str(), BIN]);
+                    c
+                }
+                None => Command::new(BIN),
+            },
         };
         let child = cmd
             .arg("serve")
