@@ -759,7 +759,7 @@ impl OpenPin {
         // Private: nothing mounted or unmounted here reaches the agent's
         // namespace, nor the other way round.
         let set = |fd: libc::c_long, attrs: u64| -> io::Result<()> {
-            let attr = MountAttr { attr_set: attrs, attr_clr: 0, propagation: libc::MS_PRIVATE as u64, userns_fd: 0 };
+            let attr = MountAttr { attr_set: attrs, attr_clr: 0, propagation: libc::MS_PRIVATE, userns_fd: 0 };
             let rc = libc::syscall(
                 libc::SYS_mount_setattr,
                 fd,
