@@ -960,15 +960,32 @@ mod tests {
         std::fs::create_dir_all(&at).unwrap();
         let held = root_dir(&root).open(Path::new("a/b")).unwrap();
         let pin = std::sync::Arc::new(Pin::writable(&held, &at).unwrap().open().unwrap());
-        let script =
-            format!("cat '{at}/inside'; cat '{at}/link/secret' 2>&1; echo new > '{at}/made-here'", at = at.display());
-        let mut cmd = std::process::Command::new("sh");
-        cmd.args(["-c", &script]);
-        let p = pin.clone();
-        // SAFETY: `enter` makes only system calls on memory allocated before the fork.
-        unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || p.enter()) };
-        let out = cmd.output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        // Each probe is its own process in the pinned namespace: no shell.
+        let pinned = |program: &str, arg: std::path::PathBuf, input: Option<&str>| {
+            let mut cmd = std::process::Command::new(program);
+            cmd.arg(arg).stdin(if input.is_some() {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            });
+            cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+            let p = pin.clone();
+            // SAFETY: `enter` makes only system calls on memory allocated before the fork.
+            unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || p.enter()) };
+            let mut child = cmd.spawn().unwrap();
+            if let Some(text) = input {
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            }
+            let out = child.wait_with_output().unwrap();
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        };
+        let stdout = [
+            pinned("cat", at.join("inside"), None),
+            pinned("cat", at.join("link/secret"), None),
+            pinned("tee", at.join("made-here"), Some("new\n")),
+        ]
+        .concat();
         assert!(stdout.starts_with("held"), "{stdout}");
         assert!(stdout.contains("Too many levels of symbolic links"), "{stdout}");
         assert!(!stdout.contains("host file"), "{stdout}");
