@@ -236,13 +236,17 @@ impl AgentProc {
         v
     }
 
-    /// Poll the runs of a policy until `pred` holds for the list (newest first).
+    /// Poll the runs of a policy until `pred` holds for the list (newest
+    /// first, never empty).
     pub async fn wait_runs(&self, policy: &str, secs: u64, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let v = self.get(&format!("/v1/runs?policy={policy}&limit=100")).await;
             let runs = v["runs"].as_array().cloned().unwrap_or_default();
-            if pred(&runs) {
+            // Nothing waits for "no runs": the predicate only sees a list
+            // with at least one run, so `r[0]` in it cannot race the first
+            // run's insertion.
+            if !runs.is_empty() && pred(&runs) {
                 return runs;
             }
             if Instant::now() > deadline {
