@@ -28,6 +28,8 @@ pub enum StoreError {
     Sqlite(String),
     #[error("a stored record could not be read: {0}")]
     Corrupt(String),
+    #[error("the state database {path} has schema version {found}, written by a newer soda-syncer; this one knows versions up to {known}: run that newer soda-syncer (or a later one) on this state directory, or give this one another --state-dir. The database was left as it is")]
+    NewerSchema { path: PathBuf, found: i64, known: usize },
 }
 
 impl StoreError {
@@ -40,6 +42,7 @@ impl StoreError {
             StoreError::NotFound => "not_found",
             StoreError::Sqlite(_) => "database_error",
             StoreError::Corrupt(_) => "database_corrupt",
+            StoreError::NewerSchema { .. } => "database_newer",
         }
     }
 }
@@ -406,6 +409,13 @@ impl Store {
         let open_err = |e: rusqlite::Error| StoreError::Open { path: path.to_path_buf(), message: e.to_string() };
         let conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(open_err)?;
+        // Before anything that writes (the journal mode below, migrations):
+        // a newer agent's database is refused untouched, so going back to
+        // that agent loses nothing.
+        let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(open_err)?;
+        if found > MIGRATIONS.len() as i64 {
+            return Err(StoreError::NewerSchema { path: path.to_path_buf(), found, known: MIGRATIONS.len() });
+        }
         conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
