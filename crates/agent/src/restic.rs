@@ -5,6 +5,7 @@
 //! agent's own environment), stdout read line by line, and stderr drained at
 //! the same time into a bounded buffer.
 
+use soda_syncer_domain::location::RepositoryLocation;
 use soda_syncer_domain::restic_json::{
     parse_backup_line, BackupMessage, BackupStatus, BackupSummary, ForgetGroup, Snapshot,
 };
@@ -899,16 +900,14 @@ impl Restic {
     /// directory listing (no key derivation, no lock); None for other kinds
     /// or when the listing fails.
     pub async fn snapshot_ids(&self, repo: &Repo) -> Option<Vec<String>> {
-        let names = if let Some(dir) =
-            repo.url.strip_prefix("local:").or(repo.url.starts_with('/').then_some(repo.url.as_str()))
-        {
-            std::fs::read_dir(std::path::Path::new(dir).join("snapshots"))
+        let names = match RepositoryLocation::parse(&repo.url) {
+            RepositoryLocation::Local(dir) => std::fs::read_dir(dir.join("snapshots"))
                 .ok()?
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-        } else {
-            rest_list_snapshots(repo.url.strip_prefix("rest:")?).await?
+                .collect::<Vec<_>>(),
+            RepositoryLocation::Rest(url) => rest_list_snapshots(url).await?,
+            _ => return None,
         };
         Some(names.into_iter().filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit())).collect())
     }
@@ -1246,11 +1245,14 @@ enum LockRemover {
 
 impl LockRemover {
     fn for_url(url: &str) -> Option<LockRemover> {
-        if let Some(rest) = url.strip_prefix("rest:") {
-            let u = reqwest::Url::parse(rest).ok()?;
-            return matches!(u.scheme(), "http" | "https").then_some(LockRemover::Rest(u));
+        match RepositoryLocation::parse(url) {
+            RepositoryLocation::Rest(rest) => {
+                let u = reqwest::Url::parse(rest).ok()?;
+                matches!(u.scheme(), "http" | "https").then_some(LockRemover::Rest(u))
+            }
+            RepositoryLocation::Local(dir) => Some(LockRemover::Local(dir.to_path_buf())),
+            _ => None,
         }
-        crate::consistency::local_repository(url).map(LockRemover::Local)
     }
 
     async fn remove(&self, id: &str) -> Result<(), String> {

@@ -10,7 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::policy::{ConsistencyMode, ConsistencySpec, FieldError};
+use crate::field::{is_dns_subdomain, FieldError};
+use crate::policy::{ConsistencyMode, ConsistencySpec};
 use crate::retention::Retention;
 use crate::schedule::ScheduleSpec;
 
@@ -299,15 +300,6 @@ fn parse_retention(v: &str) -> Result<Retention, FieldError> {
     })?;
     r.validate().map_err(|e| FieldError::new(keys::RETENTION, e.message))?;
     Ok(r)
-}
-
-/// A Kubernetes object name (RFC 1123 subdomain).
-pub fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 /// The name of the policy made for a claim: `<namespace>-<claim>`, cut to

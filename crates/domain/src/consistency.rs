@@ -6,7 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{ConsistencyMode, FieldError, Hooks};
+use crate::field::FieldError;
+use crate::policy::{ConsistencyMode, Hooks};
 
 /// The method a run actually used (`auto` resolves to one of these).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]

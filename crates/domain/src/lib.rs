@@ -7,6 +7,8 @@
 pub mod annotations;
 pub mod consistency;
 pub mod drill;
+pub mod field;
+pub mod location;
 pub mod policy;
 pub mod restic_json;
 pub mod restic_version;
@@ -17,6 +19,7 @@ pub mod schedule;
 pub mod secret;
 pub mod soda;
 
+pub use field::FieldError;
 pub use policy::*;
 pub use retention::Retention;
 pub use run::{RunKind, RunState, RunTrigger};

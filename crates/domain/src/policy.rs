@@ -5,23 +5,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
 
+use crate::field::{is_dns_subdomain, FieldError};
 use crate::retention::Retention;
 use crate::schedule::{Schedule, ScheduleSpec};
 use crate::secret::Secret;
-
-/// A validation failure of one field: which one, and what to do about it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError { field: field.into(), message: message.into() }
-    }
-}
 
 /// Who made a policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -324,7 +311,7 @@ impl PolicySpec {
                     "the repository comes from the Secret: leave url, password and env out",
                 ));
             }
-            if !crate::annotations::is_dns_subdomain(&r.namespace) || !crate::annotations::is_dns_subdomain(&r.name) {
+            if !is_dns_subdomain(&r.namespace) || !is_dns_subdomain(&r.name) {
                 return Err(FieldError::new("repository.secretRef", "namespace and name must be Kubernetes names"));
             }
         }

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::FieldError;
+use crate::field::FieldError;
 
 /// Which snapshots of one policy to keep (restic's `--keep-*` rules). All
 /// rules absent means keep everything: a backup agent never deletes data

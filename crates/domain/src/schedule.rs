@@ -6,7 +6,7 @@ use croner::Cron;
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 
-use crate::policy::FieldError;
+use crate::field::FieldError;
 
 /// Shortest and longest interval a policy may have.
 pub const MIN_INTERVAL_SECONDS: u64 = 1;

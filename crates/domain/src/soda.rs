@@ -19,7 +19,8 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::policy::{FieldError, RepositorySpec, ALLOWED_ENV_PREFIXES};
+use crate::field::FieldError;
+use crate::policy::{RepositorySpec, ALLOWED_ENV_PREFIXES};
 use crate::retention::Retention;
 use crate::schedule::{Schedule, ScheduleSpec, MAX_INTERVAL_SECONDS, MIN_INTERVAL_SECONDS};
 use crate::secret::{redact_url, Secret};

@@ -24,7 +24,9 @@ mod tree;
 
 use chrono::{DateTime, Utc};
 use soda_syncer_domain::consistency::{choose, validate_hooks, ConsistencyReport, Method};
-use soda_syncer_domain::policy::{ConsistencyMode, ConsistencySpec, FieldError};
+use soda_syncer_domain::field::FieldError;
+use soda_syncer_domain::location::RepositoryLocation;
+use soda_syncer_domain::policy::{ConsistencyMode, ConsistencySpec};
 use soda_syncer_domain::PolicySpec;
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -147,12 +149,6 @@ pub fn filesystem_of(path: &Path) -> Option<(String, String, String)> {
     Some((m.source, m.fs_type, m.mount_point))
 }
 
-/// A local repository's path (`/srv/repo` or `local:/srv/repo`).
-pub fn local_repository(url: &str) -> Option<PathBuf> {
-    let p = url.strip_prefix("local:").unwrap_or(url);
-    p.starts_with('/').then(|| PathBuf::from(p))
-}
-
 fn protected(config: &Config, repository: Option<PathBuf>) -> Protected {
     Protected { state_dir: config.state_dir.clone(), repository }
 }
@@ -173,7 +169,8 @@ pub fn check_policy(config: &Config, spec: &PolicySpec) -> Result<(), FieldError
     if !source.is_dir() {
         return Ok(());
     }
-    let repo = spec.repository.url.as_deref().and_then(local_repository);
+    let repo =
+        spec.repository.url.as_deref().and_then(|u| RepositoryLocation::parse(u).local_path().map(Path::to_path_buf));
     let ins = inspect::inspect(source, &protected(config, repo))
         .map_err(|e| FieldError::new("consistency.mode", e.to_string()))?;
     let decision = choose(mode, &ins.facts).map_err(|reason| {

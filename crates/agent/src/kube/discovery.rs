@@ -29,7 +29,7 @@ use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Resource, ResourceExt};
 use soda_syncer_domain::annotations::{self, OptIn, PREFIX};
-use soda_syncer_domain::policy::FieldError;
+use soda_syncer_domain::field::FieldError;
 use soda_syncer_domain::{Origin, PolicySpec};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;

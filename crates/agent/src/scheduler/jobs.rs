@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 use super::{run_error, RunRequestError, Scheduler};
 use crate::restic::{BackupRequest, Repo, ResticError, RestoreRequest};
 use crate::store::{PolicyRecord, RunRecord};
-use soda_syncer_domain::policy::{validate_abs_path, FieldError};
+use soda_syncer_domain::field::FieldError;
+use soda_syncer_domain::location::RepositoryLocation;
+use soda_syncer_domain::policy::validate_abs_path;
 use soda_syncer_domain::restic_json::Snapshot;
 use soda_syncer_domain::restore::RestoreStatus;
 use soda_syncer_domain::RunTrigger;
@@ -328,7 +330,7 @@ impl Scheduler {
             volume: policy.volume.clone(),
             source: req.path.clone(),
             spec: spec.consistency.clone(),
-            repository: crate::consistency::local_repository(&repo.url),
+            repository: RepositoryLocation::parse(&repo.url).local_path().map(Path::to_path_buf),
             source_id,
         };
         let first = self.inner.store.last_clean_backup(&policy.id).ok().flatten().is_none();

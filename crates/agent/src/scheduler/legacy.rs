@@ -6,7 +6,8 @@
 
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use soda_syncer_domain::policy::{validate_abs_path, FieldError, RepositorySpec, SourceSpec};
+use soda_syncer_domain::field::FieldError;
+use soda_syncer_domain::policy::{validate_abs_path, RepositorySpec, SourceSpec};
 use soda_syncer_domain::schedule::{ScheduleSpec, MAX_INTERVAL_SECONDS};
 use soda_syncer_domain::{Origin, PolicySpec, Secret};
 use std::collections::{BTreeMap, HashSet};

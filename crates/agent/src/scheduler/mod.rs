@@ -39,7 +39,7 @@ pub enum RunRequestError {
     #[error("policy {policy} already has run {run} {state}; wait for it or cancel it")]
     Busy { policy: String, run: String, state: &'static str },
     #[error("{0}")]
-    Invalid(soda_syncer_domain::policy::FieldError),
+    Invalid(soda_syncer_domain::field::FieldError),
     #[error("{0}")]
     TargetNotEmpty(String),
     #[error("{STOPPING_REFUSED}")]

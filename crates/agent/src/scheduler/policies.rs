@@ -3,7 +3,9 @@
 //! (the local repository), and the scheduler's reaction to each change.
 
 use chrono::Utc;
-use soda_syncer_domain::policy::{merge_patch, FieldError};
+use soda_syncer_domain::field::FieldError;
+use soda_syncer_domain::location::{RepositoryLocation, REMOTE_SCHEMES};
+use soda_syncer_domain::policy::merge_patch;
 use soda_syncer_domain::{Origin, PolicySpec, Secret};
 use std::path::Path;
 
@@ -70,26 +72,23 @@ pub fn check_source(config: &Config, path: &str) -> Result<(), FieldError> {
     check_allowed(config, p)
 }
 
-/// restic's backends that are not a local path.
-const REMOTE_SCHEMES: [&str; 8] = ["sftp:", "rest:", "s3:", "azure:", "gs:", "swift:", "b2:", "rclone:"];
-
 /// A local repository must lie below the state directory or a
 /// `--repository-root`: the agent runs restic as root, so a repository path
 /// is a place where it creates files (`restic init`). Relative paths are
 /// refused (they would depend on the agent's working directory); `..` and
 /// symlinks are resolved first, for the part of the path that exists.
 pub fn check_repository(config: &Config, url: &str) -> Result<(), FieldError> {
-    if REMOTE_SCHEMES.iter().any(|s| url.starts_with(s)) {
-        return Ok(());
-    }
     let field = |m: String| FieldError::new("repository.url", m);
-    let path = Path::new(url.strip_prefix("local:").unwrap_or(url));
-    if !path.is_absolute() {
-        return Err(field(format!(
-            "{url} is neither an absolute path nor a restic backend URL ({}...)",
-            REMOTE_SCHEMES.join(", ")
-        )));
-    }
+    let path = match RepositoryLocation::parse(url) {
+        RepositoryLocation::Rest(_) | RepositoryLocation::Remote(_) => return Ok(()),
+        RepositoryLocation::Local(path) => path,
+        RepositoryLocation::Relative(_) => {
+            return Err(field(format!(
+                "{url} is neither an absolute path nor a restic backend URL ({}...)",
+                REMOTE_SCHEMES.join(", ")
+            )))
+        }
+    };
     if path.components().any(|c| c == std::path::Component::ParentDir) {
         return Err(field(format!("{url}: give the repository's path without '..'")));
     }
