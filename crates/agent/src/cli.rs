@@ -4,6 +4,7 @@
 //! 1 failed, 2 bad usage, 3 partial (a run that saved a snapshot but not
 //! everything, or one that looks suspicious).
 
+use crate::direct::DirectRepo;
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -179,26 +180,6 @@ pub struct SnapshotsArgs {
     pub policy: Option<String>,
     #[command(flatten)]
     pub direct: DirectRepo,
-}
-
-/// Reading a repository without the agent.
-#[derive(Debug, Clone, Args)]
-pub struct DirectRepo {
-    /// The restic repository URL; credentials (AWS_*, ...) come from your environment.
-    #[arg(long, conflicts_with = "policy")]
-    pub repo: Option<String>,
-    /// File holding the repository password [default: $RESTIC_PASSWORD].
-    #[arg(long, requires = "repo")]
-    pub password_file: Option<PathBuf>,
-    /// Only snapshots of this node (restic --host).
-    #[arg(long, requires = "repo")]
-    pub host: Option<String>,
-    /// Only snapshots of this volume (the tag volume=PV the agent writes).
-    #[arg(long, requires = "repo")]
-    pub volume: Option<String>,
-    /// Only snapshots of this policy id (the tag policy=ID).
-    #[arg(long = "policy-id", requires = "repo")]
-    pub policy_id: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -878,23 +859,6 @@ fn s(v: &Value) -> String {
     }
 }
 
-pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(headers.iter().map(|h| h.to_string()).collect());
-    for r in rows {
-        line(r);
-    }
-}
-
 fn print_policies(out: Output, v: &Value) {
     if out == Output::Json {
         return print_value(out, v, |_| {});
@@ -925,7 +889,7 @@ fn print_policies(out: Output, v: &Value) {
                 .collect()
         })
         .unwrap_or_default();
-    table(&["ID", "NAME", "ORIGIN", "SOURCE", "SCHEDULE", "STATE", "NEXT RUN", "LAST RUN"], rows);
+    crate::output::table(&["ID", "NAME", "ORIGIN", "SOURCE", "SCHEDULE", "STATE", "NEXT RUN", "LAST RUN"], rows);
 }
 
 fn print_status(v: &Value) {
@@ -999,7 +963,7 @@ fn print_snapshots(v: &Value) {
                 .collect()
         })
         .unwrap_or_default();
-    table(&["ID", "TIME", "HOST", "PATHS", "TAGS"], rows);
+    crate::output::table(&["ID", "TIME", "HOST", "PATHS", "TAGS"], rows);
 }
 
 fn print_runs(v: &Value) {
@@ -1025,5 +989,8 @@ fn print_runs(v: &Value) {
                 .collect()
         })
         .unwrap_or_default();
-    table(&["ID", "POLICY", "KIND", "TRIGGER", "STATE", "STARTED", "FINISHED", "SNAPSHOT", "ERROR"], rows);
+    crate::output::table(
+        &["ID", "POLICY", "KIND", "TRIGGER", "STATE", "STARTED", "FINISHED", "SNAPSHOT", "ERROR"],
+        rows,
+    );
 }

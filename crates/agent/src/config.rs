@@ -3,7 +3,7 @@
 //! that order of precedence.
 
 use serde::Deserialize;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -70,7 +70,7 @@ pub struct ServeArgs {
     pub token_file: Option<PathBuf>,
     /// How the legacy POST /snapshot is guarded: from allowed networks only, with the token, or not at all [default: network].
     #[arg(long, env = "SODA_SYNCER_LEGACY", value_enum)]
-    pub legacy: Option<crate::http::auth::LegacyMode>,
+    pub legacy: Option<LegacyMode>,
     /// Networks allowed to call the legacy route (repeat, or comma-separated) [default: 127.0.0.0/8, ::1/128].
     #[arg(long = "legacy-allow-cidr", env = "SODA_SYNCER_LEGACY_ALLOW_CIDRS", value_delimiter = ',')]
     pub legacy_allow_cidrs: Vec<String>,
@@ -173,7 +173,7 @@ struct FileConfig {
     secrets_key_file: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
-    legacy: Option<crate::http::auth::LegacyMode>,
+    legacy: Option<LegacyMode>,
     legacy_allow_cidrs: Option<Vec<String>>,
     kubernetes: Option<KubeMode>,
     kubeconfig: Option<PathBuf>,
@@ -213,8 +213,8 @@ pub struct Config {
     pub secrets_key_file: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
-    pub legacy: crate::http::auth::LegacyMode,
-    pub legacy_allow_cidrs: Vec<crate::http::auth::Cidr>,
+    pub legacy: LegacyMode,
+    pub legacy_allow_cidrs: Vec<Cidr>,
     /// Executables policies may name as consistency hooks.
     pub hook_allow: Vec<PathBuf>,
     /// Where local repositories may lie besides the state directory.
@@ -286,7 +286,7 @@ impl Config {
             secrets_key_file: None,
             tls_cert: None,
             tls_key: None,
-            legacy: crate::http::auth::LegacyMode::Network,
+            legacy: LegacyMode::Network,
             legacy_allow_cidrs: vec!["127.0.0.0/8".parse().expect("static"), "::1/128".parse().expect("static")],
             hook_allow: Vec::new(),
             repository_roots: Vec::new(),
@@ -450,7 +450,7 @@ impl Config {
                 "the node name is empty or has spaces: set --node-name or NODE_NAME".into(),
             ));
         }
-        if !soda_syncer_domain::annotations::is_dns_subdomain(&self.namespace) {
+        if !soda_syncer_domain::field::is_dns_subdomain(&self.namespace) {
             return Err(ConfigError::Invalid(format!(
                 "--namespace {:?} is not a Kubernetes namespace name",
                 self.namespace
@@ -593,9 +593,84 @@ fn default_node_name() -> String {
     "localhost".into()
 }
 
+/// How the legacy route is guarded (enforced by `http::auth`).
+#[derive(Debug, Clone, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LegacyMode {
+    /// Refuse `POST /snapshot`.
+    Off,
+    /// Accept it from `--legacy-allow-cidr` networks only.
+    Network,
+    /// Require the bearer token, like `/v1`.
+    Token,
+}
+
+/// An IP network such as `10.244.0.0/16` or `::1/128`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = a.parse().map_err(|_| format!("{s:?} is not an address or network (e.g. 10.244.0.0/16)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() { max } else { p.parse().map_err(|_| format!("{s:?}: bad prefix length"))? };
+        if prefix > max {
+            return Err(format!("{s:?}: prefix longer than {max}"));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cidrs_match_their_networks_only() {
+        let net: Cidr = "10.244.0.0/16".parse().unwrap();
+        assert!(net.contains("10.244.3.4".parse().unwrap()));
+        assert!(!net.contains("10.245.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.244.0.9".parse().unwrap()), "v4-mapped v6 peers");
+        let lo: Cidr = "::1/128".parse().unwrap();
+        assert!(lo.contains("::1".parse().unwrap()));
+        assert!(!lo.contains("127.0.0.1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
+        assert_eq!("192.168.1.7".parse::<Cidr>().unwrap().to_string(), "192.168.1.7/32");
+    }
 
     #[test]
     fn flags_win_over_the_file_and_the_file_over_defaults() {

@@ -5,19 +5,39 @@
 //! environment only).
 
 use anyhow::{anyhow, bail, Context};
+use clap::Args;
 use serde_json::{json, Value};
 use soda_syncer_domain::policy::ALLOWED_ENV_PREFIXES;
 use soda_syncer_domain::restic_json::Snapshot;
 use soda_syncer_domain::Secret;
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::beneath::{merge_into, Dir, PathError, Pin};
-use crate::cli::DirectRepo;
 use crate::restic::{Repo, Restic, RestoreRequest};
+
+/// Reading a repository without the agent.
+#[derive(Debug, Clone, Args)]
+pub struct DirectRepo {
+    /// The restic repository URL; credentials (AWS_*, ...) come from your environment.
+    #[arg(long, conflicts_with = "policy")]
+    pub repo: Option<String>,
+    /// File holding the repository password [default: $RESTIC_PASSWORD].
+    #[arg(long, requires = "repo")]
+    pub password_file: Option<PathBuf>,
+    /// Only snapshots of this node (restic --host).
+    #[arg(long, requires = "repo")]
+    pub host: Option<String>,
+    /// Only snapshots of this volume (the tag volume=PV the agent writes).
+    #[arg(long, requires = "repo")]
+    pub volume: Option<String>,
+    /// Only snapshots of this policy id (the tag policy=ID).
+    #[arg(long = "policy-id", requires = "repo")]
+    pub policy_id: Option<String>,
+}
 
 fn open(d: &DirectRepo) -> anyhow::Result<(Restic, Repo, tempfile_dir::TempDir)> {
     let url = d.repo.clone().ok_or_else(|| anyhow!("--repo is required"))?;

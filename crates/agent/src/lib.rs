@@ -18,6 +18,7 @@ pub mod ids;
 pub mod kube;
 pub mod kubelet;
 pub mod metrics;
+pub mod output;
 pub mod restic;
 pub mod scheduler;
 pub mod sealed;

@@ -10,7 +10,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,65 +18,7 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use super::{ApiError, AppState};
-
-/// How the legacy route is guarded.
-#[derive(Debug, Clone, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LegacyMode {
-    /// Refuse `POST /snapshot`.
-    Off,
-    /// Accept it from `--legacy-allow-cidr` networks only.
-    Network,
-    /// Require the bearer token, like `/v1`.
-    Token,
-}
-
-/// An IP network such as `10.244.0.0/16` or `::1/128`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Cidr, String> {
-        let (a, p) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr = a.parse().map_err(|_| format!("{s:?} is not an address or network (e.g. 10.244.0.0/16)"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = if p.is_empty() { max } else { p.parse().map_err(|_| format!("{s:?}: bad prefix length"))? };
-        if prefix > max {
-            return Err(format!("{s:?}: prefix longer than {max}"));
-        }
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
+use crate::config::{Cidr, LegacyMode};
 
 /// The token file, re-read when its modification time changes.
 struct TokenFile {
@@ -202,22 +144,6 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cidrs_match_their_networks_only() {
-        let net: Cidr = "10.244.0.0/16".parse().unwrap();
-        assert!(net.contains("10.244.3.4".parse().unwrap()));
-        assert!(!net.contains("10.245.0.1".parse().unwrap()));
-        assert!(net.contains("::ffff:10.244.0.9".parse().unwrap()), "v4-mapped v6 peers");
-        let lo: Cidr = "::1/128".parse().unwrap();
-        assert!(lo.contains("::1".parse().unwrap()));
-        assert!(!lo.contains("127.0.0.1".parse().unwrap()));
-        let all: Cidr = "0.0.0.0/0".parse().unwrap();
-        assert!(all.contains("8.8.8.8".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("nonsense".parse::<Cidr>().is_err());
-        assert_eq!("192.168.1.7".parse::<Cidr>().unwrap().to_string(), "192.168.1.7/32");
-    }
 
     #[test]
     fn tokens_compare_whole() {

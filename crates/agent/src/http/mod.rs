@@ -988,7 +988,7 @@ mod tests {
         );
         let stop = tokio_util::sync::CancellationToken::new();
         let sched = Scheduler::new(store.clone(), restic, config, stop.clone());
-        let auth = auth::Auth::new(state_dir.join("token"), auth::LegacyMode::Network, vec![]);
+        let auth = auth::Auth::new(state_dir.join("token"), crate::config::LegacyMode::Network, vec![]);
         let app = router(AppState {
             sched,
             restic_version: Arc::new(Mutex::new(Ok("0.14.0".into()))),

@@ -329,7 +329,7 @@ pub fn print_table(r: &ClusterReport) {
             ]
         })
         .collect();
-    crate::cli::table(
+    crate::output::table(
         &[
             "NAMESPACE",
             "CLAIM",

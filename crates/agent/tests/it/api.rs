@@ -42,7 +42,7 @@ fn harness() -> Harness {
     let sched = Scheduler::new(store, restic, config, tokio_util::sync::CancellationToken::new());
     std::fs::write(state.join("token"), format!("{TOKEN}\n")).unwrap();
     let auth =
-        soda_syncer::http::auth::Auth::new(state.join("token"), soda_syncer::http::auth::LegacyMode::Network, vec![]);
+        soda_syncer::http::auth::Auth::new(state.join("token"), soda_syncer::config::LegacyMode::Network, vec![]);
     let app = router(AppState {
         sched,
         restic_version: Arc::new(Mutex::new(Ok("0.14.0".into()))),
