@@ -7,6 +7,7 @@
 //! [`cli`] is the client; [`state_lock`] keeps it to one agent per state
 //! directory. Pure rules live in the `soda-syncer-domain` crate.
 
+pub mod admission;
 pub mod beneath;
 pub mod cli;
 pub mod config;

@@ -138,6 +138,7 @@ impl From<PolicyError> for ApiError {
             }
             PolicyError::Store(s) => s.into(),
             PolicyError::Body(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", m),
+            PolicyError::ManagedByKubernetes(m) => ApiError::new(StatusCode::CONFLICT, "managed_by_kubernetes", m),
         }
     }
 }

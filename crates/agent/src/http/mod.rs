@@ -344,8 +344,7 @@ async fn put_policy(
     ApiJson(spec): ApiJson<PolicySpec>,
 ) -> Result<Response, ApiError> {
     let p = find_policy(&state, &id)?;
-    not_managed_by_kubernetes(&p)?;
-    let p = state.sched.replace_policy(&p.id, spec)?;
+    let p = state.sched.replace_policy(&p.id, spec, soda_syncer_domain::Origin::Api)?;
     let last = state.sched.store().last_run_of(&p.id)?;
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }
@@ -387,7 +386,6 @@ async fn patch_policy(
         ));
     }
     let p = find_policy(&state, &id)?;
-    not_managed_by_kubernetes(&p)?;
     let p = state.sched.patch_policy(&p.id, &patch)?;
     let last = state.sched.store().last_run_of(&p.id)?;
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
@@ -412,24 +410,10 @@ async fn patch_policy(
 )]
 async fn delete_policy(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let p = find_policy(&state, &id)?;
-    not_managed_by_kubernetes(&p)?;
+    crate::admission::may_change(&p, soda_syncer_domain::Origin::Api)
+        .map_err(crate::scheduler::policies::PolicyError::from)?;
     state.sched.delete_policy(&p.id)?;
     Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-/// A policy made from a claim's annotations follows them: editing it here
-/// would be undone at the next change of the claim, so it is refused with
-/// the way to do it. Pausing and running it by hand stay allowed.
-fn not_managed_by_kubernetes(p: &crate::store::PolicyRecord) -> Result<(), ApiError> {
-    if p.origin != soda_syncer_domain::Origin::Kubernetes {
-        return Ok(());
-    }
-    let claim = p.legacy_key.as_deref().and_then(|k| k.strip_prefix("kube:")).unwrap_or("its claim");
-    Err(ApiError::new(
-        StatusCode::CONFLICT,
-        "managed_by_kubernetes",
-        format!("this policy is made from the soda-syncer.io/ annotations of the PersistentVolumeClaim {claim}: change the annotations (kubectl annotate pvc), or remove soda-syncer.io/backup to stop it"),
-    ))
 }
 
 async fn set_paused(state: AppState, id: String, paused: bool) -> Result<Response, ApiError> {

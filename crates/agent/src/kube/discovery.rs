@@ -679,7 +679,10 @@ async fn reconcile(
                 let mut updated = if same(&p.spec, &spec) {
                     Ok((p.clone(), ""))
                 } else {
-                    sched.replace_policy(&p.id, spec).map(|p| (p, "BackupPolicyUpdated")).map_err(|e| e.to_string())
+                    sched
+                        .replace_policy(&p.id, spec, Origin::Kubernetes)
+                        .map(|p| (p, "BackupPolicyUpdated"))
+                        .map_err(|e| e.to_string())
                 };
                 if p.status != PolicyStatus::Active {
                     updated = updated.and_then(|(p, r)| {

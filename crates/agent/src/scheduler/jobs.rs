@@ -183,7 +183,7 @@ impl Scheduler {
             }
             if !path.starts_with(self.config().restore_dir()) {
                 let existing = path.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
-                super::policies::check_allowed(self.config(), existing).map_err(|_| {
+                crate::admission::check_allowed(self.config(), existing).map_err(|_| {
                     let roots: Vec<String> =
                         self.config().allowed_roots_in_effect().iter().map(|r| r.display().to_string()).collect();
                     invalid(

@@ -183,7 +183,11 @@ impl Scheduler {
             }
             let moved = spec.source.path != path;
             spec.source.path = path.to_string();
-            let p = if spec != existing.spec || moved { self.replace_policy(&existing.id, spec)? } else { existing };
+            let p = if spec != existing.spec || moved {
+                self.replace_policy(&existing.id, spec, Origin::Legacy)?
+            } else {
+                existing
+            };
             if p.status != PolicyStatus::Active {
                 self.set_status(&p.id, PolicyStatus::Active, None)?;
             }

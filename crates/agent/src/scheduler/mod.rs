@@ -244,7 +244,7 @@ impl Scheduler {
     /// (a Secret or SODA profile may name one).
     pub async fn repo_for(&self, policy: &PolicyRecord) -> Result<Repo, RunError> {
         let repo = self.repo_unchecked(policy).await?;
-        policies::check_repository(&self.inner.config, &repo.url)
+        crate::admission::check_repository(&self.inner.config, &repo.url)
             .map_err(|e| RunError { code: "repository_not_allowed".into(), message: e.message })?;
         Ok(repo)
     }
