@@ -188,6 +188,7 @@ impl Agent {
             started,
             auth: Arc::new(auth),
             state_lock: Some(lock.holder().clone()),
+            soda_sync: kube.as_ref().and_then(|k| k.soda_status.clone()),
         };
         let app = router(state);
         let http_stop = CancellationToken::new();

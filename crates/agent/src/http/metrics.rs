@@ -67,7 +67,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(sched: &Scheduler, auth: &Arc<Auth>) -> Metrics {
+    pub fn new(sched: &Scheduler, auth: &Arc<Auth>, soda: Option<crate::kube::SodaStatusBoard>) -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let duration = Family::new_with_constructor(http_histogram as fn() -> Histogram);
@@ -94,6 +94,7 @@ impl Metrics {
         registry.register_collector(Box::new(StateCollector {
             sched: sched.clone(),
             auth: auth.clone(),
+            soda,
             error: scrape_error.clone(),
         }));
         Metrics { registry, requests, duration, body_timeouts, scrape_error }
@@ -207,6 +208,7 @@ pub fn openmetrics_to_prometheus_text(om: &str) -> String {
 struct StateCollector {
     sched: Scheduler,
     auth: Arc<Auth>,
+    soda: Option<crate::kube::SodaStatusBoard>,
     error: Arc<Mutex<Option<StoreError>>>,
 }
 
@@ -433,7 +435,7 @@ impl Collector for StateCollector {
             None,
             MetricType::Counter,
         )?)?;
-        if let Some(st) = crate::kube::soda_sync_status() {
+        if let Some(st) = self.soda.as_ref().map(|b| b.snapshot()) {
             encode_soda(&mut enc, &st)?;
         }
         let refused = Family::<AuthLabel, Counter>::default();

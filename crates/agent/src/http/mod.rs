@@ -54,10 +54,12 @@ pub struct AppState {
     /// This agent's entry in the state directory's lock file; `None` when
     /// no lock is held (routers built in tests).
     pub state_lock: Option<crate::state_lock::LockHolder>,
+    /// The SODA sync's state, when the agent talks to SODA.
+    pub soda_sync: Option<crate::kube::SodaStatusBoard>,
 }
 
 pub fn router(state: AppState) -> Router {
-    let registry = Arc::new(metrics::Metrics::new(&state.sched, &state.auth));
+    let registry = Arc::new(metrics::Metrics::new(&state.sched, &state.auth, state.soda_sync.clone()));
     let body_deadline =
         slow::BodyDeadline { timeout: state.sched.config().request_read_timeout, metrics: registry.clone() };
     Router::new()
@@ -828,7 +830,7 @@ async fn agent_status(State(state): State<AppState>) -> Response {
         node: state.sched.config().node_name.clone(),
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs(),
-        soda_sync: crate::kube::soda_sync_status(),
+        soda_sync: state.soda_sync.as_ref().map(|b| b.snapshot()),
         restic: views::ResticStatusView::of(
             state.sched.restic(),
             state.restic_version.lock().unwrap_or_else(|p| p.into_inner()).clone().err(),
@@ -979,6 +981,7 @@ mod tests {
             started: Instant::now(),
             auth: Arc::new(auth),
             state_lock: None,
+            soda_sync: None,
         });
         Harness { app, store, db, data, stop, _dir: dir }
     }

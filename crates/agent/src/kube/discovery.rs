@@ -33,153 +33,15 @@ use soda_syncer_domain::field::FieldError;
 use soda_syncer_domain::{Origin, PolicySpec};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::profiles::Profiles;
 use super::status::Reporter;
+use super::view::{ClaimInfo, ClassInfo, NodeInfo, PodInfo, PvInfo, PvSource, State, View, ALL_SYNCED, KEY_PREFIX};
 use crate::scheduler::Scheduler;
 use crate::store::{PolicyRecord, PolicyStatus};
-
-/// The prefix of the store key that ties a policy to its claim.
-pub(super) const KEY_PREFIX: &str = "kube:";
-
-#[derive(Debug, Clone, PartialEq)]
-struct PodInfo {
-    uid: String,
-    namespace: String,
-    active: bool,
-    claims: Vec<String>,
-    /// For application hooks (`exec`): the pod's name, its first
-    /// container, and its `pre.hook.`/`post.hook.soda-syncer.io/` annotations.
-    name: String,
-    first_container: String,
-    hooks: BTreeMap<String, String>,
-}
-
-/// A pod on this node that uses a claim, as application hooks need it.
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct PodUser {
-    pub namespace: String,
-    pub name: String,
-    pub first_container: String,
-    pub hooks: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub(super) struct ClaimInfo {
-    pub uid: String,
-    pub annotations: BTreeMap<String, String>,
-    pub class: Option<String>,
-    pub volume: Option<String>,
-    pub bound: bool,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum PvSource {
-    Csi { driver: String },
-    Local { path: String },
-    HostPath { path: String },
-    Other { plugin: String },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct PvInfo {
-    source: PvSource,
-    block: bool,
-    affinity: Option<NodeSelector>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct ClassInfo {
-    annotations: BTreeMap<String, String>,
-    profile: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-struct NodeInfo {
-    labels: BTreeMap<String, String>,
-}
-
-#[derive(Default)]
-struct State {
-    pods: HashMap<String, PodInfo>,
-    claims: HashMap<String, ClaimInfo>,
-    pvs: HashMap<String, PvInfo>,
-    classes: HashMap<String, ClassInfo>,
-    node: HashMap<String, NodeInfo>,
-    /// One bit per watch whose first list is complete.
-    synced: u8,
-}
-const ALL_SYNCED: u8 = 0b11111;
-
-/// The compact cluster view the reconciler decides from.
-#[derive(Default)]
-pub struct View {
-    state: Mutex<State>,
-    /// Wakes the reconciler (a watch saw a change, or SODA's profiles did).
-    pub(super) changed: Notify,
-    /// SODA's profiles, when the agent talks to SODA.
-    pub(super) profiles: std::sync::OnceLock<Arc<super::profiles::Profiles>>,
-}
-
-impl View {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-    pub(super) fn claim(&self, key: &str) -> Option<ClaimInfo> {
-        self.lock().claims.get(key).cloned()
-    }
-    /// The claim (`namespace/claim`) bound to a PersistentVolume.
-    pub(super) fn claim_of_volume(&self, pv: &str) -> Option<String> {
-        let st = self.lock();
-        st.claims.iter().find(|(_, c)| c.volume.as_deref() == Some(pv)).map(|(k, _)| k.clone())
-    }
-    /// Every bound claim by its PersistentVolume, and every local or
-    /// hostPath PersistentVolume by its path (for many lookups at once).
-    pub(super) fn claim_index(&self) -> (HashMap<String, String>, HashMap<String, String>) {
-        let st = self.lock();
-        let by_volume = st.claims.iter().filter_map(|(k, c)| Some((c.volume.clone()?, k.clone()))).collect();
-        let by_path = st
-            .pvs
-            .iter()
-            .filter_map(|(k, v)| match &v.source {
-                PvSource::Local { path } | PvSource::HostPath { path } => Some((path.clone(), k.clone())),
-                _ => None,
-            })
-            .collect();
-        (by_volume, by_path)
-    }
-    /// The local or hostPath PersistentVolume whose path on the node is `path`.
-    pub(super) fn volume_at_path(&self, path: &str) -> Option<String> {
-        let st = self.lock();
-        st.pvs
-            .iter()
-            .find(
-                |(_, v)| matches!(&v.source, PvSource::Local { path: p } | PvSource::HostPath { path: p } if p == path),
-            )
-            .map(|(k, _)| k.clone())
-    }
-    /// The running pods on this node that use a claim (`namespace/claim`), by name.
-    pub(super) fn pods_using(&self, claim: &str) -> Vec<PodUser> {
-        let (namespace, name) = claim.split_once('/').unwrap_or(("", claim));
-        let mut out: Vec<PodUser> = self
-            .lock()
-            .pods
-            .values()
-            .filter(|p| p.active && p.namespace == namespace && p.claims.iter().any(|c| c == name))
-            .map(|p| PodUser {
-                namespace: p.namespace.clone(),
-                name: p.name.clone(),
-                first_container: p.first_container.clone(),
-                hooks: p.hooks.clone(),
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
-    }
-}
 
 /// Where a claim's data is on this node.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,6 +68,7 @@ pub(super) fn start(
     sched: Scheduler,
     reporter: Reporter,
     view: Arc<View>,
+    profiles: Option<Arc<Profiles>>,
     tasks: &mut tokio::task::JoinSet<()>,
     cancel: CancellationToken,
 ) {
@@ -234,7 +97,7 @@ pub(super) fn start(
         cancel.clone(),
     ));
     tasks.spawn(watch(Api::all(client), this_node, view.clone(), 4, node_info, |s| &mut s.node, cancel.clone()));
-    tasks.spawn(reconcile_loop(view, sched, reporter, cancel));
+    tasks.spawn(reconcile_loop(view, profiles, sched, reporter, cancel));
 }
 
 /// Keep one table of the view equal to what the API server has, through
@@ -532,7 +395,13 @@ fn discover(st: &State, node: &str, kubelet: &std::path::Path, mounts: &HashSet<
     out
 }
 
-async fn reconcile_loop(view: Arc<View>, sched: Scheduler, reporter: Reporter, cancel: CancellationToken) {
+async fn reconcile_loop(
+    view: Arc<View>,
+    profiles: Option<Arc<Profiles>>,
+    sched: Scheduler,
+    reporter: Reporter,
+    cancel: CancellationToken,
+) {
     let mut trimmed = false;
     loop {
         tokio::select! {
@@ -561,7 +430,7 @@ async fn reconcile_loop(view: Arc<View>, sched: Scheduler, reporter: Reporter, c
             unsafe { libc::malloc_trim(0) };
             trimmed = true;
         }
-        if let Err(e) = reconcile(&sched, &reporter, &view, found).await {
+        if let Err(e) = reconcile(&sched, &reporter, &view, profiles.as_deref(), found).await {
             tracing::warn!(error = %e, "cannot apply the claims' annotations to the policies");
         }
     }
@@ -614,6 +483,7 @@ async fn reconcile(
     sched: &Scheduler,
     reporter: &Reporter,
     view: &View,
+    profiles: Option<&Profiles>,
     found: Vec<DiscoveredVolume>,
 ) -> Result<(), crate::store::StoreError> {
     let node = sched.config().node_name.clone();
@@ -642,7 +512,7 @@ async fn reconcile(
             }
             (VolumePlace::Unsupported(why), _) => Some(("VolumeUnsupported", why.clone())),
             (_, Err(e)) => Some(("InvalidAnnotation", format!("annotation {}: {}", e.field, e.message))),
-            (VolumePlace::Path(_), Ok(o)) => match super::profiles::apply(view.profiles.get().map(|p| &**p), o) {
+            (VolumePlace::Path(_), Ok(o)) => match super::profiles::apply(profiles, o) {
                 super::profiles::Applied::Policy { opt_in, soda_profile } => {
                     profiled = Some((opt_in, soda_profile));
                     None

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::discovery::View;
+use super::view::View;
 use crate::scheduler::{HookExit, PodHookCall, PodHookSet, PodHooks};
 
 /// How much of a hook's stdout and of its stderr is kept (the end of each).

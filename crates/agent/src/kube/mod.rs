@@ -16,10 +16,12 @@ mod fanout;
 pub mod lease;
 mod profiles;
 mod secrets;
+mod soda_status;
 mod soda_sync;
-
-pub use soda_sync::{status as soda_sync_status, SodaSyncStatus, SyncState};
 mod status;
+mod view;
+
+pub use soda_status::{SodaStatusBoard, SodaSyncStatus, SyncState};
 
 pub use discovery::{DiscoveredVolume, VolumePlace};
 pub use fanout::LegacyFanout;
@@ -75,6 +77,8 @@ pub async fn client(config: &Config) -> Result<Option<kube::Client>, KubeError> 
 pub struct Kube {
     pub fanout: LegacyFanout,
     pub tasks: tokio::task::JoinSet<()>,
+    /// The SODA sync's state, when the agent talks to SODA.
+    pub soda_status: Option<SodaStatusBoard>,
 }
 
 /// Connect and start watching. `Ok(None)`: Kubernetes is off (or `auto`
@@ -134,21 +138,23 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
         &mut tasks,
         cancel.clone(),
     );
-    let view = std::sync::Arc::new(discovery::View::default());
-    if let Some(p) = &soda {
-        let _ = view.profiles.set(p.clone());
+    let view = std::sync::Arc::new(view::View::default());
+    let soda_status = soda.as_ref().map(|p| {
         tracing::info!(endpoint = %p.client().endpoint(), auth = p.client().config().auth.kind(),
             poll_seconds = config.soda_poll.as_secs(), "SODA sync is on");
-        tasks.spawn(p.clone().poll_loop(view.clone(), config.soda_poll, cancel.clone()));
-        tasks.spawn(soda_sync::SodaSync::new(client.clone(), p.clone(), config).run(cancel.clone()));
-    }
+        let identity = config.pod_name.clone().unwrap_or_else(|| config.node_name.clone());
+        let board = SodaStatusBoard::new(soda_syncer_domain::secret::redact_url(p.endpoint()), identity);
+        tasks.spawn(p.clone().poll_loop(view.clone(), config.soda_poll, board.clone(), cancel.clone()));
+        tasks.spawn(soda_sync::SodaSync::new(client.clone(), p.clone(), config, board.clone()).run(cancel.clone()));
+        board
+    });
     sched.set_pod_hooks(std::sync::Arc::new(exec::PodExec::new(client.clone(), view.clone())));
     let reporter = status::Reporter::new(client.clone(), config, view.clone(), sched.clone());
-    discovery::start(client.clone(), sched.clone(), reporter.clone(), view, &mut tasks, cancel.clone());
+    discovery::start(client.clone(), sched.clone(), reporter.clone(), view, soda.clone(), &mut tasks, cancel.clone());
     tasks.spawn(reporter.clone().write_loop(cancel.clone()));
     tasks.spawn(status::report_runs(sched.clone(), reporter, cancel.clone()));
     let fanout = LegacyFanout::new(client, config);
     sched.set_legacy_publisher(std::sync::Arc::new(fanout.clone()));
     tasks.spawn(fanout.clone().watch(sched.clone(), cancel));
-    Ok(Some(Kube { fanout, tasks }))
+    Ok(Some(Kube { fanout, tasks, soda_status }))
 }

@@ -23,7 +23,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use super::discovery::View;
+use super::soda_status::SodaStatusBoard;
+use super::view::View;
 use crate::restic::Repo;
 use crate::scheduler::SecretSource;
 use crate::soda::{SodaClient, SodaConfig, SodaError};
@@ -164,14 +165,20 @@ impl Profiles {
     }
 
     /// Poll every `every` until cancelled; a change wakes the reconciler.
-    pub(super) async fn poll_loop(self: Arc<Self>, view: Arc<View>, every: Duration, cancel: CancellationToken) {
+    pub(super) async fn poll_loop(
+        self: Arc<Self>,
+        view: Arc<View>,
+        every: Duration,
+        status: SodaStatusBoard,
+        cancel: CancellationToken,
+    ) {
         let mut failing = false;
         loop {
             let polled = self.poll_once(&cancel).await;
             match &polled {
-                Ok(_) => super::soda_sync::record_poll(Ok(self.read().by_id.len())),
+                Ok(_) => status.record_poll(Ok(self.read().by_id.len())),
                 Err(SodaError::Cancelled { .. }) => {}
-                Err(e) => super::soda_sync::record_poll(Err(e)),
+                Err(e) => status.record_poll(Err(e)),
             }
             match polled {
                 Ok(changed) => {

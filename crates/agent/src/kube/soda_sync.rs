@@ -20,7 +20,7 @@
 //! watch, while leading), and again after a second while SODA is still
 //! finishing a create or delete.
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, NodeSelector, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{CSINode, StorageClass};
@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::lease::LeaseLock;
 use super::profiles::Profiles;
+use super::soda_status::{SodaStatusBoard, SyncState};
 use crate::config::Config;
 use crate::soda::{SodaClient, SodaError, VolumeQuery};
 
@@ -55,132 +56,6 @@ const MIN_GAP: Duration = Duration::from_secs(1);
 const RECHECK: Duration = Duration::from_secs(1);
 
 const ZONE_KEYS: [&str; 2] = ["topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone"];
-
-/// The SODA sync as `GET /v1/status`, the metrics and `soda-syncer status`
-/// show it: who leads, how far behind SODA is, and the last error. One per
-/// process (like the consistency metrics); `None` while the sync is off.
-static STATUS: Mutex<Option<SodaSyncStatus>> = Mutex::new(None);
-
-/// The SODA sync's state on this agent.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct SodaSyncStatus {
-    /// The SODA API server.
-    pub endpoint: String,
-    /// This agent's identity in the sync Lease (its pod name, else its node).
-    pub identity: String,
-    /// The holder of the Lease `soda-syncer-soda-sync` as last seen: the
-    /// one agent that pushes Kubernetes to SODA (null: nobody, or not known yet).
-    pub leader: Option<String>,
-    /// `following` (another agent leads), `starting` (leading, before the
-    /// first pass), `ok` (the last pass worked), `failing` (the last pass
-    /// failed: SODA or the API server away).
-    pub state: SyncState,
-    /// Leader only: the last pass, its end, how long it took.
-    pub last_pass_at: Option<DateTime<Utc>>,
-    pub last_pass_ms: Option<u64>,
-    /// Leader only: the end of the last pass that worked.
-    pub last_success_at: Option<DateTime<Utc>>,
-    /// Leader only: changes not yet in SODA: steps the last pass could not
-    /// do (refused, or SODA still creating or deleting), plus claim and PV
-    /// changes seen since the last pass that worked began.
-    pub pending_changes: Option<u64>,
-    /// Leader only: the age of the oldest of those changes, in seconds (0: none).
-    pub lag_seconds: Option<u64>,
-    /// The last error of a pass or of one step (kept after it clears: compare
-    /// its time with `lastSuccessAt`).
-    pub last_error: Option<SyncErrorView>,
-    /// SODA's profiles, polled by every agent.
-    pub profiles: ProfilePollStatus,
-    /// Errors so far by kind (the metric `soda_syncer_soda_sync_errors_total`).
-    #[serde(skip)]
-    pub errors: BTreeMap<&'static str, u64>,
-    /// Since when a change has waited for SODA.
-    #[serde(skip)]
-    dirty_since: Option<DateTime<Utc>>,
-    /// Change events seen since the last pass that worked began.
-    #[serde(skip)]
-    events: u64,
-    /// Steps the last pass left undone.
-    #[serde(skip)]
-    left: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum SyncState {
-    Following,
-    Starting,
-    Ok,
-    Failing,
-}
-
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct SyncErrorView {
-    /// A fixed code (`soda_unavailable`, `soda_unauthorized`, `kube_unavailable`, ...).
-    pub code: String,
-    pub message: String,
-    pub at: DateTime<Utc>,
-}
-
-#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ProfilePollStatus {
-    /// Profiles SODA had at the last poll that worked.
-    pub count: usize,
-    pub last_success_at: Option<DateTime<Utc>>,
-    /// The last poll failed (policies keep the last copy).
-    pub failing: bool,
-    pub last_error: Option<SyncErrorView>,
-}
-
-/// The SODA sync's status, or `None` when it is off.
-pub fn status() -> Option<SodaSyncStatus> {
-    let mut st = STATUS.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
-    let leading = st.state != SyncState::Following;
-    st.pending_changes = leading.then_some(st.left + st.events);
-    st.lag_seconds = leading.then(|| st.dirty_since.map_or(0, |t| (Utc::now() - t).num_seconds().max(0) as u64));
-    Some(st)
-}
-
-fn update(f: impl FnOnce(&mut SodaSyncStatus)) {
-    if let Some(st) = STATUS.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-        f(st)
-    }
-}
-
-fn status_events() -> u64 {
-    STATUS.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(0, |st| st.events)
-}
-
-fn error_view(code: &str, message: String) -> SyncErrorView {
-    SyncErrorView { code: code.to_string(), message, at: Utc::now() }
-}
-
-/// A sync or poll error: recorded as the last one and counted by kind.
-fn record_error(kind: &'static str, message: String) {
-    update(|st| {
-        *st.errors.entry(kind).or_default() += 1;
-        st.last_error = Some(error_view(kind, message));
-    })
-}
-
-/// A profile poll's outcome (`Ok(count)` or the error), for the status.
-pub(super) fn record_poll(result: Result<usize, &SodaError>) {
-    update(|st| match result {
-        Ok(count) => {
-            st.profiles.count = count;
-            st.profiles.last_success_at = Some(Utc::now());
-            st.profiles.failing = false;
-        }
-        Err(e) => {
-            st.profiles.failing = true;
-            st.profiles.last_error = Some(error_view(e.kind(), e.to_string()));
-            *st.errors.entry(e.kind()).or_default() += 1;
-        }
-    })
-}
 
 /// What stops a sync pass.
 #[derive(Debug, thiserror::Error)]
@@ -227,28 +102,12 @@ pub struct SodaSync {
     /// The last warning per PV / volume / host, so a lasting problem is
     /// logged once, not at every pass.
     warned: Mutex<HashMap<String, String>>,
+    status: SodaStatusBoard,
 }
 
 impl SodaSync {
-    pub fn new(kube: kube::Client, profiles: Arc<Profiles>, config: &Config) -> SodaSync {
-        let holder = config.pod_name.clone().unwrap_or_else(|| config.node_name.clone());
-        *STATUS.lock().unwrap_or_else(|p| p.into_inner()) = Some(SodaSyncStatus {
-            endpoint: soda_syncer_domain::secret::redact_url(profiles.endpoint()),
-            identity: holder.clone(),
-            leader: None,
-            state: SyncState::Following,
-            last_pass_at: None,
-            last_pass_ms: None,
-            last_success_at: None,
-            pending_changes: None,
-            lag_seconds: None,
-            last_error: None,
-            profiles: ProfilePollStatus::default(),
-            errors: BTreeMap::new(),
-            dirty_since: None,
-            events: 0,
-            left: 0,
-        });
+    pub fn new(kube: kube::Client, profiles: Arc<Profiles>, config: &Config, status: SodaStatusBoard) -> SodaSync {
+        let holder = status.identity().to_string();
         SodaSync {
             lease: LeaseLock::new(kube.clone(), &config.namespace, LEASE_NAME, &holder, LEASE_DURATION),
             kube,
@@ -257,6 +116,7 @@ impl SodaSync {
             namespace: config.namespace.clone(),
             every: config.soda_poll,
             warned: Mutex::default(),
+            status,
         }
     }
 
@@ -269,14 +129,14 @@ impl SodaSync {
         let mut lease_error = false;
         loop {
             let held = self.lease.try_hold().await;
-            update(|st| {
+            self.status.update(|st| {
                 st.leader = self.lease.last_holder();
                 st.state = SyncState::Following;
             });
             match held {
                 Ok(true) => {
                     lease_error = false;
-                    update(|st| {
+                    self.status.update(|st| {
                         st.state = SyncState::Starting;
                         st.leader = Some(self.holder.clone());
                         // Until a pass has run, SODA may lack anything.
@@ -285,7 +145,7 @@ impl SodaSync {
                         st.left = 0;
                     });
                     self.lead(&cancel).await;
-                    update(|st| st.state = SyncState::Following);
+                    self.status.update(|st| st.state = SyncState::Following);
                     if cancel.is_cancelled() {
                         return;
                     }
@@ -351,7 +211,7 @@ impl SodaSync {
         let watch = async {
             let mut changes = std::pin::pin!(changes(self.kube.clone()));
             while let Some(()) = changes.next().await {
-                update(|st| {
+                self.status.update(|st| {
                     st.events += 1;
                     st.dirty_since.get_or_insert_with(Utc::now);
                 });
@@ -379,11 +239,11 @@ impl SodaSync {
                 }
             }
             let started = Instant::now();
-            let (started_at, events_before) = (Utc::now(), status_events());
+            let (started_at, events_before) = (Utc::now(), self.status.events());
             let result = self.pass(cancel).await;
             last_end = Instant::now();
             let ms = started.elapsed().as_millis() as u64;
-            update(|st| {
+            self.status.update(|st| {
                 st.last_pass_at = Some(Utc::now());
                 st.last_pass_ms = Some(ms);
                 match &result {
@@ -405,7 +265,7 @@ impl SodaSync {
             });
             if let Err(e) = &result {
                 if !matches!(e, SodaSyncError::Soda(SodaError::Cancelled { .. })) {
-                    record_error(e.kind(), e.to_string());
+                    self.status.record_error(e.kind(), e.to_string());
                 }
             }
             next = match result {
@@ -472,7 +332,7 @@ impl SodaSync {
     /// Record an error about `key` in the status; `true` the first time
     /// this message is seen for it (the caller logs it then).
     fn first_time(&self, key: &str, kind: &'static str, msg: String) -> bool {
-        record_error(kind, format!("{key}: {msg}"));
+        self.status.record_error(kind, format!("{key}: {msg}"));
         let mut w = self.warned.lock().unwrap_or_else(|p| p.into_inner());
         if w.get(key) == Some(&msg) {
             return false;

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::discovery::{View, KEY_PREFIX};
+use super::view::{View, KEY_PREFIX};
 use crate::config::Config;
 use crate::scheduler::Scheduler;
 use crate::store::{PolicyRecord, RunRecord};

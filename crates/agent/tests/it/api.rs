@@ -50,6 +50,7 @@ fn harness() -> Harness {
         auth: Arc::new(auth),
         // As the agent fills it in, so /readyz's holder is checked against the document too.
         state_lock: Some(soda_syncer::state_lock::LockHolder::this_process("n1", None, chrono::Utc::now())),
+        soda_sync: None,
     });
     Harness { app, _dir: dir, data, outside }
 }
