@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use soda_syncer::restic::Restic;
-use soda_syncer::scheduler::legacy::LegacySnapshotRequest;
+use soda_syncer_domain::legacy::LegacySnapshotRequest;
 use soda_syncer::scheduler::policies::PolicyError;
 use soda_syncer::scheduler::Scheduler;
 use soda_syncer::store::Store;

@@ -8,6 +8,7 @@ pub mod annotations;
 pub mod consistency;
 pub mod drill;
 pub mod field;
+pub mod legacy;
 pub mod location;
 pub mod policy;
 pub mod restic_json;

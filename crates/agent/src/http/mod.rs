@@ -36,9 +36,9 @@ use views::{
     StatusResponse,
 };
 
-use crate::scheduler::legacy::{LegacySnapshotRequest, LegacySnapshotResponse};
 use crate::scheduler::{MaintenanceParams, RestoreParams, Scheduler};
 use crate::store::{DataVersion, PolicyRecord, RunFilter, StoreError};
+use soda_syncer_domain::legacy::{LegacySnapshotRequest, LegacySnapshotResponse};
 
 /// Bodies above this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;

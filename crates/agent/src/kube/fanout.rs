@@ -18,8 +18,9 @@ use std::collections::BTreeMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::scheduler::legacy::{LegacyPublisher, LegacySnapshotRequest};
+use crate::scheduler::legacy::LegacyPublisher;
 use crate::scheduler::Scheduler;
+use soda_syncer_domain::legacy::LegacySnapshotRequest;
 
 pub const LABEL: &str = "soda-syncer.io/legacy-request";
 
