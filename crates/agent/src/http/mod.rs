@@ -8,6 +8,7 @@ pub mod auth;
 mod error;
 pub mod metrics;
 pub mod openapi;
+pub mod page;
 pub mod serve;
 pub mod slow;
 mod views;
@@ -80,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
+        .merge(page::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route; see GET /openapi.json for the API")
         })
