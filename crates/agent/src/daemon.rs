@@ -190,6 +190,11 @@ impl Agent {
             state_lock: Some(lock.holder().clone()),
         };
         let app = router(state);
+        // `GET /v1/cluster` answers from this when Kubernetes is on.
+        let app = match kube.as_ref() {
+            Some(k) => app.layer(axum::Extension(std::sync::Arc::new(k.cluster.clone()))),
+            None => app,
+        };
         let http_stop = CancellationToken::new();
         let http = serve(listener, app, &config, http_stop.clone()).await?;
         let sched_task = tokio::spawn(sched.clone().run());

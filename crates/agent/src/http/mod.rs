@@ -77,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/runs/{id}/events", get(run_events))
         .route("/v1/status", get(agent_status))
+        .route("/v1/cluster", get(cluster_view))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -831,6 +832,52 @@ async fn until_run_ends(
             },
         }
     }
+}
+
+/// Parameters of `GET /v1/cluster`; others are refused.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct ClusterQuery {
+    /// Only claims in this namespace [default: every namespace].
+    namespace: Option<String>,
+}
+
+/// The cluster view: every claim in the cluster, protected or why not.
+///
+/// The same report as `soda-syncer cluster -o json`, read from the API
+/// server with this agent's service account; only while Kubernetes is on.
+#[utoipa::path(
+    get,
+    path = "/v1/cluster",
+    tag = "operations",
+    params(ClusterQuery),
+    responses(
+        (status = 200, description = "One row per claim, and the agents' liveness", body = crate::kube::cluster::ClusterReport),
+        (status = 400, description = "An unknown parameter", body = ErrorBody),
+        (status = 409, description = "Kubernetes is off on this agent (kubernetes_off)", body = ErrorBody),
+        (status = 502, description = "The Kubernetes API server failed or refused", body = ErrorBody),
+    )
+)]
+async fn cluster_view(
+    reader: Option<Extension<Arc<crate::kube::cluster::ClusterReader>>>,
+    q: Result<Query<ClusterQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("{}; allowed: namespace", e.body_text()))
+    })?;
+    let Some(Extension(reader)) = reader else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "kubernetes_off",
+            "Kubernetes is off on this agent, so it has no cluster view; start it with --kubernetes on (or auto, in a pod)",
+        ));
+    };
+    let namespace = q.namespace.filter(|n| !n.is_empty());
+    let report = reader.report(namespace.as_deref()).await.map_err(|e| {
+        ApiError::new(StatusCode::BAD_GATEWAY, "kubernetes_failed", format!("reading the cluster failed: {e:#}"))
+    })?;
+    Ok(Json(report).into_response())
 }
 
 /// The agent's state beyond readiness: the SODA sync (who leads, how far

@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::kube::{eventually, Cluster};
 use crate::support::{count_state, AgentProc};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -204,6 +205,13 @@ impl Cdp {
     }
 }
 
+/// Type the agent's token into the login form and press Enter.
+async fn log_in(page: &mut Cdp, agent: &AgentProc) {
+    page.type_into("#token", &agent.token).await;
+    page.press_enter().await;
+    page.wait_for(&is_visible("app"), 10, "the logged-in page").await;
+}
+
 fn is_visible(id: &str) -> String {
     format!("(() => {{ const e = document.getElementById({id:?}); return !!e && !e.hidden && e.offsetParent !== null; }})()")
 }
@@ -247,9 +255,7 @@ async fn the_page_logs_in_backs_up_and_restores_into_a_new_directory_in_a_real_b
     assert_eq!(page.eval(&is_visible("app")).await, json!(false));
 
     // The right token, typed and submitted with Enter.
-    page.type_into("#token", &agent.token).await;
-    page.press_enter().await;
-    page.wait_for(&is_visible("app"), 10, "the logged-in page").await;
+    log_in(&mut page, &agent).await;
     page.wait_for("!!document.querySelector('[data-policy=\"web-demo\"] [data-state=succeeded]')", 10, "the policy and its run")
         .await;
     let html = page.eval("document.documentElement.outerHTML").await;
@@ -257,6 +263,7 @@ async fn the_page_logs_in_backs_up_and_restores_into_a_new_directory_in_a_real_b
     assert_eq!(page.eval("document.cookie").await, json!(""), "the session cookie is HttpOnly");
     assert_eq!(page.eval("document.getElementById('token').value").await, json!(""), "the field was cleared");
     page.screenshot("page-policies.png").await;
+    assert_eq!(page.eval("document.getElementById('cluster').hidden").await, json!(true), "no cluster view without Kubernetes");
 
     // A backup from the page, followed to its end through the event stream.
     page.click("[data-policy=\"web-demo\"] [data-action=backup]").await;
@@ -360,6 +367,8 @@ async fn the_session_cookie_is_httponly_strict_and_changes_need_the_csrf_token()
     assert!(html.contains("<form id=\"login-form\"") && html.contains("name=\"viewport\""));
     assert!(!html.contains("<script>"), "no inline script");
     assert_eq!(c.get(format!("{url}/ui/session")).send().await.unwrap().status(), 401);
+    let (st, v) = agent.call("GET", "/v1/cluster", None).await;
+    assert_eq!((st, v["error"]["code"].as_str()), (409, Some("kubernetes_off")), "{v}");
     assert_eq!(c.get(format!("{url}/v1/policies")).send().await.unwrap().status(), 401, "/v1 without a token");
 
     // A wrong token: 401 with a message that says what to do.
@@ -460,4 +469,64 @@ async fn over_tls_the_session_cookie_is_also_secure() {
     for flag in ["HttpOnly", "SameSite=Strict", "Secure"] {
         assert!(set_cookie.contains(flag), "{set_cookie}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_kubernetes_on_the_agent_and_its_page_show_the_cluster_view() {
+    let c = Cluster::new().await;
+    let mut a = c.node("node-a");
+    c.csi_claim(&mut a, "on-a", json!({"soda-syncer.io/backup": "true", "soda-syncer.io/secret": "repo-keys"}));
+    c.csi_claim(&mut a, "plain", json!({}));
+    c.start(&mut a);
+    eventually(90, "the first backup of on-a", || {
+        (c.pvc("on-a")["metadata"]["annotations"]["soda-syncer.io/last-backup-state"] == "succeeded").then_some(())
+    })
+    .await;
+    let agent = a.agent.as_ref().unwrap();
+
+    // The endpoint answers what `soda-syncer cluster` answers.
+    let mut from_agent = agent.get("/v1/cluster").await;
+    let out = Command::new(crate::support::BIN)
+        .args(["cluster", "-o", "json", "--kubeconfig"])
+        .arg(&c.kubeconfig)
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap();
+    let mut from_cli: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    // Times of reading and of Lease renewals differ between the two reads.
+    for v in [&mut from_agent, &mut from_cli] {
+        v.as_object_mut().unwrap().remove("at");
+        for a in v["agents"].as_array_mut().unwrap() {
+            a.as_object_mut().unwrap().remove("renewedAt");
+        }
+    }
+    assert_eq!(from_agent, from_cli);
+    assert_eq!(from_agent["summary"]["claims"], 2, "{from_agent}");
+    let (st, v) = agent.call("GET", "/v1/cluster?namespace=elsewhere", None).await;
+    assert_eq!((st, v["summary"]["claims"].as_u64()), (200, Some(0)), "{v}");
+    let (st, v) = agent.call("GET", "/v1/cluster?nope=1", None).await;
+    assert_eq!((st, v["error"]["code"].as_str()), (400, Some("invalid_query")), "{v}");
+    let (st, _) = agent.call_with_token("GET", "/v1/cluster", None, None).await;
+    assert_eq!(st, 401);
+
+    // The page shows it.
+    let browser = Chromium::start();
+    let mut page = browser.page().await;
+    page.viewport(1280, 900, false).await;
+    page.call("Page.navigate", json!({"url": format!("{}/", agent.url)})).await;
+    page.wait_for(&is_visible("login-form"), 15, "the login form").await;
+    log_in(&mut page, agent).await;
+    page.wait_for(&is_visible("cluster"), 10, "the cluster view").await;
+    page.wait_for("!!document.querySelector('[data-claim=\"app/on-a\"][data-protected=true]')", 10, "the protected claim")
+        .await;
+    let plain = page.eval("document.querySelector('[data-claim=\"app/plain\"]').textContent").await;
+    assert!(plain.as_str().unwrap().contains("not opted in"), "{plain}");
+    let summary = page.eval("document.getElementById('cluster-summary').textContent").await;
+    assert_eq!(summary, json!("1 of 2 claims protected, 0 overdue, 0 failing, 1 unprotected"));
+    page.eval("document.getElementById('cluster').scrollIntoView()").await;
+    page.screenshot("page-cluster.png").await;
+    page.viewport(390, 844, true).await;
+    let fits = page.eval("document.documentElement.scrollWidth <= window.innerWidth").await;
+    assert_eq!(fits, json!(true), "the claims table scrolls inside its box on a phone, not the page");
 }

@@ -144,9 +144,17 @@ async function loadPolicies() {
     const runs = await Promise.all(policies.map((p) =>
       api("GET", `/v1/runs?policy=${encodeURIComponent(p.id)}&limit=30`).then((r) => r.runs, () => [])));
     renderPolicies(runs);
+    loadCluster();
   } catch (e) {
     if (e.status !== 401) notice(`Could not load the policies: ${e.message}`);
   }
+}
+
+function repositoryText(r) {
+  if (r.url) return r.url;
+  if (r.secretRef) return `from Secret ${r.secretRef.namespace ? `${r.secretRef.namespace}/` : ""}${r.secretRef.name}`;
+  if (r.sodaProfile) return `from SODA profile ${r.sodaProfile}`;
+  return "not set";
 }
 
 function policyState(p) {
@@ -179,7 +187,8 @@ function renderPolicies(runsPerPolicy) {
     const item = el("li", { class: "policy", "data-policy": p.name, "aria-labelledby": `p-${p.id}` },
       el("h3", { id: `p-${p.id}` }, `${p.name} `, el("span", { class: `badge s-${cls}`, text: label })),
       el("p", { class: "meta", text: `source ${p.source.path || p.volume || JSON.stringify(p.source)}` }),
-      el("p", { class: "meta", text: `repository ${p.repository.url}` }),
+      el("p", { class: "meta", text: `repository ${repositoryText(p.repository)}` }),
+      p.volume ? el("p", { class: "meta", text: `volume ${p.volume}` }) : null,
       el("p", { class: "meta" }, "last run: ",
         last ? el("span", { class: `badge s-${last.state}`, "data-last-state": last.state, text: `${last.kind} ${last.state}` }) : "none",
         last && last.finishedAt ? ` ${when(last.finishedAt)}` : "",
@@ -212,6 +221,42 @@ async function startBackup(p, button) {
     button.disabled = false;
   }
   loadPolicies();
+}
+
+// --- the cluster (GET /v1/cluster, with Kubernetes on) ---------------------
+
+let clusterOff = false;
+
+async function loadCluster() {
+  if (clusterOff) return;
+  let r;
+  try {
+    r = await api("GET", "/v1/cluster");
+  } catch (e) {
+    if (e.code === "kubernetes_off") { clusterOff = true; $("cluster").hidden = true; return; }
+    if (e.status !== 401) { $("cluster").hidden = false; $("cluster-error").textContent = `Could not read the cluster: ${e.message}`; }
+    return;
+  }
+  $("cluster").hidden = false;
+  $("cluster-error").textContent = "";
+  const s = r.summary;
+  $("cluster-summary").textContent =
+    `${s.protected} of ${s.claims} claims protected, ${s.overdue} overdue, ${s.failing} failing, ${s.unprotected} unprotected`;
+  const body = $("cluster-claims").tBodies[0];
+  body.replaceChildren();
+  for (const c of r.claims) {
+    const why = c.protected ? "yes" : `no: ${(c.whyNot || "").replace(/[A-Z]/g, (m) => ` ${m.toLowerCase()}`)}`;
+    body.append(el("tr", { class: c.overdue ? "overdue" : null, "data-claim": `${c.namespace}/${c.name}`,
+      "data-protected": String(c.protected) },
+      el("th", { scope: "row", text: `${c.namespace}/${c.name}` }),
+      el("td", { text: why + (c.detail ? ` (${c.detail})` : "") }),
+      el("td", { text: c.node || "—" }),
+      el("td", {}, c.lastState ? el("span", { class: `badge s-${c.lastState}`, text: c.lastState }) : "—"),
+      el("td", { text: when(c.lastSuccess) }),
+      el("td", { text: c.overdue ? `overdue since ${when(c.deadline)}` : when(c.deadline) })));
+  }
+  $("cluster-agents").replaceChildren(...r.agents.map((a) =>
+    el("li", { text: `${a.node}: ${a.alive ? "alive" : "gone"}${a.renewedAt ? `, renewed ${when(a.renewedAt)}` : ""}` })));
 }
 
 // --- one run ---------------------------------------------------------------
