@@ -120,7 +120,10 @@ impl Sessions {
                 None => break,
             };
         }
-        map.insert(id.clone(), Session { csrf: csrf.clone(), token: token.to_string(), expires: now + SESSION_LIFETIME });
+        map.insert(
+            id.clone(),
+            Session { csrf: csrf.clone(), token: token.to_string(), expires: now + SESSION_LIFETIME },
+        );
         (id, csrf)
     }
 
@@ -198,7 +201,9 @@ fn session_response(state: &AppState, csrf: String) -> Json<SessionResponse> {
 }
 
 fn not_logged_in() -> Response {
-    protect(ApiError::new(StatusCode::UNAUTHORIZED, "not_logged_in", "log in with the agent's API token").into_response())
+    protect(
+        ApiError::new(StatusCode::UNAUTHORIZED, "not_logged_in", "log in with the agent's API token").into_response(),
+    )
 }
 
 /// The page asks on load whether its cookie is still a live session.
@@ -209,7 +214,11 @@ async fn session(State(state): State<AppState>, headers: HeaderMap) -> Response 
     }
 }
 
-async fn login(State(state): State<AppState>, headers: HeaderMap, body: Result<ApiJson<LoginRequest>, ApiError>) -> Response {
+async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<ApiJson<LoginRequest>, ApiError>,
+) -> Response {
     if cross_site(&headers) {
         return protect(
             ApiError::new(StatusCode::FORBIDDEN, "cross_site_login", "logging in from another site is refused")

@@ -204,9 +204,7 @@ pub async fn inventory_with(
         async { list_all(Api::<PersistentVolume>::all(c.clone())).await.map_err(what("PersistentVolumes")) },
         async { list_all(Api::<StorageClass>::all(c.clone())).await.map_err(what("StorageClasses")) },
         async {
-            list_all(Api::<Lease>::namespaced(c.clone(), agent_namespace))
-                .await
-                .map_err(what("the agents' Leases"))
+            list_all(Api::<Lease>::namespaced(c.clone(), agent_namespace)).await.map_err(what("the agents' Leases"))
         },
     )?;
     Ok(Inventory { claims, volumes, classes, leases })

@@ -79,12 +79,8 @@ impl Chromium {
 
     /// The DevTools connection to the browser's first page.
     async fn page(&self) -> Cdp {
-        let list: Value = reqwest::get(format!("http://127.0.0.1:{}/json/list", self.port))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: Value =
+            reqwest::get(format!("http://127.0.0.1:{}/json/list", self.port)).await.unwrap().json().await.unwrap();
         let url = list
             .as_array()
             .and_then(|l| l.iter().find(|t| t["type"] == "page"))
@@ -156,7 +152,10 @@ impl Cdp {
             }
             if Instant::now() > deadline {
                 let text = self.eval("document.body.innerText").await;
-                panic!("timed out after {secs} s waiting for {what} ({expr}); the page shows:\n{}", text.as_str().unwrap_or(""));
+                panic!(
+                    "timed out after {secs} s waiting for {what} ({expr}); the page shows:\n{}",
+                    text.as_str().unwrap_or("")
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -233,6 +232,15 @@ async fn the_page_logs_in_backs_up_and_restores_into_a_new_directory_in_a_real_b
     let id = policy["id"].as_str().unwrap().to_string();
     let runs = agent.wait_runs(&id, 60, "the first backup", |r| count_state(r, "succeeded") >= 1).await;
     let first_run = runs[0]["id"].as_str().unwrap().to_string();
+    // A policy whose runs fail: the same repository, the wrong password.
+    let broken = agent
+        .create_policy(
+            json!({"name": "wrong-password", "source": {"path": source}, "schedule": {"intervalSeconds": 3600},
+            "repository": {"url": repo, "password": "not-page-pw"}}),
+        )
+        .await;
+    let broken_id = broken["id"].as_str().unwrap().to_string();
+    agent.wait_runs(&broken_id, 60, "the failed backup", |r| r[0]["state"] == "failed").await;
 
     let started = Instant::now();
     let browser = Chromium::start();
@@ -248,36 +256,65 @@ async fn the_page_logs_in_backs_up_and_restores_into_a_new_directory_in_a_real_b
     // A wrong token: a clear error, still the form.
     page.type_into("#token", "not-the-token").await;
     page.press_enter().await;
-    page.wait_for("document.getElementById('login-error').textContent.includes('Wrong token')", 10, "the wrong-token error")
-        .await;
+    page.wait_for(
+        "document.getElementById('login-error').textContent.includes('Wrong token')",
+        10,
+        "the wrong-token error",
+    )
+    .await;
     let err = page.eval("document.getElementById('login-error').textContent").await;
     assert!(err.as_str().unwrap().contains("token file"), "the error says where the token is: {err}");
     assert_eq!(page.eval(&is_visible("app")).await, json!(false));
 
     // The right token, typed and submitted with Enter.
     log_in(&mut page, &agent).await;
-    page.wait_for("!!document.querySelector('[data-policy=\"web-demo\"] [data-state=succeeded]')", 10, "the policy and its run")
-        .await;
+    page.wait_for(
+        "!!document.querySelector('[data-policy=\"web-demo\"] [data-state=succeeded]')",
+        10,
+        "the policy and its run",
+    )
+    .await;
     let html = page.eval("document.documentElement.outerHTML").await;
     assert!(!html.as_str().unwrap().contains(&agent.token), "the token is not in the page");
     assert_eq!(page.eval("document.cookie").await, json!(""), "the session cookie is HttpOnly");
     assert_eq!(page.eval("document.getElementById('token').value").await, json!(""), "the field was cleared");
+    // A failed run's details show its error.
+    page.click("[data-policy=\"wrong-password\"] [data-state=failed]").await;
+    page.wait_for(
+        "document.getElementById('run-error').textContent.startsWith('wrong_password: ')",
+        10,
+        "the failed run's error",
+    )
+    .await;
     page.screenshot("page-policies.png").await;
-    assert_eq!(page.eval("document.getElementById('cluster').hidden").await, json!(true), "no cluster view without Kubernetes");
+    assert_eq!(
+        page.eval("document.getElementById('cluster').hidden").await,
+        json!(true),
+        "no cluster view without Kubernetes"
+    );
 
     // A backup from the page, followed to its end through the event stream.
+    // The panel shows the failed run now; the new run replaces it.
+    let shown = page.eval("document.getElementById('run').dataset.runId").await.as_str().unwrap().to_string();
     page.click("[data-policy=\"web-demo\"] [data-action=backup]").await;
     page.wait_for(
-        &format!("(() => {{ const r = document.getElementById('run'); return !r.hidden && !!r.dataset.runId && r.dataset.runId !== {first_run:?}; }})()"),
+        &format!("(() => {{ const r = document.getElementById('run'); return !r.hidden && !!r.dataset.runId && r.dataset.runId !== {first_run:?} && r.dataset.runId !== {shown:?}; }})()"),
         10,
         "the new run's details",
     )
     .await;
     let run_id = page.eval("document.getElementById('run').dataset.runId").await.as_str().unwrap().to_string();
     page.wait_for("document.getElementById('run').dataset.state === 'succeeded'", 60, "the backup to succeed").await;
-    assert_eq!(page.eval("document.getElementById('run').dataset.via").await, json!("events"), "the end came through the run's event stream");
+    assert_eq!(
+        page.eval("document.getElementById('run').dataset.via").await,
+        json!("events"),
+        "the end came through the run's event stream"
+    );
     let run = agent.get(&format!("/v1/runs/{run_id}")).await;
-    assert_eq!((run["kind"].as_str(), run["trigger"].as_str(), run["state"].as_str()), (Some("backup"), Some("manual"), Some("succeeded")));
+    assert_eq!(
+        (run["kind"].as_str(), run["trigger"].as_str(), run["state"].as_str()),
+        (Some("backup"), Some("manual"), Some("succeeded"))
+    );
     assert_eq!(page.eval("document.getElementById('run-state').textContent").await, json!("succeeded"));
     page.wait_for(
         &format!("!!document.querySelector('[data-policy=\"web-demo\"] [data-run={run_id:?}][data-state=succeeded]')"),
@@ -311,7 +348,11 @@ async fn the_page_logs_in_backs_up_and_restores_into_a_new_directory_in_a_real_b
     page.wait_for("document.getElementById('run').dataset.state === 'succeeded'", 60, "the restore to succeed").await;
     assert_eq!(std::fs::read(target.join("hello.txt")).unwrap(), b"hello from the web page\n");
     assert_eq!(std::fs::read(target.join("sub/blob.bin")).unwrap(), blob, "the restored bytes are the source's");
-    assert_eq!(std::fs::read(source.join("hello.txt")).unwrap(), b"hello from the web page\n", "the source is untouched");
+    assert_eq!(
+        std::fs::read(source.join("hello.txt")).unwrap(),
+        b"hello from the web page\n",
+        "the source is untouched"
+    );
 
     // A phone: the same page, reloaded; the session cookie keeps the login,
     // and nothing needs scrolling sideways.
@@ -492,8 +533,8 @@ async fn with_kubernetes_on_the_agent_and_its_page_show_the_cluster_view() {
         .env_remove("KUBECONFIG")
         .output()
         .unwrap();
-    let mut from_cli: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let mut from_cli: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     // Times of reading and of Lease renewals differ between the two reads.
     for v in [&mut from_agent, &mut from_cli] {
         v.as_object_mut().unwrap().remove("at");
@@ -518,8 +559,12 @@ async fn with_kubernetes_on_the_agent_and_its_page_show_the_cluster_view() {
     page.wait_for(&is_visible("login-form"), 15, "the login form").await;
     log_in(&mut page, agent).await;
     page.wait_for(&is_visible("cluster"), 10, "the cluster view").await;
-    page.wait_for("!!document.querySelector('[data-claim=\"app/on-a\"][data-protected=true]')", 10, "the protected claim")
-        .await;
+    page.wait_for(
+        "!!document.querySelector('[data-claim=\"app/on-a\"][data-protected=true]')",
+        10,
+        "the protected claim",
+    )
+    .await;
     let plain = page.eval("document.querySelector('[data-claim=\"app/plain\"]').textContent").await;
     assert!(plain.as_str().unwrap().contains("not opted in"), "{plain}");
     let summary = page.eval("document.getElementById('cluster-summary').textContent").await;

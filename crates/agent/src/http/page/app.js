@@ -193,7 +193,7 @@ function renderPolicies(runsPerPolicy) {
         last ? el("span", { class: `badge s-${last.state}`, "data-last-state": last.state, text: `${last.kind} ${last.state}` }) : "none",
         last && last.finishedAt ? ` ${when(last.finishedAt)}` : "",
         p.nextRunAt ? ` · next ${when(p.nextRunAt)}` : "",
-        p.consecutiveFailures ? ` · ${p.consecutiveFailures} failures in a row` : ""),
+        p.consecutiveFailures ? ` · ${p.consecutiveFailures} failure${p.consecutiveFailures === 1 ? "" : "s"} in a row` : ""),
       p.status && p.status.message ? el("p", { class: "meta", text: p.status.message }) : null,
       runs.length ? timeline : el("p", { class: "meta", text: "no runs yet" }),
       el("div", { class: "actions" },
