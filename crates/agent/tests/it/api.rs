@@ -395,6 +395,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/runs/{id}/cancel"),
     ("GET", "/v1/runs/{id}/events"),
     ("GET", "/v1/status"),
+    ("GET", "/v1/cluster"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
