@@ -223,11 +223,14 @@ async fn the_page_logs_in_backs_up_and_restores_into_a_new_directory_in_a_real_b
     std::fs::write(source.join("hello.txt"), b"hello from the web page\n").unwrap();
     let blob: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     std::fs::write(source.join("sub/blob.bin"), &blob).unwrap();
-    let agent = AgentProc::start(&tmp.path().join("state"), &[]).unwrap();
+    // A pre hook that sleeps keeps each backup running for 2 s: long
+    // enough for the page to show it live.
+    let agent = AgentProc::start(&tmp.path().join("state"), &["--hook-allow", "/usr/bin/sleep"]).unwrap();
     let repo = tmp.path().join("repo");
     let policy = agent
         .create_policy(json!({"name": "web-demo", "source": {"path": source}, "schedule": {"intervalSeconds": 3600},
-            "repository": {"url": repo, "password": "page-pw"}}))
+            "repository": {"url": repo, "password": "page-pw"},
+            "consistency": {"hooks": {"pre": [["/usr/bin/sleep", "2"]]}}}))
         .await;
     let id = policy["id"].as_str().unwrap().to_string();
     let runs = agent.wait_runs(&id, 60, "the first backup", |r| count_state(r, "succeeded") >= 1).await;
@@ -278,6 +281,14 @@ async fn the_page_logs_in_backs_up_and_restores_into_a_new_directory_in_a_real_b
     assert!(!html.as_str().unwrap().contains(&agent.token), "the token is not in the page");
     assert_eq!(page.eval("document.cookie").await, json!(""), "the session cookie is HttpOnly");
     assert_eq!(page.eval("document.getElementById('token').value").await, json!(""), "the field was cleared");
+    // Every control is a native, focusable one with a name a screen reader reads.
+    let unnamed = page
+        .eval(
+            "[...document.querySelectorAll('button, input, select, a')].filter(e => !(e.labels && e.labels.length) \
+             && !e.getAttribute('aria-label') && !e.textContent.trim()).map(e => e.outerHTML)",
+        )
+        .await;
+    assert_eq!(unnamed, json!([]), "controls without a label");
     // A failed run's details show its error.
     page.click("[data-policy=\"wrong-password\"] [data-state=failed]").await;
     page.wait_for(
@@ -296,7 +307,12 @@ async fn the_page_logs_in_backs_up_and_restores_into_a_new_directory_in_a_real_b
     // A backup from the page, followed to its end through the event stream.
     // The panel shows the failed run now; the new run replaces it.
     let shown = page.eval("document.getElementById('run').dataset.runId").await.as_str().unwrap().to_string();
-    page.click("[data-policy=\"web-demo\"] [data-action=backup]").await;
+    // By keyboard: focus the button and press Enter.
+    let focused = page
+        .eval("(() => { const b = document.querySelector('[data-policy=\"web-demo\"] [data-action=backup]'); b.focus(); return document.activeElement === b; })()")
+        .await;
+    assert_eq!(focused, json!(true));
+    page.press_enter().await;
     page.wait_for(
         &format!("(() => {{ const r = document.getElementById('run'); return !r.hidden && !!r.dataset.runId && r.dataset.runId !== {first_run:?} && r.dataset.runId !== {shown:?}; }})()"),
         10,
@@ -304,6 +320,14 @@ async fn the_page_logs_in_backs_up_and_restores_into_a_new_directory_in_a_real_b
     )
     .await;
     let run_id = page.eval("document.getElementById('run').dataset.runId").await.as_str().unwrap().to_string();
+    page.wait_for(
+        "(() => { const r = document.getElementById('run'); return r.dataset.state === 'running' && r.dataset.via === 'events'; })()",
+        10,
+        "the run shown running, live from its event stream",
+    )
+    .await;
+    assert_eq!(page.eval(&is_visible("run-progress-box")).await, json!(true), "a progress bar while it runs");
+    assert_eq!(page.eval(&is_visible("run-cancel")).await, json!(true), "a cancel button while it runs");
     page.wait_for("document.getElementById('run').dataset.state === 'succeeded'", 60, "the backup to succeed").await;
     assert_eq!(
         page.eval("document.getElementById('run').dataset.via").await,
