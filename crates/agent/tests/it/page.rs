@@ -356,6 +356,13 @@ async fn the_page_logs_in_backs_up_and_restores_into_a_new_directory_in_a_real_b
     assert_eq!(page.eval("document.getElementById('restore-submit').disabled").await, json!(true));
     page.type_into("#restore-confirm", "web-dem").await;
     assert_eq!(page.eval("document.getElementById('restore-submit').disabled").await, json!(true));
+    page.type_into("#restore-confirm", "web-demo").await;
+    assert_eq!(
+        page.eval("document.getElementById('restore-submit').disabled").await,
+        json!(false),
+        "the typed name confirms"
+    );
+    assert_eq!(page.eval("document.getElementById('restore-submit').textContent").await, json!("Restore in place"));
     page.click("#restore-inplace").await;
     assert_eq!(page.eval("document.getElementById('restore-submit').disabled").await, json!(false));
     // Into a new directory.
