@@ -385,6 +385,22 @@ async fn the_page_logs_in_backs_up_and_restores_into_a_new_directory_in_a_real_b
         "the source is untouched"
     );
 
+    // In place, once confirmed: a damaged file on the volume comes back.
+    std::fs::write(source.join("hello.txt"), b"damaged").unwrap();
+    let shown = page.eval("document.getElementById('run').dataset.runId").await.as_str().unwrap().to_string();
+    page.click("[data-policy=\"web-demo\"] [data-action=restore]").await;
+    page.wait_for(&is_visible("restore-form"), 10, "the restore form").await;
+    page.click("#restore-inplace").await;
+    page.type_into("#restore-confirm", "web-demo").await;
+    page.click("#restore-submit").await;
+    page.wait_for(
+        &format!("(() => {{ const r = document.getElementById('run'); return r.dataset.runId !== {shown:?} && r.dataset.state === 'succeeded'; }})()"),
+        60,
+        "the in-place restore to succeed",
+    )
+    .await;
+    assert_eq!(std::fs::read(source.join("hello.txt")).unwrap(), b"hello from the web page\n", "restored in place");
+
     // A phone: the same page, reloaded; the session cookie keeps the login,
     // and nothing needs scrolling sideways.
     page.viewport(390, 844, true).await;
