@@ -189,6 +189,7 @@ impl Agent {
             auth: Arc::new(auth),
             state_lock: Some(lock.holder().clone()),
             soda_sync: kube.as_ref().and_then(|k| k.soda_status.clone()),
+            cluster: kube.as_ref().map(|k| Arc::new(k.cluster.clone())),
         };
         let app = router(state);
         let http_stop = CancellationToken::new();

@@ -5,9 +5,13 @@
 //! configured networks only, or must carry the token, or is switched off.
 //! `/healthz`, `/readyz`, `/metrics` and `/openapi.json` stay open: they
 //! carry no secrets. A refused token is counted, never logged.
+//! The web page's session cookie (see [`super::page`]) also admits a `/v1`
+//! request, when no `Authorization` header is sent; a cookie-authenticated
+//! request that may change something (any method but GET and HEAD) must
+//! carry the session's CSRF token in `X-CSRF-Token`.
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::net::SocketAddr;
@@ -48,7 +52,7 @@ impl TokenFile {
 }
 
 /// Compare without leaking, through timing, how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
     for (i, x) in a.iter().enumerate() {
         diff |= x ^ b.get(i).copied().unwrap_or(0);
@@ -62,6 +66,8 @@ pub struct Auth {
     legacy_networks: Vec<Cidr>,
     pub refused_tokens: AtomicU64,
     pub refused_legacy: AtomicU64,
+    /// The web page's login sessions.
+    pub(super) sessions: super::page::Sessions,
 }
 
 impl Auth {
@@ -72,6 +78,7 @@ impl Auth {
             legacy_networks,
             refused_tokens: AtomicU64::new(0),
             refused_legacy: AtomicU64::new(0),
+            sessions: super::page::Sessions::default(),
         }
     }
 
@@ -93,6 +100,14 @@ impl Auth {
         let Some(presented) = header.and_then(|h| h.strip_prefix("Bearer ")).map(str::trim) else {
             return false;
         };
+        self.is_token(presented)
+    }
+
+    /// Whether `presented` is one of the token file's tokens (now).
+    pub(super) fn is_token(&self, presented: &str) -> bool {
+        if presented.is_empty() {
+            return false;
+        }
         // Check every token (no early exit), so timing says nothing about which matched.
         self.tokens.tokens().iter().fold(false, |ok, t| ok | constant_time_eq(t.as_bytes(), presented.as_bytes()))
     }
@@ -109,6 +124,23 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     let path = req.uri().path();
     let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     if path.starts_with("/v1/") || path == "/v1" {
+        // The page's cookie counts only when no Authorization header is
+        // sent: a wrong bearer token is refused as before.
+        if bearer.is_none() {
+            if let Some(session) = auth.sessions.from_cookie(req.headers(), auth) {
+                let safe = matches!(*req.method(), Method::GET | Method::HEAD);
+                if !safe && !session.csrf_matches(req.headers()) {
+                    auth.refused_tokens.fetch_add(1, Ordering::Relaxed);
+                    return ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "csrf_token_missing",
+                        "a request authenticated by the page's session cookie must carry the session's X-CSRF-Token header; API clients send Authorization: Bearer <token> instead",
+                    )
+                    .into_response();
+                }
+                return next.run(req).await;
+            }
+        }
         if !auth.token_ok(bearer) {
             auth.refused_tokens.fetch_add(1, Ordering::Relaxed);
             return unauthorized(

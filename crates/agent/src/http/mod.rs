@@ -8,6 +8,7 @@ pub mod auth;
 mod error;
 pub mod metrics;
 pub mod openapi;
+pub mod page;
 pub mod serve;
 pub mod slow;
 mod views;
@@ -56,6 +57,8 @@ pub struct AppState {
     pub state_lock: Option<crate::state_lock::LockHolder>,
     /// The SODA sync's state, when the agent talks to SODA.
     pub soda_sync: Option<crate::kube::SodaStatusBoard>,
+    /// Reads the cluster view for `GET /v1/cluster`, when Kubernetes is on.
+    pub cluster: Option<Arc<crate::kube::cluster::ClusterReader>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -78,10 +81,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/runs/{id}/events", get(run_events))
         .route("/v1/status", get(agent_status))
+        .route("/v1/cluster", get(cluster_view))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
+        .merge(page::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route; see GET /openapi.json for the API")
         })
@@ -817,6 +822,52 @@ async fn until_run_ends(
     }
 }
 
+/// Parameters of `GET /v1/cluster`; others are refused.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct ClusterQuery {
+    /// Only claims in this namespace [default: every namespace].
+    namespace: Option<String>,
+}
+
+/// The cluster view: every claim in the cluster, protected or why not.
+///
+/// The same report as `soda-syncer cluster -o json`, read from the API
+/// server with this agent's service account; only while Kubernetes is on.
+#[utoipa::path(
+    get,
+    path = "/v1/cluster",
+    tag = "operations",
+    params(ClusterQuery),
+    responses(
+        (status = 200, description = "One row per claim, and the agents' liveness", body = crate::kube::cluster::ClusterReport),
+        (status = 400, description = "An unknown parameter", body = ErrorBody),
+        (status = 409, description = "Kubernetes is off on this agent (kubernetes_off)", body = ErrorBody),
+        (status = 502, description = "The Kubernetes API server failed or refused", body = ErrorBody),
+    )
+)]
+async fn cluster_view(
+    State(state): State<AppState>,
+    q: Result<Query<ClusterQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("{}; allowed: namespace", e.body_text()))
+    })?;
+    let Some(reader) = state.cluster.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "kubernetes_off",
+            "Kubernetes is off on this agent, so it has no cluster view; start it with --kubernetes on (or auto, in a pod)",
+        ));
+    };
+    let namespace = q.namespace.filter(|n| !n.is_empty());
+    let report = reader.report(namespace.as_deref()).await.map_err(|e| {
+        ApiError::new(StatusCode::BAD_GATEWAY, "kubernetes_failed", format!("reading the cluster failed: {e:#}"))
+    })?;
+    Ok(Json(report).into_response())
+}
+
 /// The agent's state beyond readiness: the SODA sync (who leads, how far
 /// behind SODA is, the last error) and the profile poll.
 #[utoipa::path(
@@ -982,6 +1033,7 @@ mod tests {
             auth: Arc::new(auth),
             state_lock: None,
             soda_sync: None,
+            cluster: None,
         });
         Harness { app, store, db, data, stop, _dir: dir }
     }

@@ -41,6 +41,7 @@ use super::views::RunView;
         super::cancel_run,
         super::run_events,
         super::agent_status,
+        super::cluster_view,
         super::healthz,
         super::readyz,
         super::metrics,

@@ -40,7 +40,7 @@ pub struct ClusterArgs {
 }
 
 /// Why a claim is not protected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum WhyNot {
     /// No `soda-syncer.io/backup` or profile on the claim or its class, and
@@ -74,7 +74,7 @@ impl WhyNot {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClaimRow {
     pub namespace: String,
@@ -92,7 +92,7 @@ pub struct ClaimRow {
     pub consistency: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentRow {
     pub node: String,
@@ -101,7 +101,7 @@ pub struct AgentRow {
     pub renewed_at: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Summary {
     pub claims: usize,
@@ -111,7 +111,7 @@ pub struct Summary {
     pub unprotected: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterReport {
     pub at: String,
@@ -184,7 +184,17 @@ where
 /// Read claims, volumes, classes and the agents' Leases, all at once.
 pub async fn inventory(args: &ClusterArgs) -> anyhow::Result<Inventory> {
     let c = client(args).await?;
-    let claims: Api<PersistentVolumeClaim> = match &args.namespace {
+    inventory_with(&c, args.namespace.as_deref(), &args.agent_namespace).await
+}
+
+/// [`inventory`] with a client at hand: claims of `namespace` (or all),
+/// the agents' Leases from `agent_namespace`.
+pub async fn inventory_with(
+    c: &kube::Client,
+    namespace: Option<&str>,
+    agent_namespace: &str,
+) -> anyhow::Result<Inventory> {
+    let claims: Api<PersistentVolumeClaim> = match namespace {
         Some(ns) => Api::namespaced(c.clone(), ns),
         None => Api::all(c.clone()),
     };
@@ -194,12 +204,30 @@ pub async fn inventory(args: &ClusterArgs) -> anyhow::Result<Inventory> {
         async { list_all(Api::<PersistentVolume>::all(c.clone())).await.map_err(what("PersistentVolumes")) },
         async { list_all(Api::<StorageClass>::all(c.clone())).await.map_err(what("StorageClasses")) },
         async {
-            list_all(Api::<Lease>::namespaced(c.clone(), &args.agent_namespace))
-                .await
-                .map_err(what("the agents' Leases"))
+            list_all(Api::<Lease>::namespaced(c.clone(), agent_namespace)).await.map_err(what("the agents' Leases"))
         },
     )?;
     Ok(Inventory { claims, volumes, classes, leases })
+}
+
+/// The agent's `GET /v1/cluster`: the same report as `soda-syncer cluster`,
+/// read with the agent's own Kubernetes client (its service account).
+#[derive(Clone)]
+pub struct ClusterReader {
+    client: kube::Client,
+    agent_namespace: String,
+}
+
+impl ClusterReader {
+    pub fn new(client: kube::Client, agent_namespace: String) -> ClusterReader {
+        ClusterReader { client, agent_namespace }
+    }
+
+    /// Claims of `namespace` (or every namespace), as of now.
+    pub async fn report(&self, namespace: Option<&str>) -> anyhow::Result<ClusterReport> {
+        let inv = inventory_with(&self.client, namespace, &self.agent_namespace).await?;
+        Ok(report(&inv, Utc::now()))
+    }
 }
 
 fn time(s: &str) -> Option<DateTime<Utc>> {

@@ -76,6 +76,8 @@ pub async fn client(config: &Config) -> Result<Option<kube::Client>, KubeError> 
 /// The running adapter's handles.
 pub struct Kube {
     pub fanout: LegacyFanout,
+    /// Reads the cluster view for `GET /v1/cluster`.
+    pub cluster: cluster::ClusterReader,
     pub tasks: tokio::task::JoinSet<()>,
     /// The SODA sync's state, when the agent talks to SODA.
     pub soda_status: Option<SodaStatusBoard>,
@@ -153,8 +155,9 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
     discovery::start(client.clone(), sched.clone(), reporter.clone(), view, soda.clone(), &mut tasks, cancel.clone());
     tasks.spawn(reporter.clone().write_loop(cancel.clone()));
     tasks.spawn(status::report_runs(sched.clone(), reporter, cancel.clone()));
+    let cluster = cluster::ClusterReader::new(client.clone(), config.namespace.clone());
     let fanout = LegacyFanout::new(client, config);
     sched.set_legacy_publisher(std::sync::Arc::new(fanout.clone()));
     tasks.spawn(fanout.clone().watch(sched.clone(), cancel));
-    Ok(Some(Kube { fanout, tasks, soda_status }))
+    Ok(Some(Kube { fanout, cluster, tasks, soda_status }))
 }

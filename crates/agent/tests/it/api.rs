@@ -51,6 +51,7 @@ fn harness() -> Harness {
         // As the agent fills it in, so /readyz's holder is checked against the document too.
         state_lock: Some(soda_syncer::state_lock::LockHolder::this_process("n1", None, chrono::Utc::now())),
         soda_sync: None,
+        cluster: None,
     });
     Harness { app, _dir: dir, data, outside }
 }
@@ -396,6 +397,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/runs/{id}/cancel"),
     ("GET", "/v1/runs/{id}/events"),
     ("GET", "/v1/status"),
+    ("GET", "/v1/cluster"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),

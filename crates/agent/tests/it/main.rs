@@ -18,6 +18,7 @@ mod legacy;
 mod lifecycle;
 mod newuser;
 mod ops;
+mod page;
 mod paths;
 mod restic_versions;
 mod restore;

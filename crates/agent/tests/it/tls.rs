@@ -15,7 +15,7 @@ fn openssl(args: &[&str], dir: &Path) {
 
 /// A CA and a server certificate for 127.0.0.1 signed by it:
 /// (CA certificate, server certificate, server key).
-fn ca_and_leaf(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+pub(crate) fn ca_and_leaf(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
     let (ca_crt, ca_key) = (format!("{name}-ca.crt"), format!("{name}-ca.key"));
     let mut a = vec!["req", "-x509"];

@@ -1,0 +1,319 @@
+//! The web page at `/`: one HTML page, its script and its style sheet,
+//! embedded in the binary (no CDN, no build step), and the login sessions
+//! behind it.
+//!
+//! Logging in (`POST /ui/login` with the API token) makes a session: a
+//! random id kept in this process's memory, sent back in the cookie
+//! `soda_session` (HttpOnly, SameSite=Strict, Secure when served over TLS),
+//! and a random CSRF token the page keeps in memory and sends as
+//! `X-CSRF-Token` on every request that may change something. The cookie
+//! never holds the API token. A session remembers the token it was made
+//! with and ends when that token leaves the token file, so rotating the
+//! token logs everyone out; a restart of the agent ends every session too.
+//! The `/v1` API itself admits the cookie in [`super::auth::guard`].
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::auth::{constant_time_eq, Auth};
+use super::error::ApiJson;
+use super::{ApiError, AppState};
+
+/// The session cookie's name.
+pub const COOKIE: &str = "soda_session";
+/// The header carrying the session's CSRF token.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+/// A session ends this long after login, used or not.
+const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// More logins than this push out the oldest sessions: memory stays bounded
+/// whatever a token holder does.
+const MAX_SESSIONS: usize = 256;
+
+const INDEX_HTML: &str = include_str!("page/index.html");
+const APP_JS: &str = include_str!("page/app.js");
+const APP_CSS: &str = include_str!("page/app.css");
+
+/// No inline script or style, nothing from elsewhere, never in a frame.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// The page's routes, merged into the API router.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/ui/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))
+        .route("/ui/app.css", get(|| async { asset("text/css; charset=utf-8", APP_CSS) }))
+        .route("/ui/session", get(session))
+        .route("/ui/login", post(login))
+        .route("/ui/logout", post(logout))
+}
+
+/// The headers every page response carries.
+fn protect(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    protect(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+#[derive(Clone)]
+struct Session {
+    csrf: String,
+    /// The token it was made with: the session ends when the token file
+    /// no longer holds it. Only in memory.
+    token: String,
+    expires: Instant,
+}
+
+/// The page's login sessions, by cookie value.
+#[derive(Default)]
+pub struct Sessions {
+    by_id: Mutex<HashMap<String, Session>>,
+}
+
+/// A live session, as the auth guard sees it.
+pub struct SessionRef {
+    csrf: String,
+}
+
+impl SessionRef {
+    /// Whether the request carries this session's CSRF token.
+    pub fn csrf_matches(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get(CSRF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| constant_time_eq(v.trim().as_bytes(), self.csrf.as_bytes()))
+    }
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.by_id.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new session for `token` (already checked): (cookie value, CSRF token).
+    fn create(&self, token: &str) -> (String, String) {
+        let id = crate::ids::random_hex(32);
+        let csrf = crate::ids::random_hex(32);
+        let now = Instant::now();
+        let mut map = self.lock();
+        map.retain(|_, s| s.expires > now);
+        while map.len() >= MAX_SESSIONS {
+            let oldest = map.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => map.remove(&k),
+                None => break,
+            };
+        }
+        map.insert(
+            id.clone(),
+            Session { csrf: csrf.clone(), token: token.to_string(), expires: now + SESSION_LIFETIME },
+        );
+        (id, csrf)
+    }
+
+    fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// The session the request's cookie names, if it is live and its
+    /// token still valid (an ended one is dropped).
+    pub fn from_cookie(&self, headers: &HeaderMap, auth: &Auth) -> Option<SessionRef> {
+        let id = cookie_value(headers)?;
+        let session = self.lock().get(id).cloned()?;
+        if session.expires <= Instant::now() || !auth.is_token(&session.token) {
+            self.remove(id);
+            return None;
+        }
+        Some(SessionRef { csrf: session.csrf })
+    }
+}
+
+/// The session cookie's value in the request, if any.
+fn cookie_value(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+fn set_cookie(value: &str, max_age: Duration, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}", max_age.as_secs())
+        .parse()
+        .expect("hex and fixed text make a valid header")
+}
+
+/// Over TLS the cookie is marked Secure (the agent serves TLS itself, or
+/// not at all).
+fn served_over_tls(state: &AppState) -> bool {
+    state.sched.config().tls_cert.is_some()
+}
+
+/// A cross-site request names another origin; the page's own requests name
+/// this host or nothing (older browsers on same-origin GETs).
+fn cross_site(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or("");
+    origin_host != host
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    token: String,
+}
+
+/// What the page keeps in memory while logged in.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SessionResponse {
+    csrf_token: String,
+    node: String,
+}
+
+fn session_response(state: &AppState, csrf: String) -> Json<SessionResponse> {
+    let config = state.sched.config();
+    Json(SessionResponse { csrf_token: csrf, node: config.node_name.clone() })
+}
+
+fn not_logged_in() -> Response {
+    protect(
+        ApiError::new(StatusCode::UNAUTHORIZED, "not_logged_in", "log in with the agent's API token").into_response(),
+    )
+}
+
+/// The page asks on load whether its cookie is still a live session.
+async fn session(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    match state.auth.sessions.from_cookie(&headers, &state.auth) {
+        Some(s) => protect(session_response(&state, s.csrf).into_response()),
+        None => not_logged_in(),
+    }
+}
+
+async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<ApiJson<LoginRequest>, ApiError>,
+) -> Response {
+    if cross_site(&headers) {
+        return protect(
+            ApiError::new(StatusCode::FORBIDDEN, "cross_site_login", "logging in from another site is refused")
+                .into_response(),
+        );
+    }
+    let ApiJson(req) = match body {
+        Ok(b) => b,
+        Err(e) => return protect(e.into_response()),
+    };
+    let token = req.token.trim();
+    if !state.auth.is_token(token) {
+        state.auth.refused_tokens.fetch_add(1, Ordering::Relaxed);
+        return protect(
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "wrong_token",
+                "that is not this agent's API token: copy it from the agent's token file (by default <state-dir>/token)",
+            )
+            .into_response(),
+        );
+    }
+    let (id, csrf) = state.auth.sessions.create(token);
+    let mut r = session_response(&state, csrf).into_response();
+    r.headers_mut().insert(header::SET_COOKIE, set_cookie(&id, SESSION_LIFETIME, served_over_tls(&state)));
+    protect(r)
+}
+
+/// Ends the session; needs its CSRF token like any other change.
+async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(s) = state.auth.sessions.from_cookie(&headers, &state.auth) else {
+        return not_logged_in();
+    };
+    if !s.csrf_matches(&headers) {
+        return protect(
+            ApiError::new(StatusCode::FORBIDDEN, "csrf_token_missing", "logging out needs the session's X-CSRF-Token")
+                .into_response(),
+        );
+    }
+    if let Some(id) = cookie_value(&headers) {
+        state.auth.sessions.remove(id);
+    }
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    r.headers_mut().insert(header::SET_COOKIE, set_cookie("", Duration::ZERO, served_over_tls(&state)));
+    protect(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cookie_is_found_among_others() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "a=1; soda_session=abc ; b=2".parse().unwrap());
+        assert_eq!(cookie_value(&h), Some("abc"));
+        h.insert(header::COOKIE, "soda_session=".parse().unwrap());
+        assert_eq!(cookie_value(&h), None);
+        h.insert(header::COOKIE, "soda_sessionx=1".parse().unwrap());
+        assert_eq!(cookie_value(&h), None);
+    }
+
+    #[test]
+    fn only_another_origin_is_cross_site() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "127.0.0.1:8080".parse().unwrap());
+        assert!(!cross_site(&h));
+        h.insert(header::ORIGIN, "http://127.0.0.1:8080".parse().unwrap());
+        assert!(!cross_site(&h));
+        h.insert(header::ORIGIN, "https://evil.example".parse().unwrap());
+        assert!(cross_site(&h));
+        h.insert(header::ORIGIN, "null".parse().unwrap());
+        assert!(cross_site(&h));
+    }
+
+    #[test]
+    fn sessions_end_when_their_token_leaves_the_file_and_stay_few() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").unwrap();
+        let auth = Auth::new(path.clone(), crate::config::LegacyMode::Off, vec![]);
+        let (id, csrf) = auth.sessions.create("first");
+        assert!(!id.contains("first") && id.len() == 64);
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, format!("{COOKIE}={id}").parse().unwrap());
+        let s = auth.sessions.from_cookie(&h, &auth).expect("a live session");
+        assert!(!s.csrf_matches(&h));
+        h.insert(CSRF_HEADER, csrf.parse().unwrap());
+        assert!(s.csrf_matches(&h));
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&path, "second\n").unwrap();
+        assert!(auth.sessions.from_cookie(&h, &auth).is_none(), "a rotated token ends its sessions");
+        for _ in 0..MAX_SESSIONS + 10 {
+            auth.sessions.create("second");
+        }
+        assert_eq!(auth.sessions.lock().len(), MAX_SESSIONS);
+    }
+}
