@@ -22,30 +22,30 @@ use super::views::RunView;
             `{\"error\": {\"code\", \"message\", \"field\"?}}`. Secrets are accepted on write and never returned."
     ),
     paths(
-        super::legacy_snapshot,
-        super::list_policies,
-        super::create_policy,
-        super::get_policy,
-        super::put_policy,
-        super::patch_policy,
-        super::delete_policy,
-        super::pause_policy,
-        super::resume_policy,
-        super::run_policy,
-        super::drill_policy,
-        super::policy_snapshots,
-        super::restore_policy,
-        super::maintain_policy,
-        super::list_runs,
-        super::get_run,
-        super::cancel_run,
-        super::run_events,
-        super::agent_status,
-        super::cluster_view,
-        super::healthz,
-        super::readyz,
-        super::metrics,
-        super::openapi_json,
+        super::legacy::legacy_snapshot,
+        super::policies::list_policies,
+        super::policies::create_policy,
+        super::policies::get_policy,
+        super::policies::put_policy,
+        super::policies::patch_policy,
+        super::policies::delete_policy,
+        super::policies::pause_policy,
+        super::policies::resume_policy,
+        super::runs::run_policy,
+        super::runs::drill_policy,
+        super::snapshots::policy_snapshots,
+        super::snapshots::restore_policy,
+        super::runs::maintain_policy,
+        super::runs::list_runs,
+        super::runs::get_run,
+        super::runs::cancel_run,
+        super::runs::run_events,
+        super::status::agent_status,
+        super::status::cluster_view,
+        super::status::healthz,
+        super::status::readyz,
+        super::status::metrics,
+        super::status::openapi_json,
     ),
     tags(
         (name = "legacy", description = "The upstream route soda-proxy calls"),
@@ -189,7 +189,7 @@ impl PartialSchema for RunEvent {
             .description(Some("The run, as JSON (a RunView)."));
         let event = ObjectBuilder::new()
             .schema_type(Type::String)
-            .enum_values(Some([super::EVENT_PROGRESS, super::EVENT_END]))
+            .enum_values(Some([super::runs::EVENT_PROGRESS, super::runs::EVENT_END]))
             .description(Some("`progress` while the run is queued or running, then one `end`."));
         ObjectBuilder::new()
             .schema_type(Type::Object)
