@@ -9,7 +9,8 @@
 use libfuzzer_sys::fuzz_target;
 use soda_syncer::restic::Restic;
 use soda_syncer_domain::legacy::LegacySnapshotRequest;
-use soda_syncer::scheduler::policies::PolicyError;
+use soda_syncer::legacy::Legacy;
+use soda_syncer::policies::{Policies, PolicyError};
 use soda_syncer::scheduler::Scheduler;
 use soda_syncer::store::Store;
 use soda_syncer::Config;
@@ -33,14 +34,16 @@ fn root() -> &'static Path {
     })
 }
 
-fn scheduler() -> Scheduler {
+fn legacy() -> (Legacy, Store) {
     let root = root();
     let mut config = Config::with_state_dir(root.join("state"));
     config.allowed_roots = vec![root.join("allowed")];
     config.kubelet_dir = root.join("kubelet");
     let store = Store::open(Path::new(":memory:")).expect("in-memory store");
     let restic = Restic::new("restic".into(), config.cache_dir(), "fuzz".into(), Duration::from_secs(60));
-    Scheduler::new(store, restic, config, tokio_util::sync::CancellationToken::new())
+    let sched = Scheduler::new(store.clone(), restic, config.clone(), tokio_util::sync::CancellationToken::new());
+    let policies = Policies::new(store.clone(), config.clone(), sched);
+    (Legacy::new(policies, store.clone(), config), store)
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -51,12 +54,12 @@ fuzz_target!(|data: &[u8]| {
     let again: LegacySnapshotRequest = serde_json::from_value(wire.clone()).expect("the handed-on body parses");
     assert_eq!(serde_json::Value::Object(again.to_wire()), wire, "the handed-on body is the same body");
 
-    let sched = scheduler();
-    match sched.apply_legacy(req) {
+    let (legacy, store) = legacy();
+    match legacy.apply(req) {
         Ok(first) => {
-            let second = sched.apply_legacy(again).expect("the same body applies twice");
+            let second = legacy.apply(again).expect("the same body applies twice");
             assert!(second.policies.iter().all(|p| p.action == "updated"), "{second:?}");
-            let stored = sched.store().list_policies().expect("list");
+            let stored = store.list_policies().expect("list");
             assert_eq!(stored.len(), first.policies.len(), "the same body twice never makes two schedules");
             for p in stored {
                 p.spec.validate(chrono::Utc::now()).expect("a stored legacy policy is valid");
@@ -65,5 +68,6 @@ fuzz_target!(|data: &[u8]| {
         Err(PolicyError::Invalid(e)) => assert!(!e.message.is_empty() && !e.field.is_empty()),
         Err(PolicyError::Body(m)) => assert!(!m.is_empty()),
         Err(PolicyError::Store(e)) => panic!("a store error from a legacy body: {e}"),
+        Err(PolicyError::ManagedByKubernetes(m)) => panic!("a legacy body met a policy of a claim: {m}"),
     }
 });

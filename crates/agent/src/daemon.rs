@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::http::{router, AppState};
+use crate::legacy::Legacy;
+use crate::policies::Policies;
 use crate::restic::Restic;
 use crate::scheduler::Scheduler;
 use crate::state_lock::{LockHolder, StateLock, StateLockError, TryLock};
@@ -141,7 +143,9 @@ impl Agent {
             }
         }
         let sched_cancel = CancellationToken::new();
-        let sched = Scheduler::new(store, restic, config.clone(), sched_cancel.clone());
+        let sched = Scheduler::new(store.clone(), restic, config.clone(), sched_cancel.clone());
+        let policies = Policies::new(store.clone(), config.clone(), sched.clone());
+        let legacy = Legacy::new(policies.clone(), store, config.clone());
         let interrupted = sched.recover_after_start()?;
         if interrupted > 0 {
             tracing::warn!(
@@ -149,12 +153,12 @@ impl Agent {
                 "runs were interrupted by the last stop (an upgrade, a restart or a crash); their policies run again now"
             );
         }
-        if let Err(e) = sched.rescan_volumes() {
+        if let Err(e) = legacy.rescan_volumes() {
             tracing::warn!(error = %e, "first volume scan failed");
         }
 
         let kube_cancel = CancellationToken::new();
-        let kube = crate::kube::start(&sched, kube_cancel.clone()).await.context("Kubernetes")?;
+        let kube = crate::kube::start(&sched, &policies, &legacy, kube_cancel.clone()).await.context("Kubernetes")?;
 
         let token_path = config.token_path();
         if crate::http::auth::Auth::ensure_token_file(&token_path)
@@ -184,6 +188,8 @@ impl Agent {
         let auth = crate::http::auth::Auth::new(token_path, config.legacy.clone(), config.legacy_allow_cidrs.clone());
         let state = AppState {
             sched: sched.clone(),
+            policies: policies.clone(),
+            legacy: legacy.clone(),
             restic_version: Arc::new(Mutex::new(version)),
             started,
             auth: Arc::new(auth),
@@ -196,7 +202,7 @@ impl Agent {
         let http = serve(listener, app, &config, http_stop.clone()).await?;
         let sched_task = tokio::spawn(sched.clone().run());
         let rescan_cancel = CancellationToken::new();
-        let rescan = tokio::spawn(sched.clone().rescan_loop(rescan_cancel.clone()));
+        let rescan = tokio::spawn(legacy.clone().rescan_loop(rescan_cancel.clone()));
         let url_file = config.url_file();
 
         let join = tokio::spawn(async move {

@@ -11,15 +11,16 @@
 //! carry the session's CSRF token in `X-CSRF-Token`.
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::{ApiError, AppState};
 use crate::config::{Cidr, LegacyMode};
@@ -67,7 +68,7 @@ pub struct Auth {
     pub refused_tokens: AtomicU64,
     pub refused_legacy: AtomicU64,
     /// The web page's login sessions.
-    pub(super) sessions: super::page::Sessions,
+    pub(super) sessions: Sessions,
 }
 
 impl Auth {
@@ -78,7 +79,7 @@ impl Auth {
             legacy_networks,
             refused_tokens: AtomicU64::new(0),
             refused_legacy: AtomicU64::new(0),
-            sessions: super::page::Sessions::default(),
+            sessions: Sessions::default(),
         }
     }
 
@@ -173,6 +174,109 @@ pub async fn guard(State(state): State<AppState>, req: Request, next: Next) -> R
     next.run(req).await
 }
 
+// The web page's login sessions (see `super::page` for the login itself).
+
+/// The session cookie's name.
+pub const COOKIE: &str = "soda_session";
+/// The header carrying the session's CSRF token.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+/// A session ends this long after login, used or not.
+pub(super) const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// More logins than this push out the oldest sessions: memory stays bounded
+/// whatever a token holder does.
+const MAX_SESSIONS: usize = 256;
+
+#[derive(Clone)]
+struct Session {
+    csrf: String,
+    /// The token it was made with: the session ends when the token file
+    /// no longer holds it. Only in memory.
+    token: String,
+    expires: Instant,
+}
+
+/// The page's login sessions, by cookie value.
+#[derive(Default)]
+pub struct Sessions {
+    by_id: Mutex<HashMap<String, Session>>,
+}
+
+/// A live session, as the auth guard sees it.
+pub struct SessionRef {
+    csrf: String,
+}
+
+impl SessionRef {
+    /// The session's CSRF token, for the page that shows it once.
+    pub fn csrf(&self) -> &str {
+        &self.csrf
+    }
+
+    /// Whether the request carries this session's CSRF token.
+    pub fn csrf_matches(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get(CSRF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| constant_time_eq(v.trim().as_bytes(), self.csrf.as_bytes()))
+    }
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.by_id.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new session for `token` (already checked): (cookie value, CSRF token).
+    pub(super) fn create(&self, token: &str) -> (String, String) {
+        let id = crate::ids::random_hex(32);
+        let csrf = crate::ids::random_hex(32);
+        let now = Instant::now();
+        let mut map = self.lock();
+        map.retain(|_, s| s.expires > now);
+        while map.len() >= MAX_SESSIONS {
+            let oldest = map.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => map.remove(&k),
+                None => break,
+            };
+        }
+        map.insert(
+            id.clone(),
+            Session { csrf: csrf.clone(), token: token.to_string(), expires: now + SESSION_LIFETIME },
+        );
+        (id, csrf)
+    }
+
+    pub(super) fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// The session the request's cookie names, if it is live and its
+    /// token still valid (an ended one is dropped).
+    pub fn from_cookie(&self, headers: &HeaderMap, auth: &Auth) -> Option<SessionRef> {
+        let id = cookie_value(headers)?;
+        let session = self.lock().get(id).cloned()?;
+        if session.expires <= Instant::now() || !auth.is_token(&session.token) {
+            self.remove(id);
+            return None;
+        }
+        Some(SessionRef { csrf: session.csrf })
+    }
+}
+
+/// The session cookie's value in the request, if any.
+pub(super) fn cookie_value(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,5 +308,39 @@ mod tests {
         assert!(auth.token_ok(Some("Bearer new-token")));
         assert!(auth.token_ok(Some("Bearer second-token")));
         assert!(!auth.token_ok(Some(&format!("Bearer {first}"))));
+    }
+
+    #[test]
+    fn the_cookie_is_found_among_others() {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, "a=1; soda_session=abc ; b=2".parse().unwrap());
+        assert_eq!(cookie_value(&h), Some("abc"));
+        h.insert(header::COOKIE, "soda_session=".parse().unwrap());
+        assert_eq!(cookie_value(&h), None);
+        h.insert(header::COOKIE, "soda_sessionx=1".parse().unwrap());
+        assert_eq!(cookie_value(&h), None);
+    }
+
+    #[test]
+    fn sessions_end_when_their_token_leaves_the_file_and_stay_few() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").unwrap();
+        let auth = Auth::new(path.clone(), crate::config::LegacyMode::Off, vec![]);
+        let (id, csrf) = auth.sessions.create("first");
+        assert!(!id.contains("first") && id.len() == 64);
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, format!("{COOKIE}={id}").parse().unwrap());
+        let s = auth.sessions.from_cookie(&h, &auth).expect("a live session");
+        assert!(!s.csrf_matches(&h));
+        h.insert(CSRF_HEADER, csrf.parse().unwrap());
+        assert!(s.csrf_matches(&h));
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&path, "second\n").unwrap();
+        assert!(auth.sessions.from_cookie(&h, &auth).is_none(), "a rotated token ends its sessions");
+        for _ in 0..MAX_SESSIONS + 10 {
+            auth.sessions.create("second");
+        }
+        assert_eq!(auth.sessions.lock().len(), MAX_SESSIONS);
     }
 }

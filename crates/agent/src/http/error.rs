@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::policies::PolicyError;
 use crate::restic::ResticError;
-use crate::scheduler::policies::PolicyError;
 use crate::store::StoreError;
 
 /// Every error the API sends, whatever the status.

@@ -39,8 +39,8 @@ pub(super) async fn legacy_snapshot(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(ApiError::from_bytes_rejection)?;
     let req: LegacySnapshotRequest = parse_json(&body)?;
-    let sched = state.sched.clone();
-    let resp = tokio::task::spawn_blocking(move || sched.legacy_snapshot(req))
+    let legacy = state.legacy.clone();
+    let resp = tokio::task::spawn_blocking(move || legacy.snapshot(req))
         .await
         .map_err(|_| ApiError::internal("the legacy request handler failed"))??;
     let status = if resp.policies.iter().any(|p| p.action == "created") { StatusCode::CREATED } else { StatusCode::OK };

@@ -12,6 +12,7 @@ pub mod openapi;
 pub mod page;
 mod policies;
 mod runs;
+mod schema;
 pub mod serve;
 pub mod slow;
 mod snapshots;
@@ -37,6 +38,10 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub sched: Scheduler,
+    /// Makes, changes and removes policies (the one admission path).
+    pub policies: crate::policies::Policies,
+    /// Turns the upstream `POST /snapshot` into policies.
+    pub legacy: crate::legacy::Legacy,
     /// restic's version, or why it is unusable; re-checked by /readyz
     /// while it is missing.
     pub restic_version: Arc<Mutex<Result<String, String>>>,
@@ -81,7 +86,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(status::healthz))
         .route("/readyz", get(status::readyz))
         .route("/metrics", get(status::metrics))
-        .route("/openapi.json", get(status::openapi_json))
+        .route("/openapi.json", get(openapi::openapi_json))
         .merge(page::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such route; see GET /openapi.json for the API")
@@ -180,10 +185,14 @@ mod tests {
             std::time::Duration::from_secs(60),
         );
         let stop = tokio_util::sync::CancellationToken::new();
-        let sched = Scheduler::new(store.clone(), restic, config, stop.clone());
+        let sched = Scheduler::new(store.clone(), restic, config.clone(), stop.clone());
+        let policies = crate::policies::Policies::new(store.clone(), config.clone(), sched.clone());
+        let legacy = crate::legacy::Legacy::new(policies.clone(), store.clone(), config);
         let auth = auth::Auth::new(state_dir.join("token"), crate::config::LegacyMode::Network, vec![]);
         let app = router(AppState {
             sched,
+            policies,
+            legacy,
             restic_version: Arc::new(Mutex::new(Ok("0.14.0".into()))),
             started: Instant::now(),
             auth: Arc::new(auth),

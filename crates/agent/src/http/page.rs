@@ -18,24 +18,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::auth::{constant_time_eq, Auth};
+use super::auth::{cookie_value, COOKIE, SESSION_LIFETIME};
 use super::error::ApiJson;
 use super::{ApiError, AppState};
-
-/// The session cookie's name.
-pub const COOKIE: &str = "soda_session";
-/// The header carrying the session's CSRF token.
-pub const CSRF_HEADER: &str = "x-csrf-token";
-/// A session ends this long after login, used or not.
-const SESSION_LIFETIME: Duration = Duration::from_secs(12 * 3600);
-/// More logins than this push out the oldest sessions: memory stays bounded
-/// whatever a token holder does.
-const MAX_SESSIONS: usize = 256;
 
 const INDEX_HTML: &str = include_str!("page/index.html");
 const APP_JS: &str = include_str!("page/app.js");
@@ -69,92 +57,6 @@ fn protect(mut r: Response) -> Response {
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
     protect(([(header::CONTENT_TYPE, content_type)], body).into_response())
-}
-
-#[derive(Clone)]
-struct Session {
-    csrf: String,
-    /// The token it was made with: the session ends when the token file
-    /// no longer holds it. Only in memory.
-    token: String,
-    expires: Instant,
-}
-
-/// The page's login sessions, by cookie value.
-#[derive(Default)]
-pub struct Sessions {
-    by_id: Mutex<HashMap<String, Session>>,
-}
-
-/// A live session, as the auth guard sees it.
-pub struct SessionRef {
-    csrf: String,
-}
-
-impl SessionRef {
-    /// Whether the request carries this session's CSRF token.
-    pub fn csrf_matches(&self, headers: &HeaderMap) -> bool {
-        headers
-            .get(CSRF_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| constant_time_eq(v.trim().as_bytes(), self.csrf.as_bytes()))
-    }
-}
-
-impl Sessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.by_id.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A new session for `token` (already checked): (cookie value, CSRF token).
-    fn create(&self, token: &str) -> (String, String) {
-        let id = crate::ids::random_hex(32);
-        let csrf = crate::ids::random_hex(32);
-        let now = Instant::now();
-        let mut map = self.lock();
-        map.retain(|_, s| s.expires > now);
-        while map.len() >= MAX_SESSIONS {
-            let oldest = map.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| k.clone());
-            match oldest {
-                Some(k) => map.remove(&k),
-                None => break,
-            };
-        }
-        map.insert(
-            id.clone(),
-            Session { csrf: csrf.clone(), token: token.to_string(), expires: now + SESSION_LIFETIME },
-        );
-        (id, csrf)
-    }
-
-    fn remove(&self, id: &str) {
-        self.lock().remove(id);
-    }
-
-    /// The session the request's cookie names, if it is live and its
-    /// token still valid (an ended one is dropped).
-    pub fn from_cookie(&self, headers: &HeaderMap, auth: &Auth) -> Option<SessionRef> {
-        let id = cookie_value(headers)?;
-        let session = self.lock().get(id).cloned()?;
-        if session.expires <= Instant::now() || !auth.is_token(&session.token) {
-            self.remove(id);
-            return None;
-        }
-        Some(SessionRef { csrf: session.csrf })
-    }
-}
-
-/// The session cookie's value in the request, if any.
-fn cookie_value(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v.trim())
-        .filter(|v| !v.is_empty())
 }
 
 fn set_cookie(value: &str, max_age: Duration, secure: bool) -> HeaderValue {
@@ -209,7 +111,7 @@ fn not_logged_in() -> Response {
 /// The page asks on load whether its cookie is still a live session.
 async fn session(State(state): State<AppState>, headers: HeaderMap) -> Response {
     match state.auth.sessions.from_cookie(&headers, &state.auth) {
-        Some(s) => protect(session_response(&state, s.csrf).into_response()),
+        Some(s) => protect(session_response(&state, s.csrf().to_string()).into_response()),
         None => not_logged_in(),
     }
 }
@@ -271,17 +173,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cookie_is_found_among_others() {
-        let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, "a=1; soda_session=abc ; b=2".parse().unwrap());
-        assert_eq!(cookie_value(&h), Some("abc"));
-        h.insert(header::COOKIE, "soda_session=".parse().unwrap());
-        assert_eq!(cookie_value(&h), None);
-        h.insert(header::COOKIE, "soda_sessionx=1".parse().unwrap());
-        assert_eq!(cookie_value(&h), None);
-    }
-
-    #[test]
     fn only_another_origin_is_cross_site() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, "127.0.0.1:8080".parse().unwrap());
@@ -292,28 +183,5 @@ mod tests {
         assert!(cross_site(&h));
         h.insert(header::ORIGIN, "null".parse().unwrap());
         assert!(cross_site(&h));
-    }
-
-    #[test]
-    fn sessions_end_when_their_token_leaves_the_file_and_stay_few() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token");
-        std::fs::write(&path, "first\n").unwrap();
-        let auth = Auth::new(path.clone(), crate::config::LegacyMode::Off, vec![]);
-        let (id, csrf) = auth.sessions.create("first");
-        assert!(!id.contains("first") && id.len() == 64);
-        let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, format!("{COOKIE}={id}").parse().unwrap());
-        let s = auth.sessions.from_cookie(&h, &auth).expect("a live session");
-        assert!(!s.csrf_matches(&h));
-        h.insert(CSRF_HEADER, csrf.parse().unwrap());
-        assert!(s.csrf_matches(&h));
-        std::thread::sleep(Duration::from_millis(20));
-        std::fs::write(&path, "second\n").unwrap();
-        assert!(auth.sessions.from_cookie(&h, &auth).is_none(), "a rotated token ends its sessions");
-        for _ in 0..MAX_SESSIONS + 10 {
-            auth.sessions.create("second");
-        }
-        assert_eq!(auth.sessions.lock().len(), MAX_SESSIONS);
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use utoipa::IntoParams;
 
 use super::error::{ApiJson, ErrorBody};
-use super::openapi::PolicyPatch;
+use super::schema::PolicyPatch;
 use super::views::{listed_policy_view, policy_view, PolicyList, PolicyView};
 use super::{find_policy, ApiError, AppState};
 use crate::store::DataVersion;
@@ -160,7 +160,7 @@ pub(super) async fn create_policy(
     State(state): State<AppState>,
     ApiJson(spec): ApiJson<PolicySpec>,
 ) -> Result<Response, ApiError> {
-    let p = state.sched.create_policy(spec, soda_syncer_domain::Origin::Api, None, None)?;
+    let p = state.policies.create(spec, soda_syncer_domain::Origin::Api, None, None)?;
     Ok((StatusCode::CREATED, Json(policy_view(&p, None))).into_response())
 }
 
@@ -210,7 +210,7 @@ pub(super) async fn put_policy(
     ApiJson(spec): ApiJson<PolicySpec>,
 ) -> Result<Response, ApiError> {
     let p = find_policy(&state, &id)?;
-    let p = state.sched.replace_policy(&p.id, spec, soda_syncer_domain::Origin::Api)?;
+    let p = state.policies.replace(&p.id, spec, soda_syncer_domain::Origin::Api)?;
     let last = state.sched.store().last_run_of(&p.id)?;
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }
@@ -252,7 +252,7 @@ pub(super) async fn patch_policy(
         ));
     }
     let p = find_policy(&state, &id)?;
-    let p = state.sched.patch_policy(&p.id, &patch)?;
+    let p = state.policies.patch(&p.id, &patch)?;
     let last = state.sched.store().last_run_of(&p.id)?;
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }
@@ -276,15 +276,14 @@ pub(super) async fn patch_policy(
 )]
 pub(super) async fn delete_policy(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let p = find_policy(&state, &id)?;
-    crate::admission::may_change(&p, soda_syncer_domain::Origin::Api)
-        .map_err(crate::scheduler::policies::PolicyError::from)?;
-    state.sched.delete_policy(&p.id)?;
+    crate::admission::may_change(&p, soda_syncer_domain::Origin::Api).map_err(crate::policies::PolicyError::from)?;
+    state.policies.delete(&p.id)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 pub(super) async fn set_paused(state: AppState, id: String, paused: bool) -> Result<Response, ApiError> {
     let p = find_policy(&state, &id)?;
-    let p = state.sched.set_paused(&p.id, paused)?;
+    let p = state.policies.set_paused(&p.id, paused)?;
     let last = state.sched.store().last_run_of(&p.id)?;
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use utoipa::IntoParams;
 
 use super::error::{ApiJson, ErrorBody};
-use super::openapi::RunEvent;
+use super::schema::{RunEvent, EVENT_END, EVENT_PROGRESS};
 use super::views::{run_view, CancelRunResponse, RunList, RunView};
 use super::{find_policy, find_run, ApiError, AppState};
 use crate::scheduler::MaintenanceParams;
@@ -110,9 +110,9 @@ pub(super) async fn maintain_policy(
 pub(super) struct RunsQuery {
     /// Only the runs of this policy (id or name).
     policy: Option<String>,
-    #[param(schema_with = super::openapi::run_state_filter)]
+    #[param(schema_with = super::schema::run_state_filter)]
     state: Option<String>,
-    #[param(schema_with = super::openapi::run_kind_filter)]
+    #[param(schema_with = super::schema::run_kind_filter)]
     kind: Option<String>,
     /// Page size.
     #[param(minimum = 1, maximum = 1000, default = 50)]
@@ -229,10 +229,6 @@ pub(super) async fn cancel_run(State(state): State<AppState>, Path(id): Path<Str
     state.sched.cancel_run(&run);
     Ok((StatusCode::ACCEPTED, Json(CancelRunResponse { id: run.id, cancel_requested: true })).into_response())
 }
-
-/// The `event` names of `GET /v1/runs/{id}/events`.
-pub(super) const EVENT_PROGRESS: &str = "progress";
-pub(super) const EVENT_END: &str = "end";
 
 /// Follow a run as server-sent events.
 ///

@@ -161,14 +161,3 @@ pub(super) async fn metrics(
 ) -> Result<Response, ApiError> {
     metrics::response(&m, &headers)
 }
-
-/// This OpenAPI document.
-#[utoipa::path(
-    get,
-    path = "/openapi.json",
-    tag = "operations",
-    responses((status = 200, description = "The OpenAPI 3.1 description of this API", body = Object))
-)]
-pub(super) async fn openapi_json() -> Response {
-    ([(axum::http::header::CONTENT_TYPE, "application/json")], super::openapi::json()).into_response()
-}

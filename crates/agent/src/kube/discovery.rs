@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use super::profiles::Profiles;
 use super::status::Reporter;
 use super::view::{ClaimInfo, ClassInfo, NodeInfo, PodInfo, PvInfo, PvSource, State, View, ALL_SYNCED, KEY_PREFIX};
+use crate::policies::Policies;
 use crate::scheduler::Scheduler;
 use crate::store::{PolicyRecord, PolicyStatus};
 
@@ -63,16 +64,23 @@ pub struct DiscoveredVolume {
     pub opt_in: Result<OptIn, FieldError>,
 }
 
+/// What the reconciler decides with and acts through.
+pub(super) struct Reconciler {
+    pub sched: Scheduler,
+    pub policies: Policies,
+    pub reporter: Reporter,
+    /// SODA's profiles, when the agent talks to SODA.
+    pub profiles: Option<Arc<Profiles>>,
+}
+
 pub(super) fn start(
     client: kube::Client,
-    sched: Scheduler,
-    reporter: Reporter,
+    reconciler: Reconciler,
     view: Arc<View>,
-    profiles: Option<Arc<Profiles>>,
     tasks: &mut tokio::task::JoinSet<()>,
     cancel: CancellationToken,
 ) {
-    let node = sched.config().node_name.clone();
+    let node = reconciler.sched.config().node_name.clone();
     let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let this_node = watcher::Config::default().fields(&format!("metadata.name={node}"));
     let all = watcher::Config::default;
@@ -97,7 +105,7 @@ pub(super) fn start(
         cancel.clone(),
     ));
     tasks.spawn(watch(Api::all(client), this_node, view.clone(), 4, node_info, |s| &mut s.node, cancel.clone()));
-    tasks.spawn(reconcile_loop(view, profiles, sched, reporter, cancel));
+    tasks.spawn(reconcile_loop(view, reconciler, cancel));
 }
 
 /// Keep one table of the view equal to what the API server has, through
@@ -395,13 +403,8 @@ fn discover(st: &State, node: &str, kubelet: &std::path::Path, mounts: &HashSet<
     out
 }
 
-async fn reconcile_loop(
-    view: Arc<View>,
-    profiles: Option<Arc<Profiles>>,
-    sched: Scheduler,
-    reporter: Reporter,
-    cancel: CancellationToken,
-) {
+async fn reconcile_loop(view: Arc<View>, reconciler: Reconciler, cancel: CancellationToken) {
+    let Reconciler { sched, policies, reporter, profiles } = reconciler;
     let mut trimmed = false;
     loop {
         tokio::select! {
@@ -430,7 +433,7 @@ async fn reconcile_loop(
             unsafe { libc::malloc_trim(0) };
             trimmed = true;
         }
-        if let Err(e) = reconcile(&sched, &reporter, &view, profiles.as_deref(), found).await {
+        if let Err(e) = reconcile(&sched, &policies, &reporter, &view, profiles.as_deref(), found).await {
             tracing::warn!(error = %e, "cannot apply the claims' annotations to the policies");
         }
     }
@@ -481,6 +484,7 @@ fn same(have: &PolicySpec, want: &PolicySpec) -> bool {
 
 async fn reconcile(
     sched: &Scheduler,
+    policies: &Policies,
     reporter: &Reporter,
     view: &View,
     profiles: Option<&Profiles>,
@@ -506,7 +510,7 @@ async fn reconcile(
         let problem = match (&v.place, &v.opt_in) {
             (VolumePlace::NotHere(why), _) => {
                 if let Some(p) = existing.filter(|p| p.status_message.as_deref() != Some(why.as_str())) {
-                    pause(sched, reporter, &p, v, why, claim_node.as_deref() == Some(node.as_str())).await;
+                    pause(policies, reporter, &p, v, why, claim_node.as_deref() == Some(node.as_str())).await;
                 }
                 continue;
             }
@@ -528,7 +532,7 @@ async fn reconcile(
             // that is gone, pauses its policy.
             if reason == "VolumeUnsupported" || super::profiles::PAUSING.contains(&reason) {
                 if let Some(p) = existing.filter(|p| p.status_message.as_deref() != Some(message.as_str())) {
-                    let _ = sched.set_status(&p.id, PolicyStatus::VolumeGone, Some(message));
+                    let _ = policies.set_status(&p.id, PolicyStatus::VolumeGone, Some(message));
                 }
             }
             continue;
@@ -540,8 +544,8 @@ async fn reconcile(
         };
         let result = match &existing {
             None => wanted_spec(v, o, profile, path, false).map_err(|e| e.to_string()).and_then(|spec| {
-                sched
-                    .create_policy(spec, Origin::Kubernetes, Some(v.pv.clone()), Some(format!("{KEY_PREFIX}{key}")))
+                policies
+                    .create(spec, Origin::Kubernetes, Some(v.pv.clone()), Some(format!("{KEY_PREFIX}{key}")))
                     .map(|p| (p, "BackupPolicyCreated"))
                     .map_err(|e| e.to_string())
             }),
@@ -549,14 +553,14 @@ async fn reconcile(
                 let mut updated = if same(&p.spec, &spec) {
                     Ok((p.clone(), ""))
                 } else {
-                    sched
-                        .replace_policy(&p.id, spec, Origin::Kubernetes)
+                    policies
+                        .replace(&p.id, spec, Origin::Kubernetes)
                         .map(|p| (p, "BackupPolicyUpdated"))
                         .map_err(|e| e.to_string())
                 };
                 if p.status != PolicyStatus::Active {
                     updated = updated.and_then(|(p, r)| {
-                        sched.set_status(&p.id, PolicyStatus::Active, None).map_err(|e| e.to_string())?;
+                        policies.set_status(&p.id, PolicyStatus::Active, None).map_err(|e| e.to_string())?;
                         Ok((p, if r.is_empty() { "BackupPolicyResumed" } else { r }))
                     });
                 }
@@ -593,14 +597,14 @@ async fn reconcile(
         };
         let still_ours =
             view.claim(&key).is_some_and(|c| c.annotations.get(annotations::status_keys::NODE) == Some(&node));
-        pause(sched, reporter, &p, &v, why, still_ours).await;
+        pause(policies, reporter, &p, &v, why, still_ours).await;
     }
     Ok(())
 }
 
 /// Pause (never delete) a policy whose claim is not backed up here any more.
 async fn pause(
-    sched: &Scheduler,
+    policies: &Policies,
     reporter: &Reporter,
     p: &PolicyRecord,
     v: &DiscoveredVolume,
@@ -608,7 +612,7 @@ async fn pause(
     report: bool,
 ) {
     tracing::info!(policy = %p.id, claim = %format!("{}/{}", v.namespace, v.claim), why, "claim's policy paused");
-    if let Err(e) = sched.set_status(&p.id, PolicyStatus::VolumeGone, Some(why.to_string())) {
+    if let Err(e) = policies.set_status(&p.id, PolicyStatus::VolumeGone, Some(why.to_string())) {
         tracing::warn!(error = %e, "cannot pause the policy");
     }
     if report {

@@ -18,8 +18,7 @@ use std::collections::BTreeMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::scheduler::legacy::LegacyPublisher;
-use crate::scheduler::Scheduler;
+use crate::legacy::{Legacy, LegacyPublisher};
 use soda_syncer_domain::legacy::LegacySnapshotRequest;
 
 pub const LABEL: &str = "soda-syncer.io/legacy-request";
@@ -77,7 +76,7 @@ impl LegacyFanout {
     }
 
     /// Apply every stored request on this node, now and whenever one changes.
-    pub async fn watch(self, sched: Scheduler, cancel: CancellationToken) {
+    pub async fn watch(self, legacy: Legacy, cancel: CancellationToken) {
         let config = watcher::Config::default().labels(&format!("{LABEL}=true"));
         let mut stream = std::pin::pin!(watcher(self.api.clone(), config).default_backoff().applied_objects());
         loop {
@@ -114,8 +113,8 @@ impl LegacyFanout {
                     continue;
                 }
             };
-            let s = sched.clone();
-            match tokio::task::spawn_blocking(move || s.apply_legacy(req)).await {
+            let l = legacy.clone();
+            match tokio::task::spawn_blocking(move || l.apply(req)).await {
                 Ok(Ok(resp)) => {
                     tracing::info!(secret = %name, policies = resp.policies.len(), "shared legacy request applied on this node")
                 }

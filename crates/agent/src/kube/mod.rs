@@ -31,6 +31,8 @@ use std::path::Path;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, KubeMode};
+use crate::legacy::Legacy;
+use crate::policies::Policies;
 use crate::scheduler::Scheduler;
 
 /// What can go wrong talking to the API server.
@@ -86,7 +88,12 @@ pub struct Kube {
 /// Connect and start watching. `Ok(None)`: Kubernetes is off (or `auto`
 /// found no cluster). A cluster that is configured but unreachable is not
 /// fatal: the watchers retry with backoff and `/readyz` says so.
-pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Option<Kube>, KubeError> {
+pub async fn start(
+    sched: &Scheduler,
+    policies: &Policies,
+    legacy: &Legacy,
+    cancel: CancellationToken,
+) -> Result<Option<Kube>, KubeError> {
     let config = sched.config();
     let Some(client) = client(config).await? else {
         tracing::info!("Kubernetes discovery is off");
@@ -152,12 +159,18 @@ pub async fn start(sched: &Scheduler, cancel: CancellationToken) -> Result<Optio
     });
     sched.set_pod_hooks(std::sync::Arc::new(exec::PodExec::new(client.clone(), view.clone())));
     let reporter = status::Reporter::new(client.clone(), config, view.clone(), sched.clone());
-    discovery::start(client.clone(), sched.clone(), reporter.clone(), view, soda.clone(), &mut tasks, cancel.clone());
+    let reconciler = discovery::Reconciler {
+        sched: sched.clone(),
+        policies: policies.clone(),
+        reporter: reporter.clone(),
+        profiles: soda.clone(),
+    };
+    discovery::start(client.clone(), reconciler, view, &mut tasks, cancel.clone());
     tasks.spawn(reporter.clone().write_loop(cancel.clone()));
     tasks.spawn(status::report_runs(sched.clone(), reporter, cancel.clone()));
     let cluster = cluster::ClusterReader::new(client.clone(), config.namespace.clone());
     let fanout = LegacyFanout::new(client, config);
-    sched.set_legacy_publisher(std::sync::Arc::new(fanout.clone()));
-    tasks.spawn(fanout.clone().watch(sched.clone(), cancel));
+    legacy.set_publisher(std::sync::Arc::new(fanout.clone()));
+    tasks.spawn(fanout.clone().watch(legacy.clone(), cancel));
     Ok(Some(Kube { fanout, cluster, tasks, soda_status }))
 }

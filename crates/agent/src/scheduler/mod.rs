@@ -7,9 +7,7 @@
 //! next start).
 
 pub(crate) mod jobs;
-pub mod legacy;
 mod pod_hooks;
-pub mod policies;
 
 pub use jobs::{MaintenanceParams, RestoreParams};
 
@@ -90,7 +88,6 @@ struct Inner {
     /// Where policies with a `repository.secretRef` get their keys.
     secrets: std::sync::OnceLock<Arc<dyn SecretSource>>,
     maintainership: std::sync::OnceLock<Arc<dyn Maintainership>>,
-    legacy_publisher: std::sync::OnceLock<Arc<dyn legacy::LegacyPublisher>>,
     /// Runs the application hooks of the pods that use a claim.
     pod_hooks: std::sync::OnceLock<Arc<dyn PodHooks>>,
     /// When drill schedules were last looked at (they are checked every 5 s).
@@ -197,7 +194,6 @@ impl Scheduler {
                 finished: tokio::sync::broadcast::channel(256).0,
                 secrets: std::sync::OnceLock::new(),
                 maintainership: std::sync::OnceLock::new(),
-                legacy_publisher: std::sync::OnceLock::new(),
                 pod_hooks: std::sync::OnceLock::new(),
                 drills_checked: Mutex::new(None),
                 next_drill: Mutex::new(None),

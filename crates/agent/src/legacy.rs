@@ -15,11 +15,12 @@ use std::collections::HashSet;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use super::policies::PolicyError;
-use super::Scheduler;
+use crate::config::Config;
 use crate::ids::{new_id, short_hash};
 use crate::kubelet::{scan_csi_volumes, CsiVolume};
-use crate::store::{PolicyStatus, Subscription};
+use crate::policies::{Policies, PolicyError};
+use crate::store::{PolicyStatus, Store, Subscription};
+use std::sync::{Arc, OnceLock};
 
 /// Hands a legacy call for "every volume" on to the agents of the other
 /// nodes (the proxy reaches only the agent on its own node).
@@ -27,7 +28,22 @@ pub trait LegacyPublisher: Send + Sync {
     fn publish(&self, body: serde_json::Map<String, serde_json::Value>);
 }
 
-impl Scheduler {
+/// The legacy route's service: turns upstream bodies into policies through
+/// [`Policies`], keeps the subscriptions for "every CSI volume", and
+/// rescans the kubelet's volumes for them.
+#[derive(Clone)]
+pub struct Legacy {
+    policies: Policies,
+    store: Store,
+    config: Config,
+    publisher: Arc<OnceLock<Arc<dyn LegacyPublisher>>>,
+}
+
+impl Legacy {
+    pub fn new(policies: Policies, store: Store, config: Config) -> Legacy {
+        Legacy { policies, store, config, publisher: Arc::default() }
+    }
+
     /// Create the policy for (repository, source) or update its interval
     /// and credentials: the same body twice never makes two schedules.
     fn upsert_legacy(
@@ -39,7 +55,7 @@ impl Scheduler {
         target: &LegacyTarget,
     ) -> Result<LegacyPolicyRef, PolicyError> {
         let key = short_hash(key_parts);
-        if let Some(existing) = self.store().get_policy_by_legacy_key(&key)? {
+        if let Some(existing) = self.store.get_policy_by_legacy_key(&key)? {
             let mut spec = existing.spec.clone();
             spec.schedule = ScheduleSpec { interval_seconds: Some(target.interval), ..Default::default() };
             if target.repository.password.is_some() {
@@ -51,12 +67,12 @@ impl Scheduler {
             let moved = spec.source.path != path;
             spec.source.path = path.to_string();
             let p = if spec != existing.spec || moved {
-                self.replace_policy(&existing.id, spec, Origin::Legacy)?
+                self.policies.replace(&existing.id, spec, Origin::Legacy)?
             } else {
                 existing
             };
             if p.status != PolicyStatus::Active {
-                self.set_status(&p.id, PolicyStatus::Active, None)?;
+                self.policies.set_status(&p.id, PolicyStatus::Active, None)?;
             }
             return Ok(LegacyPolicyRef {
                 id: p.id,
@@ -67,22 +83,22 @@ impl Scheduler {
             });
         }
         let name = policy_name(name_hint, &key);
-        let p = self.create_policy(target.spec(name, path), Origin::Legacy, volume.clone(), Some(key))?;
+        let p = self.policies.create(target.spec(name, path), Origin::Legacy, volume.clone(), Some(key))?;
         Ok(LegacyPolicyRef { id: p.id, name: p.spec.name, source: path.to_string(), volume, action: "created" })
     }
 
     /// Set once, by the Kubernetes adapter.
-    pub fn set_legacy_publisher(&self, p: std::sync::Arc<dyn LegacyPublisher>) {
-        let _ = self.inner.legacy_publisher.set(p);
+    pub fn set_publisher(&self, p: std::sync::Arc<dyn LegacyPublisher>) {
+        let _ = self.publisher.set(p);
     }
 
     /// Handle one `POST /snapshot`. Never waits for a volume or a backup.
     /// A call for every volume is also handed on to the other nodes.
-    pub fn legacy_snapshot(&self, req: LegacySnapshotRequest) -> Result<LegacySnapshotResponse, PolicyError> {
+    pub fn snapshot(&self, req: LegacySnapshotRequest) -> Result<LegacySnapshotResponse, PolicyError> {
         let wire = req.to_wire();
         let every_volume = req.restic_source_repo.as_deref().is_none_or(str::is_empty);
-        let mut resp = self.apply_legacy(req)?;
-        if let (true, Some(p)) = (every_volume, self.inner.legacy_publisher.get()) {
+        let mut resp = self.apply(req)?;
+        if let (true, Some(p)) = (every_volume, self.publisher.get()) {
             p.publish(wire);
             resp.message.push_str("; the request was handed on to the agents of every node");
         }
@@ -90,7 +106,7 @@ impl Scheduler {
     }
 
     /// Apply a legacy call on this node only.
-    pub fn apply_legacy(&self, req: LegacySnapshotRequest) -> Result<LegacySnapshotResponse, PolicyError> {
+    pub fn apply(&self, req: LegacySnapshotRequest) -> Result<LegacySnapshotResponse, PolicyError> {
         let target = LegacyTarget::of(&req)?;
         let repo_key = target.repository.url.clone().unwrap_or_else(|| "<default>".into());
         match req.restic_source_repo.as_deref().filter(|s| !s.is_empty()) {
@@ -115,8 +131,8 @@ impl Scheduler {
                     created_at: now,
                     updated_at: now,
                 };
-                self.store().upsert_subscription(&sub)?;
-                let volumes = scan_csi_volumes(&self.config().kubelet_dir, self.config().require_mountpoints);
+                self.store.upsert_subscription(&sub)?;
+                let volumes = scan_csi_volumes(&self.config.kubelet_dir, self.config.require_mountpoints);
                 let mut refs = Vec::new();
                 for v in &volumes {
                     match self.upsert_legacy(
@@ -135,7 +151,7 @@ impl Scheduler {
                 let message = if volumes.is_empty() {
                     format!(
                         "no CSI volume is mounted on this node under {} yet; volumes that appear will be backed up every {} s",
-                        self.config().kubelet_dir.display(),
+                        self.config.kubelet_dir.display(),
                         target.interval
                     )
                 } else {
@@ -150,11 +166,11 @@ impl Scheduler {
     /// volume mounted now; policies of volumes no longer mounted are paused
     /// and flagged (never deleted), and resumed when the volume returns.
     pub fn rescan_volumes(&self) -> Result<(), PolicyError> {
-        let subs = self.store().list_subscriptions()?;
+        let subs = self.store.list_subscriptions()?;
         if subs.is_empty() {
             return Ok(());
         }
-        let volumes: Vec<CsiVolume> = scan_csi_volumes(&self.config().kubelet_dir, self.config().require_mountpoints);
+        let volumes: Vec<CsiVolume> = scan_csi_volumes(&self.config.kubelet_dir, self.config.require_mountpoints);
         let mut seen_keys = HashSet::new();
         for sub in &subs {
             let target = LegacyTarget {
@@ -169,7 +185,7 @@ impl Scheduler {
             for v in &volumes {
                 let key = short_hash(&[&sub.repository, "pv", &v.pv]);
                 seen_keys.insert(key.clone());
-                let existing = self.store().get_policy_by_legacy_key(&key)?;
+                let existing = self.store.get_policy_by_legacy_key(&key)?;
                 let path = v.mount.display().to_string();
                 let needs_work = match &existing {
                     None => true,
@@ -188,13 +204,13 @@ impl Scheduler {
                 }
             }
         }
-        for p in self.store().list_policies()? {
+        for p in self.store.list_policies()? {
             let (Some(key), Some(volume)) = (&p.legacy_key, &p.volume) else {
                 continue;
             };
             if p.origin == Origin::Legacy && !seen_keys.contains(key) && p.status == PolicyStatus::Active {
                 tracing::warn!(policy = %p.id, volume = %volume, "CSI volume no longer mounted on this node: policy paused");
-                self.set_status(
+                self.policies.set_status(
                     &p.id,
                     PolicyStatus::VolumeGone,
                     Some(format!("volume {volume} is no longer mounted on this node; backups resume when it returns")),
@@ -206,7 +222,7 @@ impl Scheduler {
 
     /// Rescan every `rescan_interval` until cancelled.
     pub async fn rescan_loop(self, cancel: CancellationToken) {
-        let every: Duration = self.config().rescan_interval;
+        let every: Duration = self.config.rescan_interval;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
