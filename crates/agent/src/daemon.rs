@@ -143,9 +143,9 @@ impl Agent {
             }
         }
         let sched_cancel = CancellationToken::new();
-        let sched = Scheduler::new(store.clone(), restic, config.clone(), sched_cancel.clone());
+        let sched = Scheduler::new(store.clone(), restic.clone(), config.clone(), sched_cancel.clone());
         let policies = Policies::new(store.clone(), config.clone(), sched.clone());
-        let legacy = Legacy::new(policies.clone(), store, config.clone());
+        let legacy = Legacy::new(policies.clone(), store.clone(), config.clone());
         let interrupted = sched.recover_after_start()?;
         if interrupted > 0 {
             tracing::warn!(
@@ -158,7 +158,15 @@ impl Agent {
         }
 
         let kube_cancel = CancellationToken::new();
-        let kube = crate::kube::start(&sched, &policies, &legacy, kube_cancel.clone()).await.context("Kubernetes")?;
+        let deps = crate::kube::Deps {
+            sched: sched.clone(),
+            policies: policies.clone(),
+            legacy: legacy.clone(),
+            store: store.clone(),
+            restic: restic.clone(),
+            config: config.clone(),
+        };
+        let kube = crate::kube::start(&deps, kube_cancel.clone()).await.context("Kubernetes")?;
 
         let token_path = config.token_path();
         if crate::http::auth::Auth::ensure_token_file(&token_path)
@@ -188,6 +196,9 @@ impl Agent {
         let auth = crate::http::auth::Auth::new(token_path, config.legacy.clone(), config.legacy_allow_cidrs.clone());
         let state = AppState {
             sched: sched.clone(),
+            store: store.clone(),
+            restic: restic.clone(),
+            config: config.clone(),
             policies: policies.clone(),
             legacy: legacy.clone(),
             restic_version: Arc::new(Mutex::new(version)),
@@ -218,9 +229,9 @@ impl Agent {
             if let Some(mut k) = kube {
                 while k.tasks.join_next().await.is_some() {}
             }
-            let store = sched.store().clone();
             let _ = tokio::task::spawn_blocking(move || crate::consistency::discard_all_kept(&store)).await;
-            drop(sched); // the last handle on the database closes it
+            // The HTTP app's handles on the database go when it stops below.
+            drop(sched);
             let _ = std::fs::remove_file(url_file);
             http_stop.cancel();
             let http_result = http.await;

@@ -67,7 +67,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(sched: &Scheduler, auth: &Arc<Auth>, soda: Option<crate::kube::SodaStatusBoard>) -> Metrics {
+    pub fn new(state: &super::AppState) -> Metrics {
+        let sched = &state.sched;
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let duration = Family::new_with_constructor(http_histogram as fn() -> Histogram);
@@ -93,8 +94,11 @@ impl Metrics {
         );
         registry.register_collector(Box::new(StateCollector {
             sched: sched.clone(),
-            auth: auth.clone(),
-            soda,
+            store: state.store.clone(),
+            restic: state.restic.clone(),
+            deadline_grace: state.config.deadline_grace,
+            auth: state.auth.clone(),
+            soda: state.soda_sync.clone(),
             error: scrape_error.clone(),
         }));
         Metrics { registry, requests, duration, body_timeouts, scrape_error }
@@ -207,6 +211,9 @@ pub fn openmetrics_to_prometheus_text(om: &str) -> String {
 /// Reads the store and the scheduler at each scrape.
 struct StateCollector {
     sched: Scheduler,
+    store: crate::store::Store,
+    restic: crate::restic::Restic,
+    deadline_grace: Option<std::time::Duration>,
     auth: Arc<Auth>,
     soda: Option<crate::kube::SodaStatusBoard>,
     error: Arc<Mutex<Option<StoreError>>>,
@@ -268,9 +275,11 @@ struct Scrape {
     repositories: Vec<crate::store::RepoMaintenance>,
 }
 
-fn read(sched: &Scheduler, now: DateTime<Utc>) -> Result<Scrape, StoreError> {
-    let store = sched.store();
-    let grace = sched.config().deadline_grace;
+fn read(
+    store: &crate::store::Store,
+    grace: Option<std::time::Duration>,
+    now: DateTime<Utc>,
+) -> Result<Scrape, StoreError> {
     let last = store.last_runs()?;
     let mut policies = Vec::new();
     for p in store.list_policies()? {
@@ -321,7 +330,7 @@ fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Re
 impl Collector for StateCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let now = Utc::now();
-        let scrape = match read(&self.sched, now) {
+        let scrape = match read(&self.store, self.deadline_grace, now) {
             Ok(s) => s,
             Err(e) => {
                 *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
@@ -429,7 +438,7 @@ impl Collector for StateCollector {
         )?;
         gauge(&mut enc, "soda_syncer_queue_depth", "Runs waiting for a free slot.", self.sched.queue_depth() as i64)?;
         gauge(&mut enc, "soda_syncer_running_runs", "Runs executing now.", self.sched.running_count() as i64)?;
-        ConstCounter::new(self.sched.restic().lock_recoveries()).encode(enc.encode_descriptor(
+        ConstCounter::new(self.restic.lock_recoveries()).encode(enc.encode_descriptor(
             "soda_syncer_stale_lock_recoveries",
             "Repository locks met and cleared of stale entries since start.",
             None,

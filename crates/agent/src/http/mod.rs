@@ -37,7 +37,13 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 #[derive(Clone)]
 pub struct AppState {
+    /// The run engine: queues, starts and cancels runs.
     pub sched: Scheduler,
+    /// The agent's database, for reads.
+    pub store: crate::store::Store,
+    /// The restic adapter, for its version and counters.
+    pub restic: crate::restic::Restic,
+    pub config: crate::config::Config,
     /// Makes, changes and removes policies (the one admission path).
     pub policies: crate::policies::Policies,
     /// Turns the upstream `POST /snapshot` into policies.
@@ -57,9 +63,8 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    let registry = Arc::new(metrics::Metrics::new(&state.sched, &state.auth, state.soda_sync.clone()));
-    let body_deadline =
-        slow::BodyDeadline { timeout: state.sched.config().request_read_timeout, metrics: registry.clone() };
+    let registry = Arc::new(metrics::Metrics::new(&state));
+    let body_deadline = slow::BodyDeadline { timeout: state.config.request_read_timeout, metrics: registry.clone() };
     Router::new()
         .route("/snapshot", post(legacy::legacy_snapshot))
         .route("/v1/policies", get(policies::list_policies).post(policies::create_policy))
@@ -108,7 +113,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 fn find_policy(state: &AppState, id_or_name: &str) -> Result<PolicyRecord, ApiError> {
-    let store = state.sched.store();
+    let store = &state.store;
     match store.get_policy(id_or_name) {
         Ok(p) => Ok(p),
         Err(StoreError::NotFound) => store.get_policy_by_name(id_or_name).map_err(|e| match e {
@@ -124,7 +129,7 @@ fn find_policy(state: &AppState, id_or_name: &str) -> Result<PolicyRecord, ApiEr
 }
 
 fn find_run(state: &AppState, id: &str) -> Result<crate::store::RunRecord, ApiError> {
-    state.sched.store().get_run(id).map_err(|e| match e {
+    state.store.get_run(id).map_err(|e| match e {
         StoreError::NotFound => ApiError::new(
             StatusCode::NOT_FOUND,
             "run_not_found",
@@ -185,12 +190,15 @@ mod tests {
             std::time::Duration::from_secs(60),
         );
         let stop = tokio_util::sync::CancellationToken::new();
-        let sched = Scheduler::new(store.clone(), restic, config.clone(), stop.clone());
+        let sched = Scheduler::new(store.clone(), restic.clone(), config.clone(), stop.clone());
         let policies = crate::policies::Policies::new(store.clone(), config.clone(), sched.clone());
-        let legacy = crate::legacy::Legacy::new(policies.clone(), store.clone(), config);
+        let legacy = crate::legacy::Legacy::new(policies.clone(), store.clone(), config.clone());
         let auth = auth::Auth::new(state_dir.join("token"), crate::config::LegacyMode::Network, vec![]);
         let app = router(AppState {
             sched,
+            store: store.clone(),
+            restic,
+            config,
             policies,
             legacy,
             restic_version: Arc::new(Mutex::new(Ok("0.14.0".into()))),

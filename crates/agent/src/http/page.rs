@@ -69,7 +69,7 @@ fn set_cookie(value: &str, max_age: Duration, secure: bool) -> HeaderValue {
 /// Over TLS the cookie is marked Secure (the agent serves TLS itself, or
 /// not at all).
 fn served_over_tls(state: &AppState) -> bool {
-    state.sched.config().tls_cert.is_some()
+    state.config.tls_cert.is_some()
 }
 
 /// A cross-site request names another origin; the page's own requests name
@@ -98,7 +98,7 @@ struct SessionResponse {
 }
 
 fn session_response(state: &AppState, csrf: String) -> Json<SessionResponse> {
-    let config = state.sched.config();
+    let config = &state.config;
     Json(SessionResponse { csrf_token: csrf, node: config.node_name.clone() })
 }
 

@@ -111,13 +111,12 @@ pub(super) async fn list_policies(
     let json = |body: Bytes| ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response();
     // The page as sent before, if the database is unchanged since: checked
     // here if that does not wait for the database.
-    if let Some(body) = state.sched.store().try_data_version().and_then(|v| pages.get(&after, limit, v)) {
+    if let Some(body) = state.store.try_data_version().and_then(|v| pages.get(&after, limit, v)) {
         return Ok(json(body));
     }
     // SQLite work off the async workers.
-    let sched = state.sched.clone();
+    let store = state.store.clone();
     let body = tokio::task::spawn_blocking(move || -> Result<Bytes, ApiError> {
-        let store = sched.store();
         if let Some(body) = pages.get(&after, limit, store.data_version()?) {
             return Ok(body);
         }
@@ -178,7 +177,7 @@ pub(super) async fn create_policy(
 )]
 pub(super) async fn get_policy(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let p = find_policy(&state, &id)?;
-    let last = state.sched.store().last_run_of(&p.id)?;
+    let last = state.store.last_run_of(&p.id)?;
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }
 
@@ -211,7 +210,7 @@ pub(super) async fn put_policy(
 ) -> Result<Response, ApiError> {
     let p = find_policy(&state, &id)?;
     let p = state.policies.replace(&p.id, spec, soda_syncer_domain::Origin::Api)?;
-    let last = state.sched.store().last_run_of(&p.id)?;
+    let last = state.store.last_run_of(&p.id)?;
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }
 
@@ -253,7 +252,7 @@ pub(super) async fn patch_policy(
     }
     let p = find_policy(&state, &id)?;
     let p = state.policies.patch(&p.id, &patch)?;
-    let last = state.sched.store().last_run_of(&p.id)?;
+    let last = state.store.last_run_of(&p.id)?;
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }
 
@@ -284,7 +283,7 @@ pub(super) async fn delete_policy(State(state): State<AppState>, Path(id): Path<
 pub(super) async fn set_paused(state: AppState, id: String, paused: bool) -> Result<Response, ApiError> {
     let p = find_policy(&state, &id)?;
     let p = state.policies.set_paused(&p.id, paused)?;
-    let last = state.sched.store().last_run_of(&p.id)?;
+    let last = state.store.last_run_of(&p.id)?;
     Ok(Json(policy_view(&p, last.as_ref())).into_response())
 }
 

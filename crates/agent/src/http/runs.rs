@@ -181,7 +181,7 @@ pub(super) async fn list_runs(
             "limit must be between 1 and 1000",
         ));
     }
-    let runs = state.sched.store().list_runs(&RunFilter { policy_id, state: st, kind, before: q.before, limit })?;
+    let runs = state.store.list_runs(&RunFilter { policy_id, state: st, kind, before: q.before, limit })?;
     let next = if runs.len() == limit { runs.last().map(|r| r.id.clone()) } else { None };
     let runs = runs.iter().map(|r| run_view(r, state.sched.live_progress(&r.id))).collect();
     Ok(Json(RunList { runs, next }).into_response())
@@ -257,14 +257,14 @@ pub(super) async fn run_events(State(state): State<AppState>, Path(id): Path<Str
             if done {
                 return None;
             }
-            let run = state.sched.store().get_run(&id).ok()?;
+            let run = state.store.get_run(&id).ok()?;
             if run.state.is_terminal() {
                 let ev = Event::default().event(EVENT_END).json_data(run_view(&run, None)).ok()?;
                 return Some((Ok::<_, std::convert::Infallible>(ev), (state, id, finished, true)));
             }
             // The next progress event in half a second, or the end at once.
             let ended = until_run_ends(&mut finished, &id, Duration::from_millis(500)).await;
-            let run = if ended { state.sched.store().get_run(&id).ok()? } else { run };
+            let run = if ended { state.store.get_run(&id).ok()? } else { run };
             if run.state.is_terminal() {
                 let ev = Event::default().event(EVENT_END).json_data(run_view(&run, None)).ok()?;
                 return Some((Ok(ev), (state, id, finished, true)));

@@ -72,12 +72,12 @@ pub(super) async fn cluster_view(
 )]
 pub(super) async fn agent_status(State(state): State<AppState>) -> Response {
     Json(StatusResponse {
-        node: state.sched.config().node_name.clone(),
+        node: state.config.node_name.clone(),
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started.elapsed().as_secs(),
         soda_sync: state.soda_sync.as_ref().map(|b| b.snapshot()),
         restic: super::views::ResticStatusView::of(
-            state.sched.restic(),
+            &state.restic,
             state.restic_version.lock().unwrap_or_else(|p| p.into_inner()).clone().err(),
         ),
     })
@@ -110,17 +110,17 @@ pub(super) async fn healthz() -> Response {
 pub(super) async fn readyz(State(state): State<AppState>) -> Response {
     let needs_check = state.restic_version.lock().unwrap_or_else(|p| p.into_inner()).is_err();
     if needs_check {
-        let v = state.sched.restic().version().await.map_err(|e| e.to_string());
+        let v = state.restic.version().await.map_err(|e| e.to_string());
         *state.restic_version.lock().unwrap_or_else(|p| p.into_inner()) = v;
     }
     let restic = state.restic_version.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let db_ok = state.sched.store().count_policies().is_ok();
+    let db_ok = state.store.count_policies().is_ok();
     let sched_ok = state.sched.is_running();
     let held = state.state_lock.is_some();
     let ready = db_ok && sched_ok && restic.is_ok() && held;
     let body = ReadyResponse {
         ready,
-        node: state.sched.config().node_name.clone(),
+        node: state.config.node_name.clone(),
         database: if db_ok { DatabaseState::Ok } else { DatabaseState::Unavailable },
         scheduler: if sched_ok { SchedulerState::Running } else { SchedulerState::Stopped },
         restic: match restic {
@@ -128,10 +128,10 @@ pub(super) async fn readyz(State(state): State<AppState>) -> Response {
             Err(error) => ResticState::Unusable { error },
         },
         uptime_seconds: state.started.elapsed().as_secs(),
-        kubelet_dir: super::views::KubeletDirView::of(state.sched.config()),
+        kubelet_dir: super::views::KubeletDirView::of(&state.config),
         state_lock: StateLockView {
             held,
-            path: crate::state_lock::lock_path(&state.sched.config().state_dir).display().to_string(),
+            path: crate::state_lock::lock_path(&state.config.state_dir).display().to_string(),
             holder: state.state_lock.clone(),
         },
     };

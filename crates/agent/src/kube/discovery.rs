@@ -40,9 +40,9 @@ use tokio_util::sync::CancellationToken;
 use super::profiles::Profiles;
 use super::status::Reporter;
 use super::view::{ClaimInfo, ClassInfo, NodeInfo, PodInfo, PvInfo, PvSource, State, View, ALL_SYNCED, KEY_PREFIX};
+use crate::config::Config;
 use crate::policies::Policies;
-use crate::scheduler::Scheduler;
-use crate::store::{PolicyRecord, PolicyStatus};
+use crate::store::{PolicyRecord, PolicyStatus, Store};
 
 /// Where a claim's data is on this node.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +66,8 @@ pub struct DiscoveredVolume {
 
 /// What the reconciler decides with and acts through.
 pub(super) struct Reconciler {
-    pub sched: Scheduler,
+    pub store: Store,
+    pub config: Config,
     pub policies: Policies,
     pub reporter: Reporter,
     /// SODA's profiles, when the agent talks to SODA.
@@ -80,7 +81,7 @@ pub(super) fn start(
     tasks: &mut tokio::task::JoinSet<()>,
     cancel: CancellationToken,
 ) {
-    let node = reconciler.sched.config().node_name.clone();
+    let node = reconciler.config.node_name.clone();
     let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let this_node = watcher::Config::default().fields(&format!("metadata.name={node}"));
     let all = watcher::Config::default;
@@ -404,7 +405,7 @@ fn discover(st: &State, node: &str, kubelet: &std::path::Path, mounts: &HashSet<
 }
 
 async fn reconcile_loop(view: Arc<View>, reconciler: Reconciler, cancel: CancellationToken) {
-    let Reconciler { sched, policies, reporter, profiles } = reconciler;
+    let Reconciler { store, config, policies, reporter, profiles } = reconciler;
     let mut trimmed = false;
     loop {
         tokio::select! {
@@ -423,7 +424,6 @@ async fn reconcile_loop(view: Arc<View>, reconciler: Reconciler, cancel: Cancell
                 tracing::debug!(synced = format!("{:05b}", st.synced), "waiting for the initial lists");
                 continue;
             }
-            let config = sched.config();
             discover(&st, &config.node_name, &config.kubelet_dir, &crate::kubelet::mount_points())
         };
         if !trimmed {
@@ -433,7 +433,7 @@ async fn reconcile_loop(view: Arc<View>, reconciler: Reconciler, cancel: Cancell
             unsafe { libc::malloc_trim(0) };
             trimmed = true;
         }
-        if let Err(e) = reconcile(&sched, &policies, &reporter, &view, profiles.as_deref(), found).await {
+        if let Err(e) = reconcile(&store, &config, &policies, &reporter, &view, profiles.as_deref(), found).await {
             tracing::warn!(error = %e, "cannot apply the claims' annotations to the policies");
         }
     }
@@ -483,16 +483,16 @@ fn same(have: &PolicySpec, want: &PolicySpec) -> bool {
 }
 
 async fn reconcile(
-    sched: &Scheduler,
+    store: &Store,
+    config: &Config,
     policies: &Policies,
     reporter: &Reporter,
     view: &View,
     profiles: Option<&Profiles>,
     found: Vec<DiscoveredVolume>,
 ) -> Result<(), crate::store::StoreError> {
-    let node = sched.config().node_name.clone();
-    let mut ours: HashMap<String, PolicyRecord> = sched
-        .store()
+    let node = config.node_name.clone();
+    let mut ours: HashMap<String, PolicyRecord> = store
         .list_policies()?
         .into_iter()
         .filter(|p| p.origin == Origin::Kubernetes)
@@ -572,7 +572,7 @@ async fn reconcile(
                 if !reason.is_empty() {
                     tracing::info!(claim = %key, policy = %p.id, reason, "claim's policy applied");
                 }
-                let p = sched.store().get_policy(&p.id).unwrap_or(p);
+                let p = store.get_policy(&p.id).unwrap_or(p);
                 reporter.claim_active(&v.namespace, &v.claim, &p, reason);
             }
             Err(message) => {

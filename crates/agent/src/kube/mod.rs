@@ -33,7 +33,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, KubeMode};
 use crate::legacy::Legacy;
 use crate::policies::Policies;
+use crate::restic::Restic;
 use crate::scheduler::Scheduler;
+use crate::store::Store;
 
 /// What can go wrong talking to the API server.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +77,18 @@ pub async fn client(config: &Config) -> Result<Option<kube::Client>, KubeError> 
     Ok(Some(kube::Client::try_from(cfg)?))
 }
 
+/// What the adapter acts through: the run engine (for repository keys,
+/// hooks and run results), the policies and legacy services, the store
+/// (reads), restic (locks and leases) and the configuration.
+pub struct Deps {
+    pub sched: Scheduler,
+    pub policies: Policies,
+    pub legacy: Legacy,
+    pub store: Store,
+    pub restic: Restic,
+    pub config: Config,
+}
+
 /// The running adapter's handles.
 pub struct Kube {
     pub fanout: LegacyFanout,
@@ -88,13 +102,8 @@ pub struct Kube {
 /// Connect and start watching. `Ok(None)`: Kubernetes is off (or `auto`
 /// found no cluster). A cluster that is configured but unreachable is not
 /// fatal: the watchers retry with backoff and `/readyz` says so.
-pub async fn start(
-    sched: &Scheduler,
-    policies: &Policies,
-    legacy: &Legacy,
-    cancel: CancellationToken,
-) -> Result<Option<Kube>, KubeError> {
-    let config = sched.config();
+pub async fn start(deps: &Deps, cancel: CancellationToken) -> Result<Option<Kube>, KubeError> {
+    let Deps { sched, policies, legacy, store, restic, config } = deps;
     let Some(client) = client(config).await? else {
         tracing::info!("Kubernetes discovery is off");
         if config.soda_endpoint.is_some() {
@@ -120,7 +129,7 @@ pub async fn start(
         holder: config.node_name.clone(),
         period: config.prune_every.max(config.check_every) + std::time::Duration::from_secs(86_400),
     }));
-    sched.restic().set_init_guard(std::sync::Arc::new(lease::InitLeases {
+    restic.set_init_guard(std::sync::Arc::new(lease::InitLeases {
         client: client.clone(),
         namespace: config.namespace.clone(),
         holder: config.node_name.clone(),
@@ -134,11 +143,11 @@ pub async fn start(
         &config.namespace,
         &hostname,
         &config.node_name,
-        sched.restic().clone(),
+        restic.clone(),
         &mut tasks,
         cancel.clone(),
     );
-    sched.restic().set_lock_holders(std::sync::Arc::new(lease::HostLeases {
+    restic.set_lock_holders(std::sync::Arc::new(lease::HostLeases {
         api: kube::Api::namespaced(client.clone(), &config.namespace),
     }));
     lease::sweep_host_leases(
@@ -158,9 +167,10 @@ pub async fn start(
         board
     });
     sched.set_pod_hooks(std::sync::Arc::new(exec::PodExec::new(client.clone(), view.clone())));
-    let reporter = status::Reporter::new(client.clone(), config, view.clone(), sched.clone());
+    let reporter = status::Reporter::new(client.clone(), config, view.clone(), store.clone());
     let reconciler = discovery::Reconciler {
-        sched: sched.clone(),
+        store: store.clone(),
+        config: config.clone(),
         policies: policies.clone(),
         reporter: reporter.clone(),
         profiles: soda.clone(),

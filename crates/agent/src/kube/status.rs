@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::view::{View, KEY_PREFIX};
 use crate::config::Config;
 use crate::scheduler::Scheduler;
-use crate::store::{PolicyRecord, RunRecord};
+use crate::store::{PolicyRecord, RunRecord, Store};
 
 /// How many claims' writes (one annotation patch and their Events each)
 /// the agent sends per second at most; the rest wait, merged per claim.
@@ -61,7 +61,7 @@ pub struct Reporter {
     /// `claim#what` -> the last outcome reported, to tell a change from a repeat.
     outcomes: Arc<Mutex<HashMap<String, Outcome>>>,
     outbox: Arc<Outbox>,
-    sched: Scheduler,
+    store: Store,
 }
 
 /// The last run result reported on a claim, for one kind of run.
@@ -147,7 +147,7 @@ impl Outbox {
 }
 
 impl Reporter {
-    pub fn new(client: kube::Client, config: &Config, view: Arc<View>, sched: Scheduler) -> Reporter {
+    pub fn new(client: kube::Client, config: &Config, view: Arc<View>, store: Store) -> Reporter {
         let reporter = kube::runtime::events::Reporter {
             controller: "soda-syncer".into(),
             instance: Some(config.pod_name.clone().unwrap_or_else(|| format!("soda-syncer-{}", config.node_name))),
@@ -162,7 +162,7 @@ impl Reporter {
             last: Arc::default(),
             outcomes: Arc::default(),
             outbox: Arc::default(),
-            sched,
+            store,
         }
     }
 
@@ -324,7 +324,7 @@ impl Reporter {
     fn deadline(&self, policy: &PolicyRecord, last_success: Option<chrono::DateTime<chrono::Utc>>) -> Option<String> {
         let schedule = Schedule::parse(&policy.spec.schedule).ok()?;
         let last_success = last_success
-            .or_else(|| self.sched.store().last_clean_backup(&policy.id).ok().flatten().and_then(|r| r.finished_at));
+            .or_else(|| self.store.last_clean_backup(&policy.id).ok().flatten().and_then(|r| r.finished_at));
         let base = last_success.unwrap_or(policy.created_at);
         crate::metrics::backup_deadline(&schedule, policy.spec.jitter_seconds, base, self.grace).map(|t| t.to_rfc3339())
     }
@@ -396,7 +396,7 @@ impl Reporter {
         if run.kind == RunKind::Backup {
             let last_success = match run.state {
                 RunState::Succeeded => run.finished_at,
-                _ => self.sched.store().last_clean_backup(&policy.id).ok().flatten().and_then(|r| r.finished_at),
+                _ => self.store.last_clean_backup(&policy.id).ok().flatten().and_then(|r| r.finished_at),
             };
             let mut a = serde_json::json!({
                 keys::STATUS: claim_status(policy),
@@ -473,7 +473,7 @@ impl Reporter {
     /// (legacy, `/v1`): status, node, policy, next run and deadline, also
     /// before their first run ends.
     fn sweep(&self) {
-        let Ok(policies) = self.sched.store().list_policies() else { return };
+        let Ok(policies) = self.store.list_policies() else { return };
         let (by_volume, by_path) = self.view.claim_index();
         for p in policies.iter().filter(|p| p.origin != Origin::Kubernetes) {
             let found = self.claim_by(p, |pv| by_volume.get(pv).cloned(), |path| by_path.get(path).cloned());
@@ -537,7 +537,7 @@ pub async fn report_runs(sched: Scheduler, reporter: Reporter, cancel: Cancellat
                 Err(_) => return,
             },
         };
-        let Ok(policy) = sched.store().get_policy(&run.policy_id) else { continue };
+        let Ok(policy) = reporter.store.get_policy(&run.policy_id) else { continue };
         let Some((namespace, claim)) = reporter.claim_of(&policy) else { continue };
         if policy.origin != Origin::Kubernetes {
             reporter.claim_active(&namespace, &claim, &policy, "");

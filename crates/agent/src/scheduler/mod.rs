@@ -201,13 +201,7 @@ impl Scheduler {
         }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.inner.store
-    }
-    pub fn restic(&self) -> &Restic {
-        &self.inner.restic
-    }
-    pub fn config(&self) -> &Config {
+    fn config(&self) -> &Config {
         &self.inner.config
     }
     /// The run counters and histograms `/metrics` shows.

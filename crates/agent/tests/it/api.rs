@@ -39,14 +39,18 @@ fn harness() -> Harness {
     config.repository_roots = vec![dir.path().to_path_buf(), "/tmp".into()];
     let store = Store::open(&config.db_path()).unwrap();
     let restic = Restic::new("restic".into(), config.cache_dir(), "n1".into(), std::time::Duration::from_secs(60));
-    let sched = Scheduler::new(store.clone(), restic, config.clone(), tokio_util::sync::CancellationToken::new());
+    let sched =
+        Scheduler::new(store.clone(), restic.clone(), config.clone(), tokio_util::sync::CancellationToken::new());
     let policies = soda_syncer::policies::Policies::new(store.clone(), config.clone(), sched.clone());
-    let legacy = soda_syncer::legacy::Legacy::new(policies.clone(), store, config);
+    let legacy = soda_syncer::legacy::Legacy::new(policies.clone(), store.clone(), config.clone());
     std::fs::write(state.join("token"), format!("{TOKEN}\n")).unwrap();
     let auth =
         soda_syncer::http::auth::Auth::new(state.join("token"), soda_syncer::config::LegacyMode::Network, vec![]);
     let app = router(AppState {
         sched,
+        store,
+        restic,
+        config,
         policies,
         legacy,
         restic_version: Arc::new(Mutex::new(Ok("0.14.0".into()))),

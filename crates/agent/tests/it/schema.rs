@@ -124,7 +124,16 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     .map(|s| s.to_string())
     .collect();
     let agent = start_agent(&root.join("state"), &args);
-    let (st, ready) = agent.call("GET", "/readyz", None).await;
+    // The URL file is written when the socket listens, a moment before the
+    // scheduler's loop runs (readiness needs both).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (st, ready) = loop {
+        let (st, ready) = agent.call("GET", "/readyz", None).await;
+        if st == 200 || Instant::now() > deadline {
+            break (st, ready);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(st, 200, "the agent is ready before the fuzzing: {ready}");
 
     // Real ids for the generator: two policies (one backed up, so it has a
