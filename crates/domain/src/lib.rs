@@ -16,6 +16,7 @@ pub mod run;
 pub mod schedule;
 pub mod secret;
 pub mod soda;
+pub mod unchanged;
 
 pub use policy::*;
 pub use retention::Retention;

@@ -146,6 +146,7 @@ impl Scheduler {
             tags: Vec::new(),
             paused: false,
             drill: None,
+            verify_unchanged: true,
             id: None,
             origin: None,
             created_at: None,
