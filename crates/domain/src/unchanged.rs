@@ -10,6 +10,7 @@
 //! as `unchanged`, pointing to the previous snapshot, without running restic.
 
 use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
 
 use crate::{RunState, RunTrigger};
 
@@ -22,6 +23,31 @@ pub struct Basis {
     pub spec_fingerprint: String,
     /// When the real backup that wrote the snapshot started.
     pub backed_up_at: DateTime<Utc>,
+}
+
+/// On a run recorded as unchanged: the snapshot it points to and what
+/// proved it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnchangedRun {
+    /// The snapshot the volume still matches (written by a real backup).
+    pub snapshot_id: String,
+    /// When that real backup started (RFC 3339).
+    pub backed_up_at: String,
+    /// When the walk found nothing changed (RFC 3339).
+    pub verified_at: String,
+    /// Files, directories and links the walk compared.
+    pub entries: u64,
+    /// How long the walk took.
+    pub walk_ms: u64,
+}
+
+impl UnchangedRun {
+    /// "unchanged since snapshot 1a2b3c4d, verified at T".
+    pub fn describe(&self) -> String {
+        let short: String = self.snapshot_id.chars().take(8).collect();
+        format!("unchanged since snapshot {short}, verified at {}", self.verified_at)
+    }
 }
 
 /// Everything the decision depends on, gathered by the caller.

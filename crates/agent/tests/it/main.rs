@@ -28,3 +28,4 @@ mod soda;
 mod soda_sync;
 mod support;
 mod tls;
+mod unchanged;
