@@ -45,7 +45,14 @@ pub enum WalkError {
     MountPoint { path: String },
     #[error("{path} changed while it was walked")]
     Raced { path: String },
+    #[error("{path} is more than {MAX_DEPTH} directories deep; the walk stops there and restic runs")]
+    TooDeep { path: String },
 }
+
+/// The deepest directory the walk enters. Each level holds a descriptor and
+/// a stack frame: a workload that nests directories without end must not
+/// exhaust either in the agent (it gets a real backup instead).
+pub const MAX_DEPTH: usize = 256;
 
 /// Walk the volume held by `root` (found at `root_path`, which restic's
 /// exclude patterns are matched against) and digest its metadata.
@@ -100,6 +107,9 @@ impl Walker<'_> {
     }
 
     fn walk_dir(&mut self, dir: &OwnedFd, depth: usize) -> Result<(), WalkError> {
+        if depth >= MAX_DEPTH {
+            return Err(WalkError::TooDeep { path: self.shown() });
+        }
         if self.levels.len() <= depth {
             self.levels.push(Level::default());
         }
@@ -254,9 +264,8 @@ fn statx(dir: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<libc::statx>
     // SAFETY: statx is plain old data; zeroed is a valid value.
     let mut st: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: a valid dirfd, a NUL-terminated name and an out pointer.
-    let rc = unsafe {
-        libc::statx(dir, name.as_ptr(), flags | libc::AT_NO_AUTOMOUNT, libc::STATX_BASIC_STATS, &mut st)
-    };
+    let rc =
+        unsafe { libc::statx(dir, name.as_ptr(), flags | libc::AT_NO_AUTOMOUNT, libc::STATX_BASIC_STATS, &mut st) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -310,6 +319,17 @@ mod tests {
         let before = digest(t.path(), &[]).unwrap();
         std::fs::write(outside.path().join("secret2"), b"y").unwrap();
         assert_eq!(before, digest(t.path(), &[]).unwrap(), "what a link points to is not the volume's");
+    }
+
+    #[test]
+    fn a_tree_deeper_than_the_limit_stops_the_walk() {
+        let t = tempfile::tempdir().unwrap();
+        let mut p = t.path().to_path_buf();
+        for _ in 0..=MAX_DEPTH {
+            p.push("d");
+        }
+        std::fs::create_dir_all(&p).unwrap();
+        assert!(matches!(digest(t.path(), &[]), Err(WalkError::TooDeep { .. })));
     }
 
     /// Root reads every directory; this test drops the capabilities that

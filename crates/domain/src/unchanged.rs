@@ -308,21 +308,19 @@ pub fn glob_component(pat: &[u8], name: &[u8]) -> bool {
                     continue;
                 }
                 b'[' => {
-                    if let Some((matched, next)) = match_class(pat, p + 1, name[n]) {
-                        if matched {
-                            p = next;
-                            n += 1;
-                            continue;
-                        }
-                    }
-                }
-                b'\\' if p + 1 < pat.len() => {
-                    if pat[p + 1] == name[n] {
-                        p += 2;
+                    if let Some((true, next)) = match_class(pat, p + 1, name[n]) {
+                        p = next;
                         n += 1;
                         continue;
                     }
                 }
+                b'\\' if p + 1 < pat.len() && pat[p + 1] == name[n] => {
+                    p += 2;
+                    n += 1;
+                    continue;
+                }
+                // An escape whose character differs: no match here.
+                b'\\' if p + 1 < pat.len() => {}
                 c if c == name[n] => {
                     p += 1;
                     n += 1;

@@ -105,7 +105,11 @@ impl Scheduler {
         }
         let basis = basis.expect("may_verify needs a basis");
         if basis.digest != digest.hex {
-            tracing::info!(entries = digest.entries, walk_ms, "the volume changed since the last backup: running restic");
+            tracing::info!(
+                entries = digest.entries,
+                walk_ms,
+                "the volume changed since the last backup: running restic"
+            );
             return real(Some(digest));
         }
         let verified_at = Utc::now();
@@ -120,7 +124,8 @@ impl Scheduler {
         run.snapshot_id = Some(basis.snapshot_id.clone());
         // As a real backup records it, so "latest" restores find the path.
         run.params = Some(serde_json::json!({ "path": basis.path }));
-        let (files, bytes) = basis.summary.as_ref().map_or((0, 0), |s| (s.total_files_processed, s.total_bytes_processed));
+        let (files, bytes) =
+            basis.summary.as_ref().map_or((0, 0), |s| (s.total_files_processed, s.total_bytes_processed));
         run.summary = Some(RunSummary {
             files_unmodified: files,
             total_files_processed: files,

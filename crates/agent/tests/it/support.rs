@@ -422,11 +422,7 @@ pub fn wrapper(dir: &Path, name: &str, version_line: Option<&str>, extra: &str) 
 /// which restic commands a run started, or that it started none.
 pub fn logging_restic(dir: &Path, log: &Path) -> PathBuf {
     let path = dir.join("logging-restic");
-    let script = format!(
-        "#!/bin/sh\necho \"$*\" >> '{}'\nexec {} \"$@\"\n",
-        log.display(),
-        real_restic().display()
-    );
+    let script = format!("#!/bin/sh\necho \"$*\" >> '{}'\nexec {} \"$@\"\n", log.display(), real_restic().display());
     std::fs::write(&path, script).unwrap();
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     path

@@ -117,12 +117,12 @@ impl Harness {
         let runs = self
             .agent
             .wait_runs(&self.id, 60, what, |r| {
-                r.iter().filter(|x| x["id"].as_str().unwrap() > after).last().is_some_and(|x| {
-                    !matches!(x["state"].as_str(), Some("queued") | Some("running"))
-                })
+                r.iter()
+                    .rfind(|x| x["id"].as_str().unwrap() > after)
+                    .is_some_and(|x| !matches!(x["state"].as_str(), Some("queued") | Some("running")))
             })
             .await;
-        runs.into_iter().filter(|x| x["id"].as_str().unwrap() > after).last().unwrap()
+        runs.into_iter().rfind(|x| x["id"].as_str().unwrap() > after).unwrap()
     }
 
     /// Change the volume (or the policy) with `change`, then expect the
@@ -225,11 +225,7 @@ async fn every_metadata_change_runs_restic_and_an_untouched_or_excluded_one_does
     let target = h.data.parent().unwrap().join("restored");
     let (st, r) = h
         .agent
-        .call(
-            "POST",
-            &format!("/v1/policies/{}/restore", h.id),
-            Some(json!({"snapshot": "latest", "target": target})),
-        )
+        .call("POST", &format!("/v1/policies/{}/restore", h.id), Some(json!({"snapshot": "latest", "target": target})))
         .await;
     assert!(st < 300, "{st} {r}");
     let restore_id = r["id"].as_str().unwrap().to_string();
@@ -320,7 +316,9 @@ async fn a_real_backup_runs_at_least_every_full_backup_every() {
     let runs = h
         .agent
         .wait_runs(&h.id, 30, "a real backup without any change", |r| {
-            r.iter().any(|x| x["id"].as_str().unwrap() > start.as_str() && x["state"] == "succeeded" && x["unchanged"].is_null())
+            r.iter().any(|x| {
+                x["id"].as_str().unwrap() > start.as_str() && x["state"] == "succeeded" && x["unchanged"].is_null()
+            })
         })
         .await;
     assert!(runs.iter().all(|r| r["state"] == "succeeded"), "{runs:?}");
