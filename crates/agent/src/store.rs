@@ -1507,6 +1507,50 @@ mod tests {
     }
 
     #[test]
+    fn an_unchanged_basis_and_marker_round_trip_and_go_with_their_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let p = record("u");
+        store.insert_policy(&p).unwrap();
+        let now = Utc::now();
+        let basis = UnchangedBasis {
+            policy_id: p.id.clone(),
+            digest: "ab".repeat(32),
+            entries: 10_000,
+            spec_fingerprint: "f".into(),
+            agent_instance: "i".into(),
+            run_id: "r".into(),
+            snapshot_id: "cd".repeat(32),
+            path: "/data".into(),
+            backed_up_at: now,
+            summary: Some(RunSummary { total_files_processed: 10_000, ..Default::default() }),
+        };
+        assert!(store.unchanged_basis(&p.id).unwrap().is_none());
+        store.set_unchanged_basis(&basis).unwrap();
+        let back = store.unchanged_basis(&p.id).unwrap().unwrap();
+        assert_eq!(
+            (back.digest, back.entries, back.snapshot_id),
+            (basis.digest.clone(), 10_000, basis.snapshot_id.clone())
+        );
+        assert_eq!(back.summary.unwrap().total_files_processed, 10_000);
+        let mut run = RunRecord::new(crate::ids::new_id(), &p.id, RunKind::Backup, RunTrigger::Schedule, now);
+        run.unchanged = Some(soda_syncer_domain::unchanged::UnchangedRun {
+            snapshot_id: basis.snapshot_id.clone(),
+            backed_up_at: fmt_time(now),
+            verified_at: fmt_time(now),
+            entries: 10_000,
+            walk_ms: 30,
+        });
+        store.save_run(&run).unwrap();
+        assert_eq!(store.get_run(&run.id).unwrap().unchanged, run.unchanged);
+        store.clear_unchanged_basis(&p.id).unwrap();
+        assert!(store.unchanged_basis(&p.id).unwrap().is_none());
+        store.set_unchanged_basis(&basis).unwrap();
+        store.delete_policy(&p.id).unwrap();
+        assert!(store.unchanged_basis(&p.id).unwrap().is_none(), "deleted with its policy");
+    }
+
+    #[test]
     fn a_finished_run_trims_the_history_to_the_newest_finished_runs_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db")).unwrap();

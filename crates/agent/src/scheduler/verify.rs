@@ -200,3 +200,48 @@ fn spec_fingerprint(policy: &PolicyRecord) -> String {
     let hash = ring::digest::digest(&ring::digest::SHA256, &json);
     hash.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::PolicyStatus;
+    use serde_json::json;
+
+    fn record(spec: serde_json::Value) -> PolicyRecord {
+        let now = Utc::now();
+        PolicyRecord {
+            id: "p".into(),
+            origin: Origin::Api,
+            spec: serde_json::from_value(spec).unwrap(),
+            volume: None,
+            legacy_key: None,
+            status: PolicyStatus::Active,
+            status_message: None,
+            created_at: now,
+            updated_at: now,
+            last_slot: None,
+            next_slot: None,
+            next_run_at: None,
+            consecutive_failures: 0,
+            last_failed_at: None,
+            secrets_error: None,
+        }
+    }
+
+    fn spec(password: &str, exclude: &[&str]) -> serde_json::Value {
+        json!({
+            "name": "v", "source": {"path": "/data"}, "schedule": {"intervalSeconds": 60}, "exclude": exclude,
+            "repository": {"url": "rest:http://u:pw@127.0.0.1:1/r/", "password": password, "env": {"AWS_SECRET_ACCESS_KEY": password}}
+        })
+    }
+
+    #[test]
+    fn the_fingerprint_follows_the_policy_but_not_its_secret_values() {
+        let a = spec_fingerprint(&record(spec("one", &[])));
+        assert_eq!(a, spec_fingerprint(&record(spec("two", &[]))), "a new password is no new policy");
+        assert_ne!(a, spec_fingerprint(&record(spec("one", &["*.tmp"]))), "a new exclude is");
+        let mut other = spec("one", &[]);
+        other["verifyUnchanged"] = json!(false);
+        assert_ne!(a, spec_fingerprint(&record(other)));
+    }
+}
