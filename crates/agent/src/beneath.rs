@@ -488,6 +488,15 @@ fn openat(dir: RawFd, name: &OsStr, flags: libc::c_int, mode: libc::mode_t) -> i
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Open the directory `name` in `dir` without following a link (the walk
+/// of `unchanged`, which holds names as C strings already).
+pub(crate) fn open_dir_at(dir: RawFd, name: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    // SAFETY: a valid dirfd and NUL-terminated name; the fd returned is owned below.
+    let fd = cvt(unsafe { libc::openat(dir, name.as_ptr(), DIR_FLAGS, 0) })?;
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 fn mkdirat(dir: RawFd, name: &OsStr, mode: u32) -> io::Result<()> {
     let c = cstring(name)?;
     // SAFETY: a valid dirfd and NUL-terminated name.

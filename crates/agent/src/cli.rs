@@ -979,7 +979,8 @@ fn print_runs(v: &Value) {
                         s(policy),
                         s(&r["kind"]),
                         s(&r["trigger"]),
-                        s(&r["state"]),
+                        // "unchanged since snapshot X, verified at T": the snapshot column names X.
+                        if r["unchanged"].is_object() { "unchanged".to_string() } else { s(&r["state"]) },
                         s(&r["startedAt"]),
                         s(&r["finishedAt"]),
                         snap,

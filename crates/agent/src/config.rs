@@ -100,6 +100,11 @@ pub struct ServeArgs {
     /// A policy's backup deadline (metrics) is its next slot plus jitter plus this [default: one period of its schedule].
     #[arg(long, env = "SODA_SYNCER_DEADLINE_GRACE_SECONDS")]
     pub deadline_grace_seconds: Option<u64>,
+    /// A scheduled backup of a volume proven unchanged (see the policy's
+    /// verifyUnchanged) still runs restic when the last real backup is this
+    /// old: 24h, 90m, 3600s or 2d [default: 24h].
+    #[arg(long, env = "SODA_SYNCER_FULL_BACKUP_EVERY", value_parser = parse_full_backup_every)]
+    pub full_backup_every: Option<Duration>,
     /// Log lines as JSON instead of text.
     #[arg(long, env = "SODA_SYNCER_LOG_JSON")]
     pub log_json: bool,
@@ -180,6 +185,8 @@ struct FileConfig {
     namespace: Option<String>,
     request_read_timeout_seconds: Option<u64>,
     deadline_grace_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "full_backup_every_from_file")]
+    full_backup_every: Option<Duration>,
     soda_endpoint: Option<String>,
     soda_poll_seconds: Option<u64>,
     wait_for_state_lock: Option<bool>,
@@ -244,6 +251,9 @@ pub struct Config {
     /// Added to a policy's next slot and jitter to give its backup
     /// deadline; `None`: one period of its schedule.
     pub deadline_grace: Option<Duration>,
+    /// The longest a policy goes without a real restic backup while its
+    /// volume is proven unchanged.
+    pub full_backup_every: Duration,
     /// The SODA API server; `None`: no SODA sync.
     pub soda_endpoint: Option<String>,
     /// How often SODA's profiles are polled and its volumes synced.
@@ -302,6 +312,7 @@ impl Config {
             require_mountpoints: true,
             request_read_timeout: Duration::from_secs(20),
             deadline_grace: None,
+            full_backup_every: Duration::from_secs(24 * 3600),
             soda_endpoint: None,
             soda_poll: Duration::from_secs(30),
         }
@@ -411,6 +422,9 @@ impl Config {
             c.request_read_timeout = Duration::from_secs(v);
         }
         c.deadline_grace = args.deadline_grace_seconds.or(file.deadline_grace_seconds).map(Duration::from_secs);
+        if let Some(v) = args.full_backup_every.or(file.full_backup_every) {
+            c.full_backup_every = v;
+        }
         c.soda_endpoint =
             args.soda_endpoint.clone().or(file.soda_endpoint).map(|e| e.trim().to_string()).filter(|e| !e.is_empty());
         if let Some(v) = args.soda_poll_seconds.or(file.soda_poll_seconds) {
@@ -729,5 +743,62 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let args = ServeArgs { state_dir: Some(dir.path().into()), max_concurrent_runs: Some(0), ..Default::default() };
         assert!(Config::from_args(&args).unwrap_err().to_string().contains("--max-concurrent-runs"));
+    }
+}
+
+/// `--full-backup-every`: a number with a unit (`s`, `m`, `h`, `d`), or
+/// plain seconds; more than zero.
+pub fn parse_full_backup_every(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a duration: write a whole number with a unit, e.g. 24h, 90m, 3600s or 2d")
+    })?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    }
+    .ok_or_else(|| format!("{s:?} is not a duration: use the unit s, m, h or d, e.g. 24h"))?;
+    if secs == 0 {
+        return Err(format!(
+            "{s:?}: the time between real backups must be more than zero (to always run restic, set verifyUnchanged: false on the policy)"
+        ));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn full_backup_every_from_file<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let v: Option<serde_json::Value> = serde::Deserialize::deserialize(d)?;
+    match v {
+        None => Ok(None),
+        Some(serde_json::Value::String(s)) => parse_full_backup_every(&s).map(Some).map_err(serde::de::Error::custom),
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .filter(|n| *n > 0)
+            .map(|n| Some(Duration::from_secs(n)))
+            .ok_or_else(|| serde::de::Error::custom("full_backup_every must be more than zero seconds")),
+        Some(_) => Err(serde::de::Error::custom("full_backup_every: write a duration such as \"24h\"")),
+    }
+}
+
+#[cfg(test)]
+mod full_backup_every_tests {
+    use super::*;
+
+    #[test]
+    fn full_backup_every_takes_units_and_refuses_zero_and_nonsense() {
+        assert_eq!(parse_full_backup_every("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_full_backup_every("90m"), Ok(Duration::from_secs(5_400)));
+        assert_eq!(parse_full_backup_every("2d"), Ok(Duration::from_secs(172_800)));
+        assert_eq!(parse_full_backup_every("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_full_backup_every("0h").unwrap_err().contains("more than zero"));
+        assert!(parse_full_backup_every("1w").unwrap_err().contains("unit s, m, h or d"));
+        assert!(parse_full_backup_every("soon").unwrap_err().contains("not a duration"));
     }
 }

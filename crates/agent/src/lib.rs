@@ -29,6 +29,7 @@ pub mod soda;
 pub mod state_lock;
 pub mod store;
 pub mod tls;
+pub mod unchanged;
 
 pub use config::Config;
 pub use daemon::{run, Agent};

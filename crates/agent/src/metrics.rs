@@ -116,6 +116,8 @@ pub struct RunMetrics {
     bytes_added: Family<PolicyLabels, Counter>,
     files_processed: Family<PolicyLabels, Counter>,
     errors: Family<CodeLabel, Counter>,
+    /// Scheduled backups proven unchanged (no restic), per policy.
+    unchanged: Family<PolicyLabels, Counter>,
 }
 
 impl Default for RunMetrics {
@@ -127,6 +129,7 @@ impl Default for RunMetrics {
             bytes_added: Family::default(),
             files_processed: Family::default(),
             errors: Family::default(),
+            unchanged: Family::default(),
         };
         // Every series an alert watches exists from the start at 0, so
         // `increase()` sees the first failure too.
@@ -154,7 +157,10 @@ impl RunMetrics {
         if let Some(ms) = run.repository_wait_ms {
             self.repository_wait.get_or_create(&KindLabel { kind }).observe(ms as f64 / 1000.0);
         }
-        if let (RunKind::Backup, Some(s)) = (run.kind, &run.summary) {
+        if run.unchanged.is_some() {
+            // No restic ran: nothing was read or added.
+            self.unchanged.get_or_create(&PolicyLabels::of(policy)).inc();
+        } else if let (RunKind::Backup, Some(s)) = (run.kind, &run.summary) {
             let labels = PolicyLabels::of(policy);
             self.bytes_added.get_or_create(&labels).inc_by(s.data_added);
             self.files_processed.get_or_create(&labels).inc_by(s.total_files_processed);
@@ -169,6 +175,7 @@ impl RunMetrics {
         let labels = PolicyLabels::of(policy);
         self.bytes_added.remove(&labels);
         self.files_processed.remove(&labels);
+        self.unchanged.remove(&labels);
     }
 
     pub fn register(&self, reg: &mut Registry) {
@@ -199,6 +206,11 @@ impl RunMetrics {
             "soda_syncer_backup_files_processed",
             "Files backups read, per policy",
             self.files_processed.clone(),
+        );
+        reg.register(
+            "soda_syncer_backup_unchanged",
+            "Scheduled backups recorded as unchanged since the previous snapshot (a metadata walk found nothing changed; no restic ran), per policy",
+            self.unchanged.clone(),
         );
         reg.register(
             "soda_syncer_run_errors",

@@ -158,6 +158,9 @@ pub struct RunRecord {
     /// How long the run waited for this agent's lock on its repository
     /// (a prune, check or forget holds it alone); None before it asked.
     pub repository_wait_ms: Option<u64>,
+    /// A scheduled backup proven unchanged: no restic ran, and
+    /// `snapshot_id` is the snapshot the volume still matches.
+    pub unchanged: Option<soda_syncer_domain::unchanged::UnchangedRun>,
 }
 
 impl RunRecord {
@@ -181,6 +184,7 @@ impl RunRecord {
             warning: None,
             params: None,
             repository_wait_ms: None,
+            unchanged: None,
         }
     }
 }
@@ -293,6 +297,24 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE runs ADD COLUMN repository_wait_ms INTEGER;
     "#,
+    // 6: scheduled runs proven unchanged (issue 19): the marker on the run,
+    // and per policy the digest of the volume's metadata taken before its
+    // last clean real backup.
+    r#"
+    ALTER TABLE runs ADD COLUMN unchanged TEXT;
+    CREATE TABLE unchanged_basis (
+        policy_id TEXT PRIMARY KEY REFERENCES policies(id) ON DELETE CASCADE,
+        digest TEXT NOT NULL,
+        entries INTEGER NOT NULL,
+        spec_fingerprint TEXT NOT NULL,
+        agent_instance TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        snapshot_id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        backed_up_at TEXT NOT NULL,
+        summary TEXT
+    );
+    "#,
 ];
 
 #[derive(Clone)]
@@ -402,7 +424,7 @@ fn to_json<T: Serialize>(v: &Option<T>) -> Option<String> {
 }
 
 const POLICY_COLS: &str = "id, origin, spec, secrets, volume, legacy_key, status, status_message, created_at, updated_at, last_slot, next_slot, next_run_at, consecutive_failures, last_failed_at";
-const RUN_COLS: &str = "id, policy_id, kind, trigger, state, queued_at, started_at, finished_at, slot, due_at, snapshot_id, progress, summary, consistency, error, warning, params, repository_wait_ms";
+const RUN_COLS: &str = "id, policy_id, kind, trigger, state, queued_at, started_at, finished_at, slot, due_at, snapshot_id, progress, summary, consistency, error, warning, params, repository_wait_ms, unchanged";
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store> {
@@ -867,6 +889,7 @@ impl Store {
             warning: row.get(15)?,
             params: row.get(16)?,
             repository_wait_ms: row.get(17)?,
+            unchanged: row.get(18)?,
         })
     }
 
@@ -1283,6 +1306,7 @@ struct RunRaw {
     warning: Option<String>,
     params: Option<String>,
     repository_wait_ms: Option<i64>,
+    unchanged: Option<String>,
 }
 
 impl RunRaw {
@@ -1305,9 +1329,80 @@ impl RunRaw {
             warning: self.warning,
             params: json_col(self.params)?,
             repository_wait_ms: self.repository_wait_ms.map(|v| v.max(0) as u64),
+            unchanged: json_col(self.unchanged)?,
             policy_id: self.policy_id,
             id: self.id,
         })
+    }
+}
+
+/// What a clean real backup left for "unchanged" runs to compare with.
+#[derive(Debug, Clone)]
+pub struct UnchangedBasis {
+    pub policy_id: String,
+    pub digest: String,
+    pub entries: u64,
+    pub spec_fingerprint: String,
+    pub agent_instance: String,
+    pub run_id: String,
+    pub snapshot_id: String,
+    /// The path the snapshot holds.
+    pub path: String,
+    pub backed_up_at: DateTime<Utc>,
+    pub summary: Option<RunSummary>,
+}
+
+/// Digests for unchanged runs (see `crate::unchanged`).
+impl Store {
+    pub fn unchanged_basis(&self, policy_id: &str) -> Result<Option<UnchangedBasis>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT digest, entries, spec_fingerprint, agent_instance, run_id, snapshot_id, path, backed_up_at, summary
+             FROM unchanged_basis WHERE policy_id = ?1",
+        )?;
+        let mut rows = stmt.query(params![policy_id])?;
+        let Some(r) = rows.next()? else { return Ok(None) };
+        let at: String = r.get(7)?;
+        Ok(Some(UnchangedBasis {
+            policy_id: policy_id.to_string(),
+            digest: r.get(0)?,
+            entries: r.get::<_, i64>(1)?.max(0) as u64,
+            spec_fingerprint: r.get(2)?,
+            agent_instance: r.get(3)?,
+            run_id: r.get(4)?,
+            snapshot_id: r.get(5)?,
+            path: r.get(6)?,
+            backed_up_at: parse_time(&at).ok_or_else(|| StoreError::Corrupt(format!("unchanged basis time {at:?}")))?,
+            summary: json_col(r.get(8)?)?,
+        }))
+    }
+
+    pub fn set_unchanged_basis(&self, b: &UnchangedBasis) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO unchanged_basis
+             (policy_id, digest, entries, spec_fingerprint, agent_instance, run_id, snapshot_id, path, backed_up_at, summary)
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10)",
+            params![
+                b.policy_id,
+                b.digest,
+                b.entries as i64,
+                b.spec_fingerprint,
+                b.agent_instance,
+                b.run_id,
+                b.snapshot_id,
+                b.path,
+                fmt_time(b.backed_up_at),
+                to_json(&b.summary),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// A real backup starts: until it ends clean, nothing may be proven
+    /// unchanged against the one before.
+    pub fn clear_unchanged_basis(&self, policy_id: &str) -> Result<()> {
+        self.conn().execute("DELETE FROM unchanged_basis WHERE policy_id = ?1", params![policy_id])?;
+        Ok(())
     }
 }
 
@@ -1349,7 +1444,7 @@ const TRIM_RUNS: &str = "DELETE FROM runs WHERE policy_id = ?1 AND state NOT IN 
 /// Insert or replace one run (all columns).
 fn write_run(conn: &Connection, r: &RunRecord) -> Result<()> {
     conn.execute(
-        &format!("INSERT OR REPLACE INTO runs ({RUN_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18)"),
+        &format!("INSERT OR REPLACE INTO runs ({RUN_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19)"),
         params![
             r.id,
             r.policy_id,
@@ -1369,6 +1464,7 @@ fn write_run(conn: &Connection, r: &RunRecord) -> Result<()> {
             r.warning,
             to_json(&r.params),
             r.repository_wait_ms.map(|v| v as i64),
+            to_json(&r.unchanged),
         ],
     )?;
     Ok(())
@@ -1418,6 +1514,50 @@ mod tests {
             store.conn().query_row("SELECT spec FROM policies WHERE id=?1", [&p.id], |r| r.get(0)).unwrap();
         assert!(!spec_col.contains("hunter2") && !spec_col.contains("s3cr3t"), "{spec_col}");
         assert!(matches!(store.insert_policy(&record("a")), Err(StoreError::NameTaken(_))));
+    }
+
+    #[test]
+    fn an_unchanged_basis_and_marker_round_trip_and_go_with_their_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        let p = record("u");
+        store.insert_policy(&p).unwrap();
+        let now = Utc::now();
+        let basis = UnchangedBasis {
+            policy_id: p.id.clone(),
+            digest: "ab".repeat(32),
+            entries: 10_000,
+            spec_fingerprint: "f".into(),
+            agent_instance: "i".into(),
+            run_id: "r".into(),
+            snapshot_id: "cd".repeat(32),
+            path: "/data".into(),
+            backed_up_at: now,
+            summary: Some(RunSummary { total_files_processed: 10_000, ..Default::default() }),
+        };
+        assert!(store.unchanged_basis(&p.id).unwrap().is_none());
+        store.set_unchanged_basis(&basis).unwrap();
+        let back = store.unchanged_basis(&p.id).unwrap().unwrap();
+        assert_eq!(
+            (back.digest, back.entries, back.snapshot_id),
+            (basis.digest.clone(), 10_000, basis.snapshot_id.clone())
+        );
+        assert_eq!(back.summary.unwrap().total_files_processed, 10_000);
+        let mut run = RunRecord::new(crate::ids::new_id(), &p.id, RunKind::Backup, RunTrigger::Schedule, now);
+        run.unchanged = Some(soda_syncer_domain::unchanged::UnchangedRun {
+            snapshot_id: basis.snapshot_id.clone(),
+            backed_up_at: fmt_time(now),
+            verified_at: fmt_time(now),
+            entries: 10_000,
+            walk_ms: 30,
+        });
+        store.save_run(&run).unwrap();
+        assert_eq!(store.get_run(&run.id).unwrap().unchanged, run.unchanged);
+        store.clear_unchanged_basis(&p.id).unwrap();
+        assert!(store.unchanged_basis(&p.id).unwrap().is_none());
+        store.set_unchanged_basis(&basis).unwrap();
+        store.delete_policy(&p.id).unwrap();
+        assert!(store.unchanged_basis(&p.id).unwrap().is_none(), "deleted with its policy");
     }
 
     #[test]

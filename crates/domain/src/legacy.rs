@@ -134,6 +134,7 @@ impl LegacyTarget {
             tags: Vec::new(),
             paused: false,
             drill: None,
+            verify_unchanged: true,
             id: None,
             origin: None,
             created_at: None,

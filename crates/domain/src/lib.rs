@@ -19,6 +19,7 @@ pub mod run;
 pub mod schedule;
 pub mod secret;
 pub mod soda;
+pub mod unchanged;
 
 pub use field::FieldError;
 pub use policy::*;

@@ -146,6 +146,10 @@ impl Default for ConsistencySpec {
     }
 }
 
+fn default_verify_unchanged() -> bool {
+    true
+}
+
 fn default_sample_files() -> u32 {
     100
 }
@@ -206,6 +210,13 @@ pub struct PolicySpec {
     /// Scheduled restore drills of this policy's snapshots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drill: Option<DrillSpec>,
+    /// A scheduled run first walks the volume's metadata; when nothing
+    /// changed since the last real backup it is recorded as `unchanged`
+    /// (pointing to that snapshot) without running restic. See the README,
+    /// "Unchanged volumes". `false`: every run runs restic.
+    #[serde(default = "default_verify_unchanged")]
+    #[schema(default = true)]
+    pub verify_unchanged: bool,
     // Read-only response fields, ignored on input.
     #[serde(default, skip_serializing)]
     #[schema(ignore)]

@@ -36,6 +36,9 @@ pub struct PolicyView {
     pub consistency: ConsistencySpec,
     pub exclude: Vec<String>,
     pub tags: Vec<String>,
+    /// Scheduled runs of an unchanged volume are recorded as `unchanged`
+    /// without running restic (README, "Unchanged volumes").
+    pub verify_unchanged: bool,
     /// Paused by a user (`pausedByUser`) or by the agent (`status`).
     pub paused: bool,
     pub paused_by_user: bool,
@@ -163,6 +166,11 @@ pub struct RunView {
     /// the repository.
     #[schema(required = true)]
     pub repository_wait_ms: Option<u64>,
+    /// A scheduled backup proven unchanged: no restic ran; `snapshotId` is
+    /// the snapshot the volume still matches, and this says when the walk
+    /// verified it. Null for every other run.
+    #[schema(required = true)]
+    pub unchanged: Option<soda_syncer_domain::unchanged::UnchangedRun>,
 }
 
 /// One restic snapshot of a policy.
@@ -413,6 +421,7 @@ fn view_of(p: &PolicyRecord, repository: RepositoryView, last: Option<&LastRun>)
         consistency: s.consistency.clone(),
         exclude: s.exclude.clone(),
         tags: s.tags.clone(),
+        verify_unchanged: s.verify_unchanged,
         paused,
         paused_by_user: s.paused,
         status: PolicyStatusView { state: p.status.into(), message: p.status_message.clone() },
@@ -450,6 +459,7 @@ pub fn run_view(r: &RunRecord, live: Option<Progress>) -> RunView {
         error: r.error.clone(),
         warning: r.warning.clone(),
         repository_wait_ms: r.repository_wait_ms,
+        unchanged: r.unchanged.clone(),
     }
 }
 

@@ -300,9 +300,17 @@ impl Scheduler {
         // Resolved now, not at admission: the volume or its parents may
         // have been swapped for a link since. (Not held open: a volume
         // being unmounted must not find it busy while the run waits.)
-        let source_id = {
+        let mut exclude = spec.exclude.clone();
+        exclude.push(format!("{RESTORE_STAGING_PREFIX}*"));
+        exclude.push(crate::consistency::SCRATCH_DIR.into());
+        let (source_id, digest) = {
             let (_, source_dir) = open_source(&self.inner.config, &path)?;
-            source_dir.stat().map(|st| (st.st_dev, st.st_ino)).ok()
+            let id = source_dir.stat().map(|st| (st.st_dev, st.st_ino)).ok();
+            // Before hooks, freeze or snapshot: an unchanged volume needs none.
+            match self.verify_unchanged(policy, run, &source_dir, &exclude).await {
+                super::verify::Verdict::Unchanged => return Ok(RunState::Succeeded),
+                super::verify::Verdict::Real(digest) => (id, digest),
+            }
         };
         let repo = self.repo_for(policy).await?;
         let policy_tag = format!("policy={}", policy.id);
@@ -311,9 +319,6 @@ impl Scheduler {
             tags.push(format!("volume={v}"));
         }
         tags.extend(spec.tags.iter().cloned());
-        let mut exclude = spec.exclude.clone();
-        exclude.push(format!("{RESTORE_STAGING_PREFIX}*"));
-        exclude.push(crate::consistency::SCRATCH_DIR.into());
         let mut req = BackupRequest { path, tags, exclude, pin: None, ignore_inode: false };
         let live = &self.inner.live;
         let run_id = run.id.clone();
@@ -488,6 +493,7 @@ impl Scheduler {
                 message: format!("the snapshot {short_id} was written, but {e}"),
             });
         }
+        self.record_unchanged_basis(policy, run, state, digest);
         Ok(state)
     }
 

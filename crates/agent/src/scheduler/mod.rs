@@ -8,6 +8,7 @@
 
 pub(crate) mod jobs;
 mod pod_hooks;
+mod verify;
 
 pub use jobs::{MaintenanceParams, RestoreParams};
 
@@ -94,6 +95,9 @@ struct Inner {
     drills_checked: Mutex<Option<std::time::Instant>>,
     /// The earliest drill due, so the loop wakes for it.
     next_drill: Mutex<Option<DateTime<Utc>>>,
+    /// A random id per start: digests recorded by an earlier agent process
+    /// never prove a run unchanged (see `verify`).
+    instance: String,
 }
 
 /// Across a cluster, one agent maintains (prunes and checks) each
@@ -197,6 +201,7 @@ impl Scheduler {
                 pod_hooks: std::sync::OnceLock::new(),
                 drills_checked: Mutex::new(None),
                 next_drill: Mutex::new(None),
+                instance: new_id(),
             }),
         }
     }

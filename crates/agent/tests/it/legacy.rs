@@ -95,7 +95,9 @@ async fn the_upstream_body_backs_up_every_csi_volume_on_the_node() {
     // Every snapshot in the repository belongs to one of the two volumes.
     let out = restic(&repo, "legacy-pw", &[], &["snapshots", "--json"]).unwrap();
     let snaps: Vec<Value> = serde_json::from_str(&out).unwrap();
-    assert!(snaps.len() >= 3);
+    // One per volume at least: a later scheduled run of an unchanged volume
+    // writes none (README, "Unchanged volumes").
+    assert!(snaps.len() >= 2, "{snaps:?}");
     assert!(snaps.iter().any(|s| s["id"] == ok["snapshotId"]), "the run names a snapshot that exists");
     for s in &snaps {
         let tags = s["tags"].to_string();

@@ -29,4 +29,5 @@ mod soda;
 mod soda_sync;
 mod support;
 mod tls;
+mod unchanged;
 mod upgrade;

@@ -5,39 +5,15 @@
 //! first on PATH), so "every version" means 0.14.0, 0.18.0 and 0.19.1.
 
 use serde_json::{json, Value};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{children_named, fill, AgentProc, BIN};
-
-/// The restic first on PATH, as an absolute path (wrappers exec it).
-fn real_restic() -> PathBuf {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join("restic"))
-        .find(|p| p.is_file())
-        .expect("restic on PATH")
-}
+use crate::support::{children_named, fill, real_restic, wrapper, AgentProc, BIN};
 
 fn restic_version(bin: &Path) -> String {
     let out = Command::new(bin).arg("version").output().unwrap();
     String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).unwrap().to_string()
-}
-
-/// A shell script standing in for restic: `version` answers `version_line`
-/// (when given), everything else runs the real restic with `extra` flags
-/// first. `exec` keeps the pid, so the agent's signals reach restic itself.
-fn wrapper(dir: &Path, name: &str, version_line: Option<&str>, extra: &str) -> PathBuf {
-    let path = dir.join(name);
-    let version =
-        version_line.map(|l| format!("if [ \"$1\" = version ]; then echo '{l}'; exit 0; fi\n")).unwrap_or_default();
-    let script = format!("#!/bin/sh\n{version}exec {} {extra} \"$@\"\n", real_restic().display());
-    std::fs::write(&path, script).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
 }
 
 fn locks(repo: &Path) -> Vec<String> {

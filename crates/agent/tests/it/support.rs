@@ -6,6 +6,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -391,4 +392,38 @@ pub async fn wait_for_log(agent: &AgentProc, needle: &str, secs: u64) {
         assert!(std::time::Instant::now() < deadline, "no {needle:?} in the log within {secs} s\n{}", agent.log_text());
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+/// The restic first on PATH, as an absolute path (wrappers exec it).
+pub fn real_restic() -> PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("restic"))
+        .find(|p| p.is_file())
+        .expect("restic on PATH")
+}
+
+/// A shell script standing in for restic: `version` answers `version_line`
+/// (when given), everything else runs the real restic with `extra` flags
+/// first. `exec` keeps the pid, so the agent's signals reach restic itself.
+pub fn wrapper(dir: &Path, name: &str, version_line: Option<&str>, extra: &str) -> PathBuf {
+    let path = dir.join(name);
+    let version =
+        version_line.map(|l| format!("if [ \"$1\" = version ]; then echo '{l}'; exit 0; fi\n")).unwrap_or_default();
+    let script = format!("#!/bin/sh\n{version}exec {} {extra} \"$@\"\n", real_restic().display());
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// A restic that appends each command line it is given (one line each,
+/// arguments joined by spaces) to `log`, then runs the real one: tests count
+/// which restic commands a run started, or that it started none.
+pub fn logging_restic(dir: &Path, log: &Path) -> PathBuf {
+    let path = dir.join("logging-restic");
+    let script = format!("#!/bin/sh\necho \"$*\" >> '{}'\nexec {} \"$@\"\n", log.display(), real_restic().display());
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path
 }
