@@ -53,6 +53,9 @@ pub struct ServeArgs {
     /// Check each repository this often [default: 604800, weekly].
     #[arg(long, env = "SODA_SYNCER_CHECK_EVERY_SECONDS")]
     pub check_every_seconds: Option<u64>,
+    /// Every repository this agent writes refuses its deletes (append-only credentials): never forget or prune, leave retention to `soda-syncer maintain`.
+    #[arg(long, env = "SODA_SYNCER_APPEND_ONLY")]
+    pub append_only: bool,
     /// Scheduled checks also read this much data (e.g. 5%, 1/10, 500M) [default: structure only].
     #[arg(long, env = "SODA_SYNCER_CHECK_READ_DATA_SUBSET")]
     pub check_read_data_subset: Option<String>,
@@ -163,6 +166,7 @@ struct FileConfig {
     prune_every_seconds: Option<u64>,
     check_every_seconds: Option<u64>,
     check_read_data_subset: Option<String>,
+    append_only: Option<bool>,
     maintenance_jitter_seconds: Option<u64>,
     maintenance_gap_seconds: Option<u64>,
     keep_runs: Option<usize>,
@@ -204,6 +208,8 @@ pub struct Config {
     pub prune_every: Duration,
     pub check_every: Duration,
     pub check_read_data_subset: Option<String>,
+    /// Every repository of this agent is append-only (`--append-only`).
+    pub append_only: bool,
     pub maintenance_jitter: Duration,
     /// A prune or check waits for a gap this long between the repository's backups.
     pub maintenance_gap: Duration,
@@ -279,6 +285,7 @@ impl Config {
             prune_every: Duration::from_secs(7 * 86400),
             check_every: Duration::from_secs(7 * 86400),
             check_read_data_subset: None,
+            append_only: false,
             maintenance_jitter: Duration::from_secs(3600),
             maintenance_gap: Duration::from_secs(300),
             keep_runs: 1000,
@@ -350,6 +357,7 @@ impl Config {
             c.rescan_interval = Duration::from_secs(v);
         }
         c.default_repository = args.default_repository.clone().or(file.default_repository);
+        c.append_only = args.append_only || file.append_only.unwrap_or(false);
         if let Some(v) = args.run_timeout_seconds.or(file.run_timeout_seconds) {
             c.run_timeout = Duration::from_secs(v);
         }

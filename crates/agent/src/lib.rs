@@ -17,6 +17,7 @@ pub mod http;
 pub mod ids;
 pub mod kube;
 pub mod kubelet;
+pub mod maintainer;
 pub mod metrics;
 pub mod restic;
 pub mod scheduler;

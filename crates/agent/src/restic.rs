@@ -57,6 +57,8 @@ pub enum ResticError {
     RepositoryNotFound { repo: String, stderr: String },
     #[error("the repository {repo} refused our credentials: check the access keys in repository.env (or the user and password in a REST URL): {stderr}")]
     AccessDenied { repo: String, stderr: String },
+    #[error("the repository {repo} refuses this node's deletes (it is append-only): retention and prune are left to the maintainer that holds the delete rights (soda-syncer maintain): {stderr}")]
+    DeletesRefused { repo: String, stderr: String },
     #[error("the repository {repo} is locked by another process; stale locks are removed automatically, this one is held by a live process: {stderr}")]
     RepositoryLocked { repo: String, stderr: String },
     #[error("cannot reach the repository {repo}: is the server up and the address right? {stderr}")]
@@ -93,6 +95,7 @@ impl ResticError {
             ResticError::WrongPassword { .. } => "wrong_password",
             ResticError::RepositoryNotFound { .. } => "repository_not_found",
             ResticError::AccessDenied { .. } => "repository_access_denied",
+            ResticError::DeletesRefused { .. } => "repository_append_only",
             ResticError::RepositoryLocked { .. } => "repository_locked",
             ResticError::RepositoryUnreachable { .. } => "repository_unreachable",
             ResticError::SourceMissing { .. } => "source_missing",
@@ -171,6 +174,9 @@ pub struct Restic {
     /// The version `version()` detected; what newer restic offers is used
     /// only when it is known to be there.
     detected: Arc<std::sync::OnceLock<ResticVersion>>,
+    /// Repositories (`short_hash` of the URL) seen refusing a delete since
+    /// the agent started: no forget or prune is tried on them again.
+    deletes_refused: Arc<Mutex<std::collections::BTreeSet<String>>>,
 }
 
 /// While this node cannot prove it is alive (its liveness Lease could not
@@ -238,6 +244,7 @@ impl Restic {
             lock_holders: Arc::default(),
             fence: Arc::default(),
             detected: Arc::default(),
+            deletes_refused: Arc::default(),
         }
     }
 
@@ -819,16 +826,35 @@ impl Restic {
         keep_args: &[String],
         cancel: &CancellationToken,
     ) -> Result<Vec<ForgetGroup>, ResticError> {
-        let mut args: Vec<OsString> = vec![
-            "forget".into(),
-            "--json".into(),
-            "--host".into(),
-            self.host.clone().into(),
-            "--tag".into(),
-            policy_tag.into(),
-            "--group-by".into(),
-            "host".into(),
-        ];
+        self.forget_of(repo, Some(&self.host), policy_tag, keep_args, cancel).await
+    }
+
+    /// `forget` of one policy's snapshots on every host (the maintainer's:
+    /// each host's snapshots of the policy keep their own history, as each
+    /// node's agent would keep them).
+    pub async fn forget_every_host(
+        &self,
+        repo: &Repo,
+        policy_tag: &str,
+        keep_args: &[String],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<ForgetGroup>, ResticError> {
+        self.forget_of(repo, None, policy_tag, keep_args, cancel).await
+    }
+
+    async fn forget_of(
+        &self,
+        repo: &Repo,
+        host: Option<&str>,
+        policy_tag: &str,
+        keep_args: &[String],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<ForgetGroup>, ResticError> {
+        let mut args: Vec<OsString> = vec!["forget".into(), "--json".into()];
+        if let Some(h) = host {
+            args.extend(["--host".into(), h.into()]);
+        }
+        args.extend(["--tag".into(), policy_tag.into(), "--group-by".into(), "host".into()]);
         args.extend(keep_args.iter().map(OsString::from));
         let mut unlocked = false;
         loop {
@@ -845,7 +871,7 @@ impl Restic {
                     unlocked = true;
                     self.recover_lock(repo, "forget", cancel).await?;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(self.deletes_refused_by(repo, e)),
             }
         }
     }
@@ -1142,9 +1168,34 @@ impl Restic {
                     self.recover_lock(repo, &command, cancel).await?;
                 }
                 Err(e @ ResticError::RepositoryLocked { .. }) => wait.pause(self, repo, &command, e, cancel).await?,
+                Err(e) => return Err(self.deletes_refused_by(repo, e)),
                 other => return other,
             }
         }
+    }
+
+    /// A refused request that removed something (a snapshot, a pack, an
+    /// index): the repository takes writes but no deletes from this
+    /// node's credentials. Remembered, so no forget or prune is tried on it
+    /// again. A refused lock removal is not that: restic removes its own
+    /// locks on every command, so such a repository could not be used.
+    fn deletes_refused_by(&self, repo: &Repo, e: ResticError) -> ResticError {
+        let ResticError::AccessDenied { stderr, .. } = &e else { return e };
+        if !refused_a_delete(stderr) {
+            return e;
+        }
+        let key = crate::ids::short_hash(&[&repo.url]);
+        let new = self.deletes_refused.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
+        if new {
+            tracing::warn!(repository = %repo.display(), "the repository refused a delete: it is append-only for this node; retention is left to the maintainer from now on");
+        }
+        ResticError::DeletesRefused { repo: repo.display(), stderr: stderr.clone() }
+    }
+
+    /// Whether this repository refused one of our deletes since the agent started.
+    pub fn deletes_refused(&self, repo: &Repo) -> bool {
+        let key = crate::ids::short_hash(&[&repo.url]);
+        self.deletes_refused.lock().unwrap_or_else(|p| p.into_inner()).contains(&key)
     }
 
     /// How long a command waits for a lock held by a live process (another
@@ -1352,6 +1403,18 @@ fn classify_text(repo: String, command: &str, code: i32, s: String, version: &st
     } else {
         ResticError::Failed { command: command.to_string(), code, stderr: s }
     }
+}
+
+/// Whether restic's stderr shows a refused removal of a repository file
+/// other than a lock: `Remove(<snapshot/…>) returned error, retrying after
+/// …: … 403 Forbidden` (0.14's retries, stopped as hopeless) or
+/// `Remove(<snapshot/…>) failed: unexpected HTTP response (403)` (0.19), and
+/// S3's `Access Denied` for the same call.
+fn refused_a_delete(stderr: &str) -> bool {
+    let lower = stderr.to_lowercase();
+    lower.lines().any(|l| {
+        l.contains("remove(<") && !l.contains("remove(<lock/") && ACCESS_DENIED.iter().any(|n| l.contains(n))
+    })
 }
 
 /// Texts of a refused login, in restic's errors from S3 and REST servers.

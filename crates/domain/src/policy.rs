@@ -206,6 +206,12 @@ pub struct PolicySpec {
     pub jitter_seconds: u64,
     #[serde(default)]
     pub retention: Retention,
+    /// The repository refuses this node's deletes (an append-only REST
+    /// server, an S3 user without DeleteObject): the agent never runs
+    /// `forget` or `prune` on it; a maintainer holding the delete rights
+    /// applies `retention` (see `soda-syncer maintain`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub append_only: bool,
     #[serde(default)]
     pub consistency: ConsistencySpec,
     #[serde(default)]
@@ -253,6 +259,9 @@ pub struct PolicySpec {
     #[serde(default, skip_serializing)]
     #[schema(ignore)]
     pub secrets_unavailable: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    #[schema(ignore)]
+    pub maintenance_lease: Option<IgnoredAny>,
 }
 
 /// The longest policy name.

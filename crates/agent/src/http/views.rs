@@ -33,6 +33,12 @@ pub struct PolicyView {
     pub schedule: ScheduleSpec,
     pub jitter_seconds: u64,
     pub retention: Retention,
+    /// The repository refuses this node's deletes: retention is the maintainer's.
+    pub append_only: bool,
+    /// The name of the repository's maintenance Lease
+    /// (`soda-syncer-maint-…`), which `soda-syncer maintain` holds while it
+    /// prunes; it names the repository without revealing its URL.
+    pub maintenance_lease: String,
     pub consistency: ConsistencySpec,
     pub exclude: Vec<String>,
     pub tags: Vec<String>,
@@ -410,6 +416,8 @@ fn view_of(p: &PolicyRecord, repository: RepositoryView, last: Option<&LastRun>)
         schedule: s.schedule.clone(),
         jitter_seconds: s.jitter_seconds,
         retention: s.retention.clone(),
+        append_only: s.append_only,
+        maintenance_lease: crate::scheduler::maintenance_lease_name(&s.repository_url()),
         consistency: s.consistency.clone(),
         exclude: s.exclude.clone(),
         tags: s.tags.clone(),

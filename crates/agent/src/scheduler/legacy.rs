@@ -141,6 +141,7 @@ impl Scheduler {
             schedule: ScheduleSpec { interval_seconds: Some(target.interval), ..Default::default() },
             jitter_seconds: 0,
             retention: Default::default(),
+            append_only: false,
             consistency: Default::default(),
             exclude: Vec::new(),
             tags: Vec::new(),
@@ -157,6 +158,7 @@ impl Scheduler {
             paused_by_user: None,
             consecutive_failures: None,
             secrets_unavailable: None,
+            maintenance_lease: None,
         }
     }
 
