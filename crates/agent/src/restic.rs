@@ -1639,6 +1639,21 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_removal_of_a_snapshot_or_pack_means_append_only_and_a_refused_lock_removal_does_not() {
+        // Recorded against `rclone serve restic --append-only` and rest-server --append-only.
+        let v014 = "Remove(<snapshot/3be0aef49b>) returned error, retrying after 4.506218855s: blob not removed, server response: 403 Forbidden (403)";
+        let v019 = "Remove(<snapshot/3be0aef49b>) failed: unexpected HTTP response (403): 403 Forbidden";
+        // S3 (minio-go's message for a DeleteObject the bucket policy denies).
+        let s3 = "Remove(<data/12ab34cd56>) returned error, retrying after 552ms: Access Denied.";
+        for text in [v014, v019, s3] {
+            assert!(refused_a_delete(&format!("some context\n{text}\nmore")), "{text}");
+        }
+        let lock = "Remove(<lock/12ab34cd56>) failed: unexpected HTTP response (403): 403 Forbidden";
+        assert!(!refused_a_delete(lock), "a refused lock removal is not append-only, the repository is unusable");
+        assert!(!refused_a_delete("Load(<config/>) failed: 403 Forbidden"), "a refused read is a wrong key");
+    }
+
+    #[test]
     fn retry_lock_goes_after_the_subcommand_only_when_restic_waits_itself() {
         let mut args: Vec<OsString> = vec!["prune".into()];
         let mut own = LockWait::new(Duration::from_secs(600), false);

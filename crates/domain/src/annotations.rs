@@ -339,6 +339,16 @@ mod tests {
     }
 
     #[test]
+    fn the_append_only_annotation_is_a_boolean_on_the_claim_or_its_class() {
+        let on = parse(&m(&[(keys::BACKUP, "true")]), &m(&[(keys::APPEND_ONLY, "true")]), None).unwrap().unwrap();
+        assert!(on.append_only);
+        let off = parse(&m(&[(keys::BACKUP, "true")]), &m(&[]), None).unwrap().unwrap();
+        assert!(!off.append_only);
+        let e = parse(&m(&[(keys::BACKUP, "true"), (keys::APPEND_ONLY, "sometimes")]), &m(&[]), None).unwrap_err();
+        assert_eq!(e.field, keys::APPEND_ONLY);
+    }
+
+    #[test]
     fn nothing_means_not_opted_in() {
         assert_eq!(parse(&m(&[]), &m(&[]), None).unwrap(), None);
         assert_eq!(parse(&m(&[(keys::SCHEDULE, "1h")]), &m(&[]), None).unwrap(), None);

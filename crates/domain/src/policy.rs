@@ -509,6 +509,22 @@ mod tests {
     }
 
     #[test]
+    fn append_only_is_off_unless_asked_and_round_trips_as_append_only() {
+        assert!(!spec(base()).unwrap().append_only);
+        let mut v = base();
+        v["appendOnly"] = json!(true);
+        let s = spec(v).unwrap();
+        assert!(s.append_only);
+        assert_eq!(serde_json::to_value(&s).unwrap()["appendOnly"], true);
+        let mut v = base();
+        v["appendonly"] = json!(true);
+        assert!(spec(v).is_err(), "the camelCase spelling only");
+        let mut v = base();
+        v["maintenanceLease"] = json!("soda-syncer-maint-0123456789abcdef");
+        assert!(spec(v).is_ok(), "a GET's read-only maintenanceLease can be PUT back");
+    }
+
+    #[test]
     fn validation_names_the_field_at_fault() {
         let cases = [
             (json!({"name": "-bad"}), "name"),

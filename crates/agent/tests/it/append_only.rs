@@ -29,12 +29,18 @@ fn snapshots_of(url: &str, tag: Option<&str>) -> Vec<Value> {
 /// for many minutes, so it is stopped (SIGINT, by its pid) once the first
 /// refusal shows. Returns stderr; panics if restic succeeded.
 fn refused_with_node_credentials(url: &str, args: &[&str]) -> String {
+    refused_with(url, &[], args)
+}
+
+/// As [`refused_with_node_credentials`], with storage keys in restic's environment.
+fn refused_with(url: &str, env: &[(String, String)], args: &[&str]) -> String {
     let cache = tempfile::tempdir().unwrap();
     let mut child = Command::new("restic")
         .args(args)
         .env("RESTIC_REPOSITORY", url)
         .env("RESTIC_PASSWORD", PW)
         .env("RESTIC_CACHE_DIR", cache.path())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -52,7 +58,7 @@ fn refused_with_node_credentials(url: &str, args: &[&str]) -> String {
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
-                let refused = line.contains("403");
+                let refused = line.contains("403") || line.contains("Access Denied");
                 text.push_str(&line);
                 text.push('\n');
                 if refused && line.contains("retrying after") {
@@ -68,7 +74,10 @@ fn refused_with_node_credentials(url: &str, args: &[&str]) -> String {
     }
     let status = child.wait().unwrap();
     assert!(!status.success(), "restic {args:?} with the node's credentials succeeded; stderr:\n{text}");
-    assert!(text.contains("403"), "restic {args:?} failed, but not for a refused delete:\n{text}");
+    assert!(
+        text.contains("403") || text.contains("Access Denied"),
+        "restic {args:?} failed, but not for a refused delete:\n{text}"
+    );
     text
 }
 
@@ -111,7 +120,13 @@ async fn pause_and_settle(agent: &AgentProc, id: &str) -> Vec<Value> {
         .await
 }
 
-fn write_maintainer_config(dir: &Path, agent: &AgentProc, agent_repository: &str, url: &str, extra: &str) -> std::path::PathBuf {
+fn write_maintainer_config(
+    dir: &Path,
+    agent: &AgentProc,
+    agent_repository: &str,
+    url: &str,
+    extra: &str,
+) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let (url_file, pw_file) = (dir.join("url"), dir.join("password"));
     std::fs::write(&url_file, url).unwrap();
@@ -329,3 +344,4 @@ async fn a_rest_server_append_only_policy_never_forgets_recovers_a_stale_lock_an
     assert_eq!(left.len(), 2, "keepLast 2: {left:#?}");
     restore_matches(&agent, id, &data, &tmp.path().join("restored-after")).await;
 }
+
