@@ -148,6 +148,9 @@ struct AgentPolicy {
     next_run_at: Option<chrono::DateTime<chrono::Utc>>,
     #[serde(default)]
     maintenance_lease: Option<String>,
+    /// Which of `agents` listed it.
+    #[serde(skip)]
+    agent: usize,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -361,22 +364,34 @@ impl Maintainer {
     /// Every policy of every agent. An agent that does not answer fails
     /// the whole look: retention applied from a partial list would be
     /// right, but a prune's timing would ignore that agent's backups.
+    fn token(&self, a: &AgentSource) -> Result<Option<String>, String> {
+        let Some(p) = &a.token_file else { return Ok(None) };
+        let text = std::fs::read_to_string(p).map_err(|e| format!("tokenFile {}: {e}", p.display()))?;
+        Ok(Some(text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or_default().into()))
+    }
+
+    /// The Lease name of a policy's repository: in the policy's own GET
+    /// only (a listing does not unseal the URL it is derived from).
+    async fn maintenance_lease(&self, p: &AgentPolicy) -> Result<String, MaintainerError> {
+        let a = &self.file.agents[p.agent];
+        let err = |message: String| MaintainerError::Agent { url: a.url.clone(), message };
+        let mut req = self.http.get(format!("{}/v1/policies/{}", a.url.trim_end_matches('/'), p.id));
+        if let Some(t) = self.token(a).map_err(err)? {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.map_err(|e| err(e.without_url().to_string()))?;
+        if !r.status().is_success() {
+            return Err(err(format!("the agent answered {} for policy {}", r.status(), p.name)));
+        }
+        let one: AgentPolicy = r.json().await.map_err(|e| err(e.without_url().to_string()))?;
+        one.maintenance_lease.ok_or_else(|| err(format!("policy {} shows no maintenanceLease (an older agent?)", p.name)))
+    }
+
     async fn policies(&self) -> Result<Vec<AgentPolicy>, MaintainerError> {
         let mut all = Vec::new();
-        for a in &self.file.agents {
+        for (i, a) in self.file.agents.iter().enumerate() {
             let err = |message: String| MaintainerError::Agent { url: a.url.clone(), message };
-            let token = match &a.token_file {
-                Some(p) => Some(
-                    std::fs::read_to_string(p)
-                        .map_err(|e| err(format!("tokenFile {}: {e}", p.display())))?
-                        .lines()
-                        .map(str::trim)
-                        .find(|l| !l.is_empty() && !l.starts_with('#'))
-                        .unwrap_or_default()
-                        .to_string(),
-                ),
-                None => None,
-            };
+            let token = self.token(a).map_err(err)?;
             let mut after = String::new();
             loop {
                 let mut req = self
@@ -397,7 +412,7 @@ impl Maintainer {
                     next: Option<String>,
                 }
                 let page: Page = r.json().await.map_err(|e| err(e.without_url().to_string()))?;
-                all.extend(page.policies);
+                all.extend(page.policies.into_iter().map(|p| AgentPolicy { agent: i, ..p }));
                 match page.next {
                     Some(n) if !n.is_empty() => after = n,
                     _ => break,
@@ -560,15 +575,29 @@ impl Maintainer {
     /// (an agent still maintaining it) has one; try again later.
     async fn hold_leases(&self, ident: &str, policies: &[&AgentPolicy]) -> Option<Vec<crate::kube::lease::LeaseLock>> {
         let Some((client, ns)) = &self.leases else { return Some(Vec::new()) };
-        let names: std::collections::BTreeSet<&String> =
-            policies.iter().filter_map(|p| p.maintenance_lease.as_ref()).collect();
+        let mut names = std::collections::BTreeSet::new();
+        for p in policies {
+            match self.maintenance_lease(p).await {
+                Ok(n) => {
+                    names.insert(n);
+                }
+                Err(e) => {
+                    // Unknown Lease: safer not to prune beside an agent that may.
+                    tracing::warn!(repository = ident, error = %e, "cannot learn the repository's Lease; skipping it");
+                    return None;
+                }
+            }
+        }
         let holder = format!("maintainer-{}", crate::restic::own_hostname());
         let period = Duration::from_secs(self.file.prune_every_seconds.max(self.file.check_every_seconds) + 86_400);
         let mut held = Vec::new();
         for name in names {
-            let lock = crate::kube::lease::LeaseLock::new(client.clone(), ns, name, &holder, period);
+            let lock = crate::kube::lease::LeaseLock::new(client.clone(), ns, &name, &holder, period);
             match lock.try_hold().await {
-                Ok(true) => held.push(lock),
+                Ok(true) => {
+                    tracing::info!(repository = ident, lease = %name, "holding the repository's maintenance Lease");
+                    held.push(lock)
+                }
                 Ok(false) => {
                     tracing::info!(repository = ident, lease = %name, holder = ?lock.last_holder(), "another maintainer holds the repository's Lease; skipping it");
                     return None;

@@ -37,8 +37,10 @@ pub struct PolicyView {
     pub append_only: bool,
     /// The name of the repository's maintenance Lease
     /// (`soda-syncer-maint-…`), which `soda-syncer maintain` holds while it
-    /// prunes; it names the repository without revealing its URL.
-    pub maintenance_lease: String,
+    /// prunes. Only in a single policy's GET: a listing does not unseal the
+    /// stored URL it is derived from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maintenance_lease: Option<String>,
     pub consistency: ConsistencySpec,
     pub exclude: Vec<String>,
     pub tags: Vec<String>,
@@ -380,7 +382,9 @@ pub fn policy_view(p: &PolicyRecord, last: Option<&RunRecord>) -> PolicyView {
         secret_ref: r.secret_ref.clone(),
         soda_profile: r.soda_profile.clone(),
     };
-    view_of(p, repository, last.map(LastRun::from).as_ref())
+    let mut v = view_of(p, repository, last.map(LastRun::from).as_ref());
+    v.maintenance_lease = Some(crate::scheduler::maintenance_lease_name(&p.spec.repository_url()));
+    v
 }
 
 /// A policy of a listing page: the same view as [`policy_view`] of the
@@ -417,7 +421,7 @@ fn view_of(p: &PolicyRecord, repository: RepositoryView, last: Option<&LastRun>)
         jitter_seconds: s.jitter_seconds,
         retention: s.retention.clone(),
         append_only: s.append_only,
-        maintenance_lease: crate::scheduler::maintenance_lease_name(&s.repository_url()),
+        maintenance_lease: None,
         consistency: s.consistency.clone(),
         exclude: s.exclude.clone(),
         tags: s.tags.clone(),

@@ -182,10 +182,16 @@ async fn an_append_only_rclone_repository_keeps_every_snapshot_until_the_maintai
     assert_eq!(snapshots_of(&admin.url("repo"), Some(&tag)).len(), all.len());
     restore_matches(&agent, id, &data, &tmp.path().join("restored-before")).await;
 
-    // Unreferenced data (the maintainer forgot one snapshot): the node's prune is refused too.
-    restic(&admin.url("repo"), PW, &[], &["forget", first]).unwrap();
+    // Unreferenced data (a snapshot of other files that the maintainer's
+    // credentials forgot): the node's prune would delete packs, and is refused.
+    let scratch = tmp.path().join("scratch");
+    fill(&scratch, 3, 50_000);
+    restic(&admin.url("repo"), PW, &[], &["backup", "--host", "scratch", "--tag", "scratch", scratch.to_str().unwrap()])
+        .unwrap();
+    let scratch_id = snapshots_of(&admin.url("repo"), Some("scratch"))[0]["id"].as_str().unwrap().to_string();
+    restic(&admin.url("repo"), PW, &[], &["forget", &scratch_id]).unwrap();
     refused_with_node_credentials(&node.url("repo"), &["prune"]);
-    assert_eq!(snapshots_of(&admin.url("repo"), Some(&tag)).len(), all.len() - 1);
+    assert_eq!(snapshots_of(&admin.url("repo"), Some(&tag)).len(), all.len());
 
     // The maintainer, with its own endpoint: retention from the agent's API, then prune and check.
     let config = write_maintainer_config(
@@ -195,17 +201,47 @@ async fn an_append_only_rclone_repository_keeps_every_snapshot_until_the_maintai
         &admin.url("repo"),
         "",
     );
+    // In a cluster it holds the repository's maintenance Lease, the one
+    // the agents name (API server stand-in; see tests/it/kube.rs).
+    let api = soda_syncer_standin::kube::KubeStandin::start().await;
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "soda-syncer"}})).unwrap();
+    let lease_name = v["maintenanceLease"].as_str().unwrap();
+    let lease = |holder: &str, renewed_secs_ago: i64| {
+        let t = chrono::Utc::now() - chrono::Duration::seconds(renewed_secs_ago);
+        let micro = t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+        api.apply(json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": lease_name, "namespace": "soda-syncer"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 3600, "renewTime": micro, "acquireTime": micro}}))
+            .unwrap();
+    };
+    let maintain_once = || {
+        let out = Command::new(BIN)
+            .args(["maintain", "--once", "--lease-namespace", "soda-syncer", "--kubeconfig"])
+            .arg(&kubeconfig)
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(tmp.path().join("maint-state"))
+            .env("SODA_SYNCER_LOG", "info")
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "maintain --once failed:\n{log}");
+        log
+    };
+    // An agent that still holds it (renewed a minute ago): left alone.
+    lease("node-a", 60);
+    let log = maintain_once();
+    assert!(log.contains("another maintainer holds the repository's Lease"), "{log}");
+    assert_eq!(snapshots_of(&admin.url("repo"), Some(&tag)).len(), all.len(), "nothing forgotten");
+    // Expired: taken over.
+    lease("node-a", 7200);
     let started = Instant::now();
-    let out = Command::new(BIN)
-        .args(["maintain", "--once", "--config"])
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(tmp.path().join("maint-state"))
-        .env("SODA_SYNCER_LOG", "info")
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "maintain --once failed:\n{log}");
+    let log = maintain_once();
+    let held = api.get("coordination.k8s.io/v1", "Lease", Some("soda-syncer"), lease_name).unwrap();
+    assert!(held["spec"]["holderIdentity"].as_str().unwrap().starts_with("maintainer-"), "{held}");
     assert!(log.contains("pruned") && log.contains("checked"), "{log}");
     assert!(!log.contains(node.pass()) && !log.contains(admin.pass()), "a password in the log:\n{log}");
     eprintln!("maintain --once took {:?}", started.elapsed());
