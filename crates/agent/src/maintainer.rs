@@ -74,6 +74,11 @@ pub struct MaintainerFile {
     /// How long a prune waits for the backups that hold the repository's lock.
     #[serde(default = "default_lock_wait")]
     pub lock_wait_seconds: u64,
+    /// Whatever an agent reports, keep every snapshot younger than this
+    /// (restic's `--keep-within`, e.g. `30d`): a compromised node that
+    /// reports `keepLast: 1` cannot make the maintainer delete its history.
+    #[serde(default)]
+    pub keep_within_at_least: Option<String>,
 }
 
 fn default_prune_every() -> u64 {
@@ -103,6 +108,10 @@ pub struct AgentSource {
     /// CA certificate (PEM) to verify an https agent with.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// The node this agent must say it runs on (its /v1/status `node`,
+    /// restic's `--host` of its snapshots); a different answer fails.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +160,9 @@ struct AgentPolicy {
     /// Which of `agents` listed it.
     #[serde(skip)]
     agent: usize,
+    /// That agent's node: the maintainer forgets only that host's snapshots.
+    #[serde(skip)]
+    node: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -310,6 +322,16 @@ impl Maintainer {
                 )));
             }
         }
+        if let Some(w) = &file.keep_within_at_least {
+            let ok = !w.is_empty()
+                && w.split_inclusive(|c: char| c.is_ascii_alphabetic()).all(|part| {
+                    let (num, unit) = part.split_at(part.len() - 1);
+                    !num.is_empty() && num.bytes().all(|b| b.is_ascii_digit()) && "ymdh".contains(unit)
+                });
+            if !ok {
+                return Err(err(format!("keepWithinAtLeast {w:?} is not a restic duration such as 30d or 1y6m")));
+            }
+        }
         if file.agents.is_empty() {
             return Err(err("agents is empty: list the node agents whose policies write to these repositories".into()));
         }
@@ -389,9 +411,31 @@ impl Maintainer {
 
     async fn policies(&self) -> Result<Vec<AgentPolicy>, MaintainerError> {
         let mut all = Vec::new();
+        let mut nodes = std::collections::BTreeSet::new();
         for (i, a) in self.file.agents.iter().enumerate() {
             let err = |message: String| MaintainerError::Agent { url: a.url.clone(), message };
             let token = self.token(a).map_err(err)?;
+            // Its node, the host of its snapshots: the maintainer forgets
+            // only that host's, so an agent cannot name another node's.
+            let mut req = self.http.get(format!("{}/v1/status", a.url.trim_end_matches('/')));
+            if let Some(t) = &token {
+                req = req.bearer_auth(t);
+            }
+            let r = req.send().await.map_err(|e| err(e.without_url().to_string()))?;
+            if !r.status().is_success() {
+                return Err(err(format!("the agent answered {} for /v1/status", r.status())));
+            }
+            #[derive(Deserialize)]
+            struct Status {
+                node: String,
+            }
+            let node = r.json::<Status>().await.map_err(|e| err(e.without_url().to_string()))?.node;
+            if a.node.as_ref().is_some_and(|want| *want != node) {
+                return Err(err(format!("the agent says it runs on node {node:?}, not {:?} as configured", a.node)));
+            }
+            if node.is_empty() || !nodes.insert(node.clone()) {
+                return Err(err(format!("a second agent says it runs on node {node:?}: refusing both's policies")));
+            }
             let mut after = String::new();
             loop {
                 let mut req = self
@@ -412,7 +456,7 @@ impl Maintainer {
                     next: Option<String>,
                 }
                 let page: Page = r.json().await.map_err(|e| err(e.without_url().to_string()))?;
-                all.extend(page.policies.into_iter().map(|p| AgentPolicy { agent: i, ..p }));
+                all.extend(page.policies.into_iter().map(|p| AgentPolicy { agent: i, node: node.clone(), ..p }));
                 match page.next {
                     Some(n) if !n.is_empty() => after = n,
                     _ => break,
@@ -511,11 +555,14 @@ impl Maintainer {
         let mut forget_ok = true;
         let mut seen = std::collections::BTreeSet::new();
         for p in policies {
-            if !seen.insert(&p.id) || p.retention.keeps_everything() {
+            if !seen.insert((&p.node, &p.id)) || p.retention.keeps_everything() {
                 continue;
             }
-            let keep = p.retention.forget_args();
-            match self.restic.forget_every_host(&repo, &format!("policy={}", p.id), &keep, cancel).await {
+            let mut keep = p.retention.forget_args();
+            if let Some(w) = &self.file.keep_within_at_least {
+                keep.extend(["--keep-within".to_string(), w.clone()]);
+            }
+            match self.restic.forget_on_host(&repo, &p.node, &format!("policy={}", p.id), &keep, cancel).await {
                 Ok(groups) => {
                     let n: u64 = groups.iter().map(|g| g.removed().len() as u64).sum();
                     self.metrics.forgotten.get_or_create(&label).inc_by(n);
@@ -708,6 +755,24 @@ mod tests {
         .unwrap();
         let e = Maintainer::load(&p).unwrap_err().to_string();
         assert!(e.contains("urlFile") && !e.contains("secret@"), "{e}");
+    }
+
+    #[test]
+    fn a_retention_floor_must_be_a_restic_duration() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.yaml");
+        let with = |w: &str| {
+            std::fs::write(
+                &p,
+                format!("agents: [{{url: 'http://127.0.0.1:1'}}]\nrepositories:\n- agentRepository: /r\n  url: /r\n  passwordFile: /x\nkeepWithinAtLeast: {w:?}\n"),
+            )
+            .unwrap();
+            Maintainer::load(&p)
+        };
+        assert!(with("30d").is_ok() && with("1y6m").is_ok() && with("48h").is_ok());
+        for bad in ["30", "d", "30 days", "-1d", ""] {
+            assert!(with(bad).unwrap_err().to_string().contains("keepWithinAtLeast"), "{bad}");
+        }
     }
 
     #[test]

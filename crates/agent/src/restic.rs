@@ -829,17 +829,17 @@ impl Restic {
         self.forget_of(repo, Some(&self.host), policy_tag, keep_args, cancel).await
     }
 
-    /// `forget` of one policy's snapshots on every host (the maintainer's:
-    /// each host's snapshots of the policy keep their own history, as each
-    /// node's agent would keep them).
-    pub async fn forget_every_host(
+    /// `forget` of one policy's snapshots written by another host (the
+    /// maintainer's, for the node whose agent reported the policy).
+    pub async fn forget_on_host(
         &self,
         repo: &Repo,
+        host: &str,
         policy_tag: &str,
         keep_args: &[String],
         cancel: &CancellationToken,
     ) -> Result<Vec<ForgetGroup>, ResticError> {
-        self.forget_of(repo, None, policy_tag, keep_args, cancel).await
+        self.forget_of(repo, Some(host), policy_tag, keep_args, cancel).await
     }
 
     async fn forget_of(

@@ -326,6 +326,24 @@ async fn a_rest_server_append_only_policy_never_forgets_recovers_a_stale_lock_an
     let pr = runs.iter().find(|r| r["id"] == run_id.as_str()).unwrap();
     assert_eq!(pr["summary"]["retention"], DELEGATED, "{pr:#}");
 
+    // A retention floor: whatever the agent reports, nothing younger than a day goes.
+    let floor = write_maintainer_config(
+        &tmp.path().join("maint-floor"),
+        &agent,
+        &format!("rest:{}/repo", node.base_url()),
+        &admin.url("repo"),
+        "keepWithinAtLeast: 1d\n",
+    );
+    let out = Command::new(BIN)
+        .args(["maintain", "--once", "--config"])
+        .arg(&floor)
+        .arg("--state-dir")
+        .arg(tmp.path().join("maint-floor-state"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(snapshots_of(&admin.url("repo"), Some(&tag)).len(), all.len(), "the floor kept every snapshot");
+
     // The maintainer as a service: metrics show its prune and check.
     let config = write_maintainer_config(
         &tmp.path().join("maint"),
