@@ -313,9 +313,11 @@ impl Maintainer {
                     )));
                 }
             }
-            if let Some(k) = r.env_files.keys().find(|k| {
-                !soda_syncer_domain::policy::ALLOWED_ENV_PREFIXES.iter().any(|p| k.starts_with(p))
-            }) {
+            if let Some(k) = r
+                .env_files
+                .keys()
+                .find(|k| !soda_syncer_domain::policy::ALLOWED_ENV_PREFIXES.iter().any(|p| k.starts_with(p)))
+            {
                 return Err(err(format!(
                     "repository {:?}: envFiles.{k} is not a storage key (AWS_*, B2_*, AZURE_*, GOOGLE_*, OS_*, ST_*)",
                     r.agent_repository
@@ -372,15 +374,7 @@ impl Maintainer {
         };
         let state_path = args.state_dir.join("maintainer-state.json");
         let state = std::fs::read(&state_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        Ok(Maintainer {
-            file,
-            restic,
-            http: builder.build()?,
-            state_path,
-            state,
-            metrics: Arc::default(),
-            leases,
-        })
+        Ok(Maintainer { file, restic, http: builder.build()?, state_path, state, metrics: Arc::default(), leases })
     }
 
     /// Every policy of every agent. An agent that does not answer fails
@@ -406,7 +400,8 @@ impl Maintainer {
             return Err(err(format!("the agent answered {} for policy {}", r.status(), p.name)));
         }
         let one: AgentPolicy = r.json().await.map_err(|e| err(e.without_url().to_string()))?;
-        one.maintenance_lease.ok_or_else(|| err(format!("policy {} shows no maintenanceLease (an older agent?)", p.name)))
+        one.maintenance_lease
+            .ok_or_else(|| err(format!("policy {} shows no maintenanceLease (an older agent?)", p.name)))
     }
 
     async fn policies(&self) -> Result<Vec<AgentPolicy>, MaintainerError> {
@@ -468,9 +463,9 @@ impl Maintainer {
 
     fn repo(&self, c: &RepositoryCredentials) -> Result<Repo, String> {
         let read = |p: &Path| {
-            std::fs::read_to_string(p).map(|s| s.trim_end_matches(['\n', '\r']).to_string()).map_err(|e| {
-                format!("cannot read {} for the repository {}: {e}", p.display(), c.agent_repository)
-            })
+            std::fs::read_to_string(p)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| format!("cannot read {} for the repository {}: {e}", p.display(), c.agent_repository))
         };
         let url = match (&c.url, &c.url_file) {
             (Some(u), _) => u.clone(),
@@ -523,8 +518,10 @@ impl Maintainer {
         let due = |last: Option<chrono::DateTime<chrono::Utc>>, every: u64| {
             force || last.is_none_or(|t| now - t >= chrono::Duration::seconds(every as i64))
         };
-        let (prune_due, check_due) =
-            (due(st.last_prune_at, self.file.prune_every_seconds), due(st.last_check_at, self.file.check_every_seconds));
+        let (prune_due, check_due) = (
+            due(st.last_prune_at, self.file.prune_every_seconds),
+            due(st.last_check_at, self.file.check_every_seconds),
+        );
         if !(prune_due || check_due) {
             return true;
         }

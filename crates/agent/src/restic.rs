@@ -1412,9 +1412,9 @@ fn classify_text(repo: String, command: &str, code: i32, s: String, version: &st
 /// S3's `Access Denied` for the same call.
 fn refused_a_delete(stderr: &str) -> bool {
     let lower = stderr.to_lowercase();
-    lower.lines().any(|l| {
-        l.contains("remove(<") && !l.contains("remove(<lock/") && ACCESS_DENIED.iter().any(|n| l.contains(n))
-    })
+    lower
+        .lines()
+        .any(|l| l.contains("remove(<") && !l.contains("remove(<lock/") && ACCESS_DENIED.iter().any(|n| l.contains(n)))
 }
 
 /// Texts of a refused login, in restic's errors from S3 and REST servers.

@@ -99,7 +99,8 @@ async fn restore_matches(agent: &AgentProc, id: &str, data: &Path, target: &Path
     let run_id = run["id"].as_str().unwrap().to_string();
     agent
         .wait_runs(id, 60, "the restore", |r| {
-            r.iter().any(|r| r["id"] == run_id.as_str() && ["succeeded", "failed"].contains(&r["state"].as_str().unwrap()))
+            r.iter()
+                .any(|r| r["id"] == run_id.as_str() && ["succeeded", "failed"].contains(&r["state"].as_str().unwrap()))
         })
         .await;
     let run = agent.get(&format!("/v1/runs/{run_id}")).await;
@@ -186,8 +187,13 @@ async fn an_append_only_rclone_repository_keeps_every_snapshot_until_the_maintai
     // credentials forgot): the node's prune would delete packs, and is refused.
     let scratch = tmp.path().join("scratch");
     fill(&scratch, 3, 50_000);
-    restic(&admin.url("repo"), PW, &[], &["backup", "--host", "scratch", "--tag", "scratch", scratch.to_str().unwrap()])
-        .unwrap();
+    restic(
+        &admin.url("repo"),
+        PW,
+        &[],
+        &["backup", "--host", "scratch", "--tag", "scratch", scratch.to_str().unwrap()],
+    )
+    .unwrap();
     let scratch_id = snapshots_of(&admin.url("repo"), Some("scratch"))[0]["id"].as_str().unwrap().to_string();
     restic(&admin.url("repo"), PW, &[], &["forget", &scratch_id]).unwrap();
     refused_with_node_credentials(&node.url("repo"), &["prune"]);
@@ -398,4 +404,3 @@ async fn a_rest_server_append_only_policy_never_forgets_recovers_a_stale_lock_an
     assert_eq!(left.len(), 2, "keepLast 2: {left:#?}");
     restore_matches(&agent, id, &data, &tmp.path().join("restored-after")).await;
 }
-

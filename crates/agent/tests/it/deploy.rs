@@ -391,7 +391,17 @@ fn to_typed(doc: &Value) -> Result<Obj, String> {
             )*
         };
     }
-    dispatch!(Namespace, ServiceAccount, Secret, ClusterRole, ClusterRoleBinding, Role, RoleBinding, DaemonSet, Deployment);
+    dispatch!(
+        Namespace,
+        ServiceAccount,
+        Secret,
+        ClusterRole,
+        ClusterRoleBinding,
+        Role,
+        RoleBinding,
+        DaemonSet,
+        Deployment
+    );
     Err(format!("apiVersion {api:?} kind {kind:?} is not a kind this test knows: add it to to_typed (and check it)"))
 }
 
@@ -1362,7 +1372,8 @@ fn the_chart_s_maintainer_runs_alone_with_the_only_mount_of_the_delete_credentia
             _ => a.clone(),
         })
         .collect();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_soda-syncer")).arg("maintain").args(&args).output().unwrap();
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_soda-syncer")).arg("maintain").args(&args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("cannot read the maintainer's configuration"), "{err}");

@@ -415,7 +415,9 @@ impl RestServer {
             rest.trim().parse::<u16>().ok().filter(|&p| p != 0)
         });
         match found {
-            Ok(port) => Ok(RestServer { child: Some(child), port, user, pass, _output: Some(output), _htpasswd: htpasswd }),
+            Ok(port) => {
+                Ok(RestServer { child: Some(child), port, user, pass, _output: Some(output), _htpasswd: htpasswd })
+            }
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
