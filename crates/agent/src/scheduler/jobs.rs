@@ -1001,15 +1001,17 @@ impl Scheduler {
         token: &CancellationToken,
     ) -> Result<RunState, RunError> {
         let p: MaintenanceParams = params(run)?;
-        let repo = self.repo_for(policy).await?;
         // An append-only repository is the maintainer's (`soda-syncer
         // maintain`, with the delete rights): scheduled runs are left to
         // it and do not take the repository's maintenance Lease it holds.
         // Asked by hand, check still runs; forget and prune are reported.
-        let append_only = self.append_only(&policy.spec, &repo);
-        if append_only && run.trigger == RunTrigger::Schedule {
+        let skip_delegated = |run: &mut RunRecord| {
             run.warning = Some(format!("{MAINTENANCE_SKIPPED}: {MAINTENANCE_DELEGATED}"));
-            return Ok(RunState::Succeeded);
+            Ok(RunState::Succeeded)
+        };
+        let declared = policy.spec.append_only || self.inner.config.append_only;
+        if declared && run.trigger == RunTrigger::Schedule {
+            return skip_delegated(run);
         }
         // Scheduled prune and check: only the repository's maintainer in the
         // cluster runs them (asked by hand, they always run).
@@ -1024,6 +1026,12 @@ impl Scheduler {
                     return Ok(RunState::Succeeded);
                 }
             }
+        }
+        let repo = self.repo_for(policy).await?;
+        // Or found out by a refused delete since the agent started.
+        let append_only = declared || self.inner.restic.deletes_refused(&repo);
+        if append_only && run.trigger == RunTrigger::Schedule {
+            return skip_delegated(run);
         }
         let _exclusive = self.repo_lock(&repo, true, run, token).await?;
         let mut summary = RunSummary::default();

@@ -266,7 +266,13 @@ async fn a_rest_server_append_only_policy_never_forgets_recovers_a_stale_lock_an
     let dir = tmp.path().join("rest");
     let node = RestServer::start(&dir, true).unwrap();
     let admin = RestServer::start(&dir, false).unwrap();
-    let agent = AgentProc::start(&tmp.path().join("agent"), &[]).unwrap();
+    let fast = [
+        "--prune-every-seconds=2",
+        "--check-every-seconds=2",
+        "--maintenance-jitter-seconds=0",
+        "--maintenance-gap-seconds=0",
+    ];
+    let agent = AgentProc::start(&tmp.path().join("agent"), &fast).unwrap();
     let p = agent
         .create_policy(json!({
             "name": "ao", "source": {"path": data}, "appendOnly": true,
@@ -277,15 +283,26 @@ async fn a_rest_server_append_only_policy_never_forgets_recovers_a_stale_lock_an
     assert_eq!(p["appendOnly"], true, "{p}");
     let id = p["id"].as_str().unwrap();
     agent.wait_runs(id, 90, "four backups", |r| count_state(r, "succeeded") >= 4).await;
+    // The agent's scheduled prune and check are the maintainer's: skipped, and say why.
+    let delegated = |r: &Value| {
+        matches!(r["kind"].as_str(), Some("prune" | "check"))
+            && r["trigger"] == "schedule"
+            && r["warning"].as_str().is_some_and(|w| w.starts_with("skipped: the repository is append-only"))
+    };
+    agent.wait_runs(id, 60, "a scheduled prune or check left to the maintainer", |r| r.iter().any(delegated)).await;
     let runs = pause_and_settle(&agent, id).await;
     assert_eq!(count_state(&runs, "failed"), 0, "{runs:#?}\n{}", agent.log_text());
+    for r in runs.iter().filter(|r| matches!(r["kind"].as_str(), Some("prune" | "check"))) {
+        assert!(delegated(r), "a scheduled maintenance run that was not delegated: {r:#}");
+    }
     for r in runs.iter().filter(|r| r["kind"] == "backup") {
         assert_eq!(r["summary"]["retention"], DELEGATED, "every run left retention to the maintainer: {r:#}");
         assert_eq!(r["summary"]["snapshotsForgotten"], 0);
     }
     let tag = format!("policy={id}");
     let all = snapshots_of(&admin.url("repo"), Some(&tag));
-    assert_eq!(all.len(), count_state(&runs, "succeeded"));
+    let backups: Vec<Value> = runs.iter().filter(|r| r["kind"] == "backup").cloned().collect();
+    assert_eq!(all.len(), count_state(&backups, "succeeded"));
     refused_with_node_credentials(&node.url("repo"), &["forget", "--keep-last", "1"]);
     let first = all[0]["id"].as_str().unwrap();
     assert_eq!(raw_delete(&node.base_url(), node.user(), node.pass(), &format!("repo/snapshots/{first}")).await, 403);
