@@ -191,7 +191,7 @@ impl AgentRepository {
 
 /// A repository URL without the user and password of its authority, and
 /// without a trailing slash, so `rest:http://u:***@h/r/` matches `rest:http://h/r`.
-fn without_userinfo(url: &str) -> String {
+pub fn without_userinfo(url: &str) -> String {
     let s = match url.find("://") {
         Some(i) => {
             let rest = &url[i + 3..];

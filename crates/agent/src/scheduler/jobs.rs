@@ -1009,7 +1009,7 @@ impl Scheduler {
             run.warning = Some(format!("{MAINTENANCE_SKIPPED}: {MAINTENANCE_DELEGATED}"));
             Ok(RunState::Succeeded)
         };
-        let declared = policy.spec.append_only || self.inner.config.append_only;
+        let declared = self.declared_append_only(&policy.spec, &policy.spec.repository_url());
         if declared && run.trigger == RunTrigger::Schedule {
             return skip_delegated(run);
         }
@@ -1029,7 +1029,7 @@ impl Scheduler {
         }
         let repo = self.repo_for(policy).await?;
         // Or found out by a refused delete since the agent started.
-        let append_only = declared || self.inner.restic.deletes_refused(&repo);
+        let append_only = self.append_only(&policy.spec, &repo);
         if append_only && run.trigger == RunTrigger::Schedule {
             return skip_delegated(run);
         }
@@ -1124,7 +1124,20 @@ impl Scheduler {
     /// Whether the repository takes no deletes from this node: the policy
     /// or the agent says so, or the repository refused one already.
     fn append_only(&self, spec: &soda_syncer_domain::PolicySpec, repo: &Repo) -> bool {
-        spec.append_only || self.inner.config.append_only || self.inner.restic.deletes_refused(repo)
+        self.declared_append_only(spec, &repo.url) || self.inner.restic.deletes_refused(repo)
+    }
+
+    /// Declared append-only: by the policy, the agent (all repositories),
+    /// or the agent's list of repositories (`url`: the repository's URL or
+    /// the policy's `repository_url()`, compared without user and password).
+    fn declared_append_only(&self, spec: &soda_syncer_domain::PolicySpec, url: &str) -> bool {
+        let c = &self.inner.config;
+        let bare = crate::maintainer::without_userinfo;
+        spec.append_only
+            || c.append_only
+            || c.append_only_repositories
+                .iter()
+                .any(|r| bare(r) == bare(url) || bare(r) == bare(&spec.repository_url()))
     }
 }
 

@@ -421,3 +421,31 @@ async fn a_rest_server_append_only_policy_never_forgets_recovers_a_stale_lock_an
     assert_eq!(left.len(), 2, "keepLast 2: {left:#?}");
     restore_matches(&agent, id, &data, &tmp.path().join("restored-after")).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repository_the_agent_is_told_is_append_only_never_sees_a_forget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    fill(&data, 5, 1000);
+    let node = RcloneRest::start_append_only(&tmp.path().join("rest")).unwrap();
+    // Named without its user and password, as an operator would write it.
+    let flag = format!("--append-only-repository=rest:{}/repo/", node.base_url());
+    let agent = AgentProc::start(&tmp.path().join("agent"), &[&flag]).unwrap();
+    let p = agent
+        .create_policy(json!({
+            "name": "told", "source": {"path": data},
+            "repository": {"url": node.url("repo"), "password": PW},
+            "schedule": {"intervalSeconds": 2}, "retention": {"keepLast": 1},
+        }))
+        .await;
+    let id = p["id"].as_str().unwrap();
+    agent.wait_runs(id, 60, "three backups", |r| count_state(r, "succeeded") >= 3).await;
+    let runs = pause_and_settle(&agent, id).await;
+    assert_eq!(count_state(&runs, "failed"), 0, "{runs:#?}");
+    // Even the first run (one snapshot, nothing to forget) delegated: no
+    // forget was tried, so none was refused.
+    for r in runs.iter().filter(|r| r["state"] == "succeeded") {
+        assert_eq!(r["summary"]["retention"], DELEGATED, "{r:#}");
+    }
+    assert!(!agent.log_text().contains("refused a delete"), "a forget was tried:\n{}", agent.log_text());
+}
