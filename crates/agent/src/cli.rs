@@ -65,6 +65,17 @@ pub enum Command {
         arg = agent_flag_refused("token", "token", None, "serve reads its tokens from --token-file"),
     )]
     Serve(Box<ServeArgs>),
+    /// Apply retention, prune and check append-only repositories with delete rights the nodes lack.
+    ///
+    /// Learns each repository's policies from the agents' APIs; see "Immutable backups" in the README.
+    #[command(
+        arg = agent_flag_refused("server", "server", None, "maintain reads its agents from --config"),
+        arg = agent_flag_refused("agent_state_dir", "agent-state-dir", None, "maintain takes --state-dir"),
+        arg = agent_flag_refused("output", "output", Some('o'), "maintain prints only its log"),
+        arg = agent_flag_refused("ca_file", "ca-file", None, "each agent's caFile goes in --config"),
+        arg = agent_flag_refused("token", "token", None, "each agent's tokenFile goes in --config"),
+    )]
+    Maintain(Box<crate::maintainer::MaintainArgs>),
     /// Manage backup policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -449,10 +460,15 @@ use crate::ids::percent_encode as enc;
 async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> {
     use reqwest::Method;
     match cmd {
-        Command::Serve(_) => unreachable!("handled by main"),
+        Command::Serve(_) | Command::Maintain(_) => unreachable!("handled by main"),
         Command::Cluster(args) => {
-            let inv = crate::kube::cluster::inventory(&args).await?;
-            let report = crate::kube::cluster::report(&inv, chrono::Utc::now());
+            let report: crate::kube::cluster::ClusterReport = if args.via_agent {
+                let query = args.namespace.as_deref().map(|n| format!("?namespace={}", enc(n))).unwrap_or_default();
+                serde_json::from_value(c.call(Method::GET, &format!("/v1/cluster{query}"), None).await?)?
+            } else {
+                let inv = crate::kube::cluster::inventory(&args).await?;
+                crate::kube::cluster::report(&inv, chrono::Utc::now())
+            };
             match out {
                 Output::Table => crate::kube::cluster::print_table(&report),
                 _ => print_value(out, &serde_json::to_value(&report)?, |_| {}),

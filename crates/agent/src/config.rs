@@ -53,6 +53,12 @@ pub struct ServeArgs {
     /// Check each repository this often [default: 604800, weekly].
     #[arg(long, env = "SODA_SYNCER_CHECK_EVERY_SECONDS")]
     pub check_every_seconds: Option<u64>,
+    /// Every repository this agent writes refuses its deletes (append-only credentials): never forget or prune, leave retention to `soda-syncer maintain`.
+    #[arg(long, env = "SODA_SYNCER_APPEND_ONLY")]
+    pub append_only: bool,
+    /// This repository refuses the agent's deletes (its URL without user and password, or secret:NS/NAME, soda-profile:ID); repeat or separate with commas.
+    #[arg(long = "append-only-repository", env = "SODA_SYNCER_APPEND_ONLY_REPOSITORIES", value_delimiter = ',')]
+    pub append_only_repositories: Vec<String>,
     /// Scheduled checks also read this much data (e.g. 5%, 1/10, 500M) [default: structure only].
     #[arg(long, env = "SODA_SYNCER_CHECK_READ_DATA_SUBSET")]
     pub check_read_data_subset: Option<String>,
@@ -168,6 +174,8 @@ struct FileConfig {
     prune_every_seconds: Option<u64>,
     check_every_seconds: Option<u64>,
     check_read_data_subset: Option<String>,
+    append_only: Option<bool>,
+    append_only_repositories: Option<Vec<String>>,
     maintenance_jitter_seconds: Option<u64>,
     maintenance_gap_seconds: Option<u64>,
     keep_runs: Option<usize>,
@@ -211,6 +219,10 @@ pub struct Config {
     pub prune_every: Duration,
     pub check_every: Duration,
     pub check_read_data_subset: Option<String>,
+    /// Every repository of this agent is append-only (`--append-only`).
+    pub append_only: bool,
+    /// These repositories are (`--append-only-repository`).
+    pub append_only_repositories: Vec<String>,
     pub maintenance_jitter: Duration,
     /// A prune or check waits for a gap this long between the repository's backups.
     pub maintenance_gap: Duration,
@@ -289,6 +301,8 @@ impl Config {
             prune_every: Duration::from_secs(7 * 86400),
             check_every: Duration::from_secs(7 * 86400),
             check_read_data_subset: None,
+            append_only: false,
+            append_only_repositories: Vec::new(),
             maintenance_jitter: Duration::from_secs(3600),
             maintenance_gap: Duration::from_secs(300),
             keep_runs: 1000,
@@ -361,6 +375,12 @@ impl Config {
             c.rescan_interval = Duration::from_secs(v);
         }
         c.default_repository = args.default_repository.clone().or(file.default_repository);
+        c.append_only = args.append_only || file.append_only.unwrap_or(false);
+        c.append_only_repositories = if args.append_only_repositories.is_empty() {
+            file.append_only_repositories.unwrap_or_default()
+        } else {
+            args.append_only_repositories.clone()
+        };
         if let Some(v) = args.run_timeout_seconds.or(file.run_timeout_seconds) {
             c.run_timeout = Duration::from_secs(v);
         }

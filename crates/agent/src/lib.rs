@@ -19,6 +19,7 @@ pub mod ids;
 pub mod kube;
 pub mod kubelet;
 pub mod legacy;
+pub mod maintainer;
 pub mod metrics;
 pub mod output;
 pub mod policies;

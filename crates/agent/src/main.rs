@@ -10,6 +10,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Maintain(args) => maintain(*args),
         other => soda_syncer::cli::run_client(&cli.client, other),
     };
     std::process::exit(code);
@@ -52,6 +53,27 @@ fn serve(args: soda_syncer::config::ServeArgs) -> i32 {
                 }
             }
         }
+    })
+}
+
+fn maintain(args: soda_syncer::maintainer::MaintainArgs) -> i32 {
+    init_logging(args.log_json);
+    // SAFETY: as in `serve`: no core dumps of memory that holds the delete credentials.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    rt.block_on(async move {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let s2 = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            s2.cancel();
+        });
+        soda_syncer::maintainer::run(args, shutdown).await
     })
 }
 

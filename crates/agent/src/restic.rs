@@ -58,6 +58,8 @@ pub enum ResticError {
     RepositoryNotFound { repo: String, stderr: String },
     #[error("the repository {repo} refused our credentials: check the access keys in repository.env (or the user and password in a REST URL): {stderr}")]
     AccessDenied { repo: String, stderr: String },
+    #[error("the repository {repo} refuses this node's deletes (it is append-only): retention and prune are left to the maintainer that holds the delete rights (soda-syncer maintain): {stderr}")]
+    DeletesRefused { repo: String, stderr: String },
     #[error("the repository {repo} is locked by another process; stale locks are removed automatically, this one is held by a live process: {stderr}")]
     RepositoryLocked { repo: String, stderr: String },
     #[error("cannot reach the repository {repo}: is the server up and the address right? {stderr}")]
@@ -94,6 +96,7 @@ impl ResticError {
             ResticError::WrongPassword { .. } => "wrong_password",
             ResticError::RepositoryNotFound { .. } => "repository_not_found",
             ResticError::AccessDenied { .. } => "repository_access_denied",
+            ResticError::DeletesRefused { .. } => "repository_append_only",
             ResticError::RepositoryLocked { .. } => "repository_locked",
             ResticError::RepositoryUnreachable { .. } => "repository_unreachable",
             ResticError::SourceMissing { .. } => "source_missing",
@@ -107,6 +110,47 @@ impl ResticError {
             ResticError::Credentials(_) => "secrets_unavailable",
         }
     }
+
+    /// Whether trying again can help, and when (as rustic_core's errors
+    /// say): the one place that retries (`LockRule`) asks
+    /// this, nothing else decides it.
+    pub fn retry(&self) -> Retry {
+        match self {
+            ResticError::RepositoryLocked { .. } => Retry::WhenUnlocked,
+            ResticError::RepositoryUnreachable { .. }
+            | ResticError::DiskFull { .. }
+            | ResticError::Interrupted { .. }
+            | ResticError::TimedOut { .. }
+            | ResticError::Fenced { .. }
+            | ResticError::Spawn { .. }
+            | ResticError::Failed { .. } => Retry::Later,
+            ResticError::NotInstalled { .. }
+            | ResticError::Unsupported { .. }
+            | ResticError::WrongPassword { .. }
+            | ResticError::RepositoryNotFound { .. }
+            | ResticError::AccessDenied { .. }
+            | ResticError::DeletesRefused { .. }
+            | ResticError::SourceMissing { .. }
+            | ResticError::LegacyFormat { .. }
+            | ResticError::Cancelled { .. }
+            | ResticError::Credentials(_) => Retry::Never,
+        }
+    }
+}
+
+/// Whether a failed command is worth trying again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Not until someone changes something (a password, the source, the
+    /// installed restic, the repository's rights); a repository that does
+    /// not exist yet is made once by `backup`, which is not a retry.
+    Never,
+    /// Another process holds the repository's lock: remove it if its holder
+    /// is provably gone, else wait for it (`LockWait`, up to `--lock-wait`).
+    WhenUnlocked,
+    /// The server, the disk or the process may be fine at the next
+    /// scheduled run; trying again at once would only fail the same way.
+    Later,
 }
 
 /// What a finished command left behind.
@@ -172,6 +216,9 @@ pub struct Restic {
     /// The version `version()` detected; what newer restic offers is used
     /// only when it is known to be there.
     detected: Arc<std::sync::OnceLock<ResticVersion>>,
+    /// Repositories (`short_hash` of the URL) seen refusing a delete since
+    /// the agent started: no forget or prune is tried on them again.
+    deletes_refused: Arc<Mutex<std::collections::BTreeSet<String>>>,
 }
 
 /// While this node cannot prove it is alive (its liveness Lease could not
@@ -239,6 +286,7 @@ impl Restic {
             lock_holders: Arc::default(),
             fence: Arc::default(),
             detected: Arc::default(),
+            deletes_refused: Arc::default(),
         }
     }
 
@@ -791,20 +839,15 @@ impl Restic {
             return Err(ResticError::SourceMissing { path: req.path.display().to_string() });
         }
         let mut initialised = false;
-        let mut unlocked = false;
-        let mut wait = LockWait::new(self.lock_wait, self.features().retry_lock);
+        let mut rule = LockRule::new(self, LockPatience::Wait);
         loop {
-            match self.backup_once(repo, req, cancel, progress, &wait).await {
+            match self.backup_once(repo, req, cancel, progress, &rule.wait).await {
                 Err(ResticError::RepositoryNotFound { .. }) if !initialised => {
                     initialised = true;
                     self.init(repo, cancel).await?;
                 }
-                Err(ResticError::RepositoryLocked { .. }) if !unlocked => {
-                    unlocked = true;
-                    self.recover_lock(repo, "backup", cancel).await?;
-                }
-                Err(e @ ResticError::RepositoryLocked { .. }) => wait.pause(self, repo, "backup", e, cancel).await?,
-                other => return other,
+                Err(e) => rule.after(self, repo, "backup", e, cancel).await?,
+                done => return done,
             }
         }
     }
@@ -820,35 +863,51 @@ impl Restic {
         keep_args: &[String],
         cancel: &CancellationToken,
     ) -> Result<Vec<ForgetGroup>, ResticError> {
-        let mut args: Vec<OsString> = vec![
-            "forget".into(),
-            "--json".into(),
-            "--host".into(),
-            self.host.clone().into(),
-            "--tag".into(),
-            policy_tag.into(),
-            "--group-by".into(),
-            "host".into(),
-        ];
-        args.extend(keep_args.iter().map(OsString::from));
-        let mut unlocked = false;
-        loop {
-            match self.simple(repo, args.clone(), cancel).await {
-                Ok(out) => {
-                    let json = out.lines().find(|l| l.starts_with('[')).unwrap_or("[]");
-                    return serde_json::from_str(json).map_err(|e| ResticError::Failed {
-                        command: "forget".into(),
-                        code: 0,
-                        stderr: format!("unreadable JSON from restic forget: {e}"),
-                    });
-                }
-                Err(ResticError::RepositoryLocked { .. }) if !unlocked => {
-                    unlocked = true;
-                    self.recover_lock(repo, "forget", cancel).await?;
-                }
-                Err(e) => return Err(e),
-            }
+        self.forget_of(repo, Some(&self.host), policy_tag, keep_args, cancel).await
+    }
+
+    /// `forget` of one policy's snapshots written by another host (the
+    /// maintainer's, for the node whose agent reported the policy).
+    pub async fn forget_on_host(
+        &self,
+        repo: &Repo,
+        host: &str,
+        policy_tag: &str,
+        keep_args: &[String],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<ForgetGroup>, ResticError> {
+        self.forget_of(repo, Some(host), policy_tag, keep_args, cancel).await
+    }
+
+    async fn forget_of(
+        &self,
+        repo: &Repo,
+        host: Option<&str>,
+        policy_tag: &str,
+        keep_args: &[String],
+        cancel: &CancellationToken,
+    ) -> Result<Vec<ForgetGroup>, ResticError> {
+        let mut args: Vec<OsString> = vec!["forget".into(), "--json".into()];
+        if let Some(h) = host {
+            args.extend(["--host".into(), h.into()]);
         }
+        args.extend(["--tag".into(), policy_tag.into(), "--group-by".into(), "host".into()]);
+        args.extend(keep_args.iter().map(OsString::from));
+        let mut rule = LockRule::new(self, LockPatience::RecoverOnly);
+        let out = loop {
+            match self.simple(repo, args.clone(), cancel).await {
+                Err(e) => {
+                    rule.after(self, repo, "forget", e, cancel).await.map_err(|e| self.deletes_refused_by(repo, e))?
+                }
+                Ok(out) => break out,
+            }
+        };
+        let json = out.lines().find(|l| l.starts_with('[')).unwrap_or("[]");
+        serde_json::from_str(json).map_err(|e| ResticError::Failed {
+            command: "forget".into(),
+            code: 0,
+            stderr: format!("unreadable JSON from restic forget: {e}"),
+        })
     }
 
     /// Snapshots, optionally limited to a tag and/or given ids.
@@ -1130,20 +1189,41 @@ impl Restic {
         cancel: &CancellationToken,
     ) -> Result<String, ResticError> {
         let command = args[0].to_string_lossy().into_owned();
-        let mut unlocked = false;
-        let mut wait = LockWait::new(self.lock_wait, self.features().retry_lock);
+        let mut rule = LockRule::new(self, LockPatience::Wait);
         loop {
             let mut args = args.clone();
-            wait.add_retry_lock(&mut args);
+            rule.wait.add_retry_lock(&mut args);
             match self.simple(repo, args, cancel).await {
-                Err(ResticError::RepositoryLocked { .. }) if !unlocked => {
-                    unlocked = true;
-                    self.recover_lock(repo, &command, cancel).await?;
+                Err(e) => {
+                    rule.after(self, repo, &command, e, cancel).await.map_err(|e| self.deletes_refused_by(repo, e))?
                 }
-                Err(e @ ResticError::RepositoryLocked { .. }) => wait.pause(self, repo, &command, e, cancel).await?,
-                other => return other,
+                done => return done,
             }
         }
+    }
+
+    /// A refused request that removed something (a snapshot, a pack, an
+    /// index): the repository takes writes but no deletes from this
+    /// node's credentials. Remembered, so no forget or prune is tried on it
+    /// again. A refused lock removal is not that: restic removes its own
+    /// locks on every command, so such a repository could not be used.
+    fn deletes_refused_by(&self, repo: &Repo, e: ResticError) -> ResticError {
+        let ResticError::AccessDenied { stderr, .. } = &e else { return e };
+        if !refused_a_delete(stderr) {
+            return e;
+        }
+        let key = crate::ids::short_hash(&[&repo.url]);
+        let new = self.deletes_refused.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
+        if new {
+            tracing::warn!(repository = %repo.display(), "the repository refused a delete: it is append-only for this node; retention is left to the maintainer from now on");
+        }
+        ResticError::DeletesRefused { repo: repo.display(), stderr: stderr.clone() }
+    }
+
+    /// Whether this repository refused one of our deletes since the agent started.
+    pub fn deletes_refused(&self, repo: &Repo) -> bool {
+        let key = crate::ids::short_hash(&[&repo.url]);
+        self.deletes_refused.lock().unwrap_or_else(|p| p.into_inner()).contains(&key)
     }
 
     /// How long a command waits for a lock held by a live process (another
@@ -1152,6 +1232,56 @@ impl Restic {
         self.lock_wait = wait;
         self
     }
+}
+
+/// The one rule for a command that meets a repository lock (see
+/// [`Retry::WhenUnlocked`]): the first time, remove the locks whose holder
+/// is provably gone and try again; after that, with [`LockPatience::Wait`],
+/// wait for the live holder (`LockWait`: the agent's sleeps on restic <
+/// 0.16, restic's `--retry-lock` after) up to `--lock-wait`, else fail.
+/// Every other error goes back to the caller as it is.
+struct LockRule {
+    recovered: bool,
+    patience: LockPatience,
+    /// Handed to each try, to pass restic `--retry-lock`.
+    wait: LockWait,
+}
+
+impl LockRule {
+    fn new(restic: &Restic, patience: LockPatience) -> LockRule {
+        LockRule { recovered: false, patience, wait: LockWait::new(restic.lock_wait, restic.features().retry_lock) }
+    }
+
+    /// After a failed try: `Ok(())` to try again, or the error to give up with.
+    async fn after(
+        &mut self,
+        restic: &Restic,
+        repo: &Repo,
+        command: &str,
+        e: ResticError,
+        cancel: &CancellationToken,
+    ) -> Result<(), ResticError> {
+        if e.retry() != Retry::WhenUnlocked {
+            return Err(e);
+        }
+        if !self.recovered {
+            self.recovered = true;
+            return restic.recover_lock(repo, command, cancel).await;
+        }
+        match self.patience {
+            LockPatience::Wait => self.wait.pause(restic, repo, command, e, cancel).await,
+            LockPatience::RecoverOnly => Err(e),
+        }
+    }
+}
+
+/// What a command does about a lock held by a live process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LockPatience {
+    /// Wait for it, up to `--lock-wait` (backups, prune, check).
+    Wait,
+    /// Fail at once: `forget` after a backup is tried again after the next one.
+    RecoverOnly,
 }
 
 /// Waiting out a lock that a live process holds, rather than failing the
@@ -1354,6 +1484,18 @@ fn classify_text(repo: String, command: &str, code: i32, s: String, version: &st
     } else {
         ResticError::Failed { command: command.to_string(), code, stderr: s }
     }
+}
+
+/// Whether restic's stderr shows a refused removal of a repository file
+/// other than a lock: `Remove(<snapshot/…>) returned error, retrying after
+/// …: … 403 Forbidden` (0.14's retries, stopped as hopeless) or
+/// `Remove(<snapshot/…>) failed: unexpected HTTP response (403)` (0.19), and
+/// S3's `Access Denied` for the same call.
+fn refused_a_delete(stderr: &str) -> bool {
+    let lower = stderr.to_lowercase();
+    lower
+        .lines()
+        .any(|l| l.contains("remove(<") && !l.contains("remove(<lock/") && ACCESS_DENIED.iter().any(|n| l.contains(n)))
 }
 
 /// Texts of a refused login, in restic's errors from S3 and REST servers.
@@ -1575,6 +1717,21 @@ mod tests {
             "Save(<data/12ab>) returned error, retrying after 720ms: dial tcp 127.0.0.1:9: connection refused";
         assert_eq!(hopeless_retry(network), None, "a network error may heal: the unreachable timer decides");
         assert_eq!(hopeless_retry("Fatal: the specified bucket does not exist"), None, "not a retry");
+    }
+
+    #[test]
+    fn a_refused_removal_of_a_snapshot_or_pack_means_append_only_and_a_refused_lock_removal_does_not() {
+        // Recorded against `rclone serve restic --append-only` and rest-server --append-only.
+        let v014 = "Remove(<snapshot/3be0aef49b>) returned error, retrying after 4.506218855s: blob not removed, server response: 403 Forbidden (403)";
+        let v019 = "Remove(<snapshot/3be0aef49b>) failed: unexpected HTTP response (403): 403 Forbidden";
+        // S3 (minio-go's message for a DeleteObject the bucket policy denies).
+        let s3 = "Remove(<data/12ab34cd56>) returned error, retrying after 552ms: Access Denied.";
+        for text in [v014, v019, s3] {
+            assert!(refused_a_delete(&format!("some context\n{text}\nmore")), "{text}");
+        }
+        let lock = "Remove(<lock/12ab34cd56>) failed: unexpected HTTP response (403): 403 Forbidden";
+        assert!(!refused_a_delete(lock), "a refused lock removal is not append-only, the repository is unusable");
+        assert!(!refused_a_delete("Load(<config/>) failed: 403 Forbidden"), "a refused read is a wrong key");
     }
 
     #[test]

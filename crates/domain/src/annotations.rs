@@ -39,6 +39,8 @@ pub mod keys {
     /// `RESTIC_PASSWORD` and the storage keys (`AWS_ACCESS_KEY_ID`, ...).
     pub const SECRET: &str = "soda-syncer.io/secret";
     /// Comma-separated restic exclude patterns.
+    /// `true`: the repository refuses the node's deletes; retention is the maintainer's.
+    pub const APPEND_ONLY: &str = "soda-syncer.io/append-only";
     pub const EXCLUDE: &str = "soda-syncer.io/exclude";
     /// A SODA profile id: its repository and schedule are the policy.
     pub const PROFILE: &str = "soda-syncer.io/profile";
@@ -172,6 +174,7 @@ pub struct OptIn {
     pub schedule: ScheduleSpec,
     pub jitter_seconds: u64,
     pub retention: Retention,
+    pub append_only: bool,
     pub consistency: ConsistencySpec,
     pub exclude: Vec<String>,
     /// The Secret (in the claim's namespace) with the repository keys;
@@ -216,6 +219,10 @@ pub fn parse(
         Some(v) => parse_retention(v)?,
         None => Retention::default(),
     };
+    let append_only = match get(keys::APPEND_ONLY) {
+        Some(v) => parse_bool(keys::APPEND_ONLY, v)?,
+        None => false,
+    };
     let mut consistency = ConsistencySpec::default();
     if let Some(v) = get(keys::CONSISTENCY) {
         consistency.mode = serde_json::from_value(serde_json::Value::String(v.to_ascii_lowercase())).map_err(|_| {
@@ -248,7 +255,7 @@ pub fn parse(
             "consistency is required but the mode is none: set soda-syncer.io/consistency to auto or a method",
         ));
     }
-    Ok(Some(OptIn { schedule, jitter_seconds, retention, consistency, exclude, secret, profile }))
+    Ok(Some(OptIn { schedule, jitter_seconds, retention, append_only, consistency, exclude, secret, profile }))
 }
 
 /// Go's `strconv.ParseBool` spellings, as K8up accepts them.
@@ -321,6 +328,16 @@ mod tests {
 
     fn m(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn the_append_only_annotation_is_a_boolean_on_the_claim_or_its_class() {
+        let on = parse(&m(&[(keys::BACKUP, "true")]), &m(&[(keys::APPEND_ONLY, "true")]), None).unwrap().unwrap();
+        assert!(on.append_only);
+        let off = parse(&m(&[(keys::BACKUP, "true")]), &m(&[]), None).unwrap().unwrap();
+        assert!(!off.append_only);
+        let e = parse(&m(&[(keys::BACKUP, "true"), (keys::APPEND_ONLY, "sometimes")]), &m(&[]), None).unwrap_err();
+        assert_eq!(e.field, keys::APPEND_ONLY);
     }
 
     #[test]

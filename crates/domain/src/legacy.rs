@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use crate::field::FieldError;
-use crate::policy::{PolicySpec, RepositorySpec, SourceSpec};
+use crate::policy::{PolicySpec, RepositorySpec};
 use crate::schedule::{ScheduleSpec, MAX_INTERVAL_SECONDS};
 use crate::secret::Secret;
 
@@ -122,31 +122,10 @@ impl LegacyTarget {
 
     /// The policy for one source.
     pub fn spec(&self, name: String, path: &str) -> PolicySpec {
-        PolicySpec {
-            name,
-            source: SourceSpec { path: path.to_string() },
-            repository: self.repository.clone(),
-            schedule: ScheduleSpec { interval_seconds: Some(self.interval), ..Default::default() },
-            jitter_seconds: 0,
-            retention: Default::default(),
-            consistency: Default::default(),
-            exclude: Vec::new(),
-            tags: Vec::new(),
-            paused: false,
-            drill: None,
-            verify_unchanged: true,
-            id: None,
-            origin: None,
-            created_at: None,
-            updated_at: None,
-            next_run_at: None,
-            last_run: None,
-            status: None,
-            volume: None,
-            paused_by_user: None,
-            consecutive_failures: None,
-            secrets_unavailable: None,
-        }
+        let schedule = ScheduleSpec { interval_seconds: Some(self.interval), ..Default::default() };
+        let mut spec = PolicySpec::with_defaults(name, path, schedule);
+        spec.repository = self.repository.clone();
+        spec
     }
 }
 
@@ -185,5 +164,25 @@ mod tests {
         assert_eq!(r.time_interval, 3600);
         assert_eq!(r.restic_source_repo.as_deref(), Some(""));
         assert!(serde_json::from_str::<LegacySnapshotRequest>(r#"{"timeInterval":1,"extra":1}"#).is_err());
+    }
+
+    #[test]
+    fn a_body_becomes_a_valid_policy_with_the_defaults_of_a_body_that_says_nothing_else() {
+        let req: LegacySnapshotRequest = serde_json::from_str(
+            r#"{"RESTIC_REPOSITORY":"s3:h/b","RESTIC_PASSWORD":"p","timeInterval":600,"resticSourceRepo":"/data"}"#,
+        )
+        .unwrap();
+        let spec = LegacyTarget::of(&req).unwrap().spec("legacy-data-01234567".into(), "/data");
+        spec.validate(chrono::Utc::now()).unwrap();
+        assert_eq!(spec.schedule.interval_seconds, Some(600));
+        assert_eq!(spec.repository.url.as_deref(), Some("s3:h/b"));
+        let said_nothing: PolicySpec = serde_json::from_value(
+            serde_json::json!({"name": "x", "source": {"path": "/data"}, "schedule": {"intervalSeconds": 600}}),
+        )
+        .unwrap();
+        assert_eq!(
+            (spec.verify_unchanged, spec.paused, &spec.retention, spec.jitter_seconds),
+            (said_nothing.verify_unchanged, said_nothing.paused, &said_nothing.retention, said_nothing.jitter_seconds)
+        );
     }
 }

@@ -197,6 +197,12 @@ pub struct PolicySpec {
     pub jitter_seconds: u64,
     #[serde(default)]
     pub retention: Retention,
+    /// The repository refuses this node's deletes (an append-only REST
+    /// server, an S3 user without DeleteObject): the agent never runs
+    /// `forget` or `prune` on it; a maintainer holding the delete rights
+    /// applies `retention` (see `soda-syncer maintain`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub append_only: bool,
     #[serde(default)]
     pub consistency: ConsistencySpec,
     #[serde(default)]
@@ -251,6 +257,9 @@ pub struct PolicySpec {
     #[serde(default, skip_serializing)]
     #[schema(ignore)]
     pub secrets_unavailable: Option<IgnoredAny>,
+    #[serde(default, skip_serializing)]
+    #[schema(ignore)]
+    pub maintenance_lease: Option<IgnoredAny>,
 }
 
 /// The longest policy name.
@@ -296,6 +305,14 @@ pub fn validate_abs_path(field: &str, path: &str) -> Result<(), FieldError> {
 }
 
 impl PolicySpec {
+    /// A policy of `path` on `schedule`, every other field at the default a
+    /// body that leaves it out gets (the agent's repository included): made
+    /// through serde, so a new field's default is written once, on the field.
+    pub fn with_defaults(name: String, path: &str, schedule: ScheduleSpec) -> PolicySpec {
+        serde_json::from_value(serde_json::json!({ "name": name, "source": { "path": path }, "schedule": schedule }))
+            .expect("a name, a source and a schedule make a policy body")
+    }
+
     /// Every check that needs no disk, clock or network. Returns the parsed
     /// schedule so callers need not parse it twice.
     pub fn validate(&self, now: chrono::DateTime<chrono::Utc>) -> Result<Schedule, FieldError> {
@@ -495,6 +512,22 @@ mod tests {
         v["createdAt"] = json!("2026-01-01T00:00:00Z");
         v["repository"] = json!({"url": "/r", "password": null, "passwordSet": true});
         assert!(spec(v).is_ok());
+    }
+
+    #[test]
+    fn append_only_is_off_unless_asked_and_round_trips_as_append_only() {
+        assert!(!spec(base()).unwrap().append_only);
+        let mut v = base();
+        v["appendOnly"] = json!(true);
+        let s = spec(v).unwrap();
+        assert!(s.append_only);
+        assert_eq!(serde_json::to_value(&s).unwrap()["appendOnly"], true);
+        let mut v = base();
+        v["appendonly"] = json!(true);
+        assert!(spec(v).is_err(), "the camelCase spelling only");
+        let mut v = base();
+        v["maintenanceLease"] = json!("soda-syncer-maint-0123456789abcdef");
+        assert!(spec(v).is_ok(), "a GET's read-only maintenanceLease can be PUT back");
     }
 
     #[test]

@@ -252,6 +252,11 @@ pub struct RunSummary {
     /// A restore with `dryRun`: what it would change (nothing was written).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_preview: Option<crate::restore::RestorePreview>,
+    /// Set when retention (or a prune) was not run here because the
+    /// repository refuses this node's deletes: `delegated` (to the
+    /// maintainer that holds the delete rights; see "Immutable backups").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -614,6 +614,9 @@ pub struct ProfilePolicy {
     /// `customProperties.driver` (soda-csi-provisioner compares it with
     /// the CSI driver's name).
     pub driver: Option<String>,
+    /// `customProperties.appendOnly` ("true"/"false"): the profile's
+    /// repository keys cannot delete (see "Immutable backups").
+    pub append_only: bool,
 }
 
 fn perr(profile: &SodaProfile, field: &str, message: impl fmt::Display) -> FieldError {
@@ -826,6 +829,11 @@ pub fn profile_policy(profile: &SodaProfile) -> Result<ProfilePolicy, FieldError
         schedule,
         retention: retention(profile)?,
         driver: custom_string(profile, "driver")?,
+        append_only: match custom_string(profile, "appendOnly")?.as_deref() {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(_) => return Err(perr(profile, "customProperties.appendOnly", "must be true or false")),
+        },
     })
 }
 

@@ -33,6 +33,14 @@ pub struct PolicyView {
     pub schedule: ScheduleSpec,
     pub jitter_seconds: u64,
     pub retention: Retention,
+    /// The repository refuses this node's deletes: retention is the maintainer's.
+    pub append_only: bool,
+    /// The name of the repository's maintenance Lease
+    /// (`soda-syncer-maint-…`), which `soda-syncer maintain` holds while it
+    /// prunes. Only in a single policy's GET: a listing does not unseal the
+    /// stored URL it is derived from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maintenance_lease: Option<String>,
     pub consistency: ConsistencySpec,
     pub exclude: Vec<String>,
     pub tags: Vec<String>,
@@ -382,7 +390,9 @@ pub fn policy_view(p: &PolicyRecord, last: Option<&RunRecord>) -> PolicyView {
         secret_ref: r.secret_ref.clone(),
         soda_profile: r.soda_profile.clone(),
     };
-    view_of(p, repository, last.map(LastRun::from).as_ref())
+    let mut v = view_of(p, repository, last.map(LastRun::from).as_ref());
+    v.maintenance_lease = Some(crate::scheduler::maintenance_lease_name(&p.spec.repository_url()));
+    v
 }
 
 /// A policy of a listing page: the same view as [`policy_view`] of the
@@ -418,6 +428,8 @@ fn view_of(p: &PolicyRecord, repository: RepositoryView, last: Option<&LastRun>)
         schedule: s.schedule.clone(),
         jitter_seconds: s.jitter_seconds,
         retention: s.retention.clone(),
+        append_only: s.append_only,
+        maintenance_lease: None,
         consistency: s.consistency.clone(),
         exclude: s.exclude.clone(),
         tags: s.tags.clone(),

@@ -15,7 +15,7 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, ResourceExt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use soda_syncer_domain::annotations::{keys, parse_bool, status_keys};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -37,10 +37,14 @@ pub struct ClusterArgs {
     /// The namespace the agents run in (their liveness Leases are there).
     #[arg(long, default_value = "soda-syncer")]
     pub agent_namespace: String,
+    /// Ask an agent (`--server`, else this node's) for its `/v1/cluster`
+    /// instead of the API server: for a machine with no kubeconfig.
+    #[arg(long, conflicts_with_all = ["kubeconfig", "context"])]
+    pub via_agent: bool,
 }
 
 /// Why a claim is not protected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum WhyNot {
     /// No `soda-syncer.io/backup` or profile on the claim or its class, and
@@ -74,7 +78,7 @@ impl WhyNot {
     }
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClaimRow {
     pub namespace: String,
@@ -92,7 +96,7 @@ pub struct ClaimRow {
     pub consistency: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentRow {
     pub node: String,
@@ -101,7 +105,7 @@ pub struct AgentRow {
     pub renewed_at: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Summary {
     pub claims: usize,
@@ -111,7 +115,7 @@ pub struct Summary {
     pub unprotected: usize,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterReport {
     pub at: String,

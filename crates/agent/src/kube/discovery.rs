@@ -460,6 +460,7 @@ fn wanted_spec(
         "schedule": o.schedule,
         "jitterSeconds": o.jitter_seconds,
         "retention": o.retention,
+        "appendOnly": o.append_only,
         "consistency": o.consistency,
         "exclude": o.exclude,
         "tags": [format!("k8s-namespace={}", v.namespace), format!("k8s-claim={}", v.claim)],
@@ -476,6 +477,7 @@ fn same(have: &PolicySpec, want: &PolicySpec) -> bool {
         && have.schedule == want.schedule
         && have.jitter_seconds == want.jitter_seconds
         && have.retention == want.retention
+        && have.append_only == want.append_only
         && have.consistency == want.consistency
         && have.exclude == want.exclude
         && have.tags == want.tags

@@ -257,7 +257,7 @@ pub struct MaintainerLeases {
 impl crate::scheduler::Maintainership for MaintainerLeases {
     fn is_maintainer<'a>(&'a self, repo_key: &'a str) -> futures_util::future::BoxFuture<'a, bool> {
         Box::pin(async move {
-            let name = format!("soda-syncer-maint-{}", &repo_key[..repo_key.len().min(16)]);
+            let name = crate::scheduler::maintenance_lease_of_key(repo_key);
             let lock = LeaseLock::new(self.client.clone(), &self.namespace, &name, &self.holder, self.period);
             match lock.try_hold().await {
                 Ok(held) => held,

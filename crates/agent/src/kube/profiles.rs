@@ -355,6 +355,7 @@ pub(super) fn apply(profiles: Option<&Profiles>, o: &OptIn) -> Applied {
     if !policy.retention.keeps_everything() {
         opt_in.retention = policy.retention;
     }
+    opt_in.append_only |= policy.append_only;
     let soda_profile = policy.repository.url.is_some().then(|| profile.id().to_string());
     if soda_profile.is_some() {
         opt_in.secret = None;

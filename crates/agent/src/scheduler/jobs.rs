@@ -447,7 +447,9 @@ impl Scheduler {
         // restic 0.15+ prints the full id in its summary; 0.14 only the short
         // one, which is resolved below (after forget, which lists it anyway).
         let mut full_id = outcome.summary.full_snapshot_id().map(str::to_string);
-        if !keep.is_empty() && state == RunState::Succeeded {
+        if !keep.is_empty() && state == RunState::Succeeded && self.append_only(spec, &repo) {
+            summary.retention = Some(RETENTION_DELEGATED.into());
+        } else if !keep.is_empty() && state == RunState::Succeeded {
             // forget takes restic's exclusive lock: wait for this agent's other
             // runs on the repository instead of colliding with them.
             let _exclusive = self.repo_lock(&repo, true, run, token).await?;
@@ -462,6 +464,8 @@ impl Scheduler {
                             .map(|s| s.id.clone())
                     });
                 }
+                // Found out now: not this run's failure, the maintainer's job.
+                Err(ResticError::DeletesRefused { .. }) => summary.retention = Some(RETENTION_DELEGATED.into()),
                 Err(e) => {
                     run.summary = Some(summary);
                     return Err(RunError {
@@ -1005,6 +1009,18 @@ impl Scheduler {
         token: &CancellationToken,
     ) -> Result<RunState, RunError> {
         let p: MaintenanceParams = params(run)?;
+        // An append-only repository is the maintainer's (`soda-syncer
+        // maintain`, with the delete rights): scheduled runs are left to
+        // it and do not take the repository's maintenance Lease it holds.
+        // Asked by hand, check still runs; forget and prune are reported.
+        let skip_delegated = |run: &mut RunRecord| {
+            run.warning = Some(format!("{MAINTENANCE_SKIPPED}: {MAINTENANCE_DELEGATED}"));
+            Ok(RunState::Succeeded)
+        };
+        let declared = self.declared_append_only(&policy.spec, &policy.spec.repository_url());
+        if declared && run.trigger == RunTrigger::Schedule {
+            return skip_delegated(run);
+        }
         // Scheduled prune and check: only the repository's maintainer in the
         // cluster runs them (asked by hand, they always run).
         if run.trigger == RunTrigger::Schedule && (p.prune || p.check) {
@@ -1020,10 +1036,18 @@ impl Scheduler {
             }
         }
         let repo = self.repo_for(policy).await?;
+        // Or found out by a refused delete since the agent started.
+        let append_only = self.append_only(&policy.spec, &repo);
+        if append_only && run.trigger == RunTrigger::Schedule {
+            return skip_delegated(run);
+        }
         let _exclusive = self.repo_lock(&repo, true, run, token).await?;
         let mut summary = RunSummary::default();
         let started = std::time::Instant::now();
-        if p.forget {
+        if append_only && (p.forget || p.prune) {
+            summary.retention = Some(RETENTION_DELEGATED.into());
+            run.warning = Some(MAINTENANCE_DELEGATED.into());
+        } else if p.forget {
             let keep = policy.spec.retention.forget_args();
             if keep.is_empty() {
                 run.warning = Some("the policy has no retention rules, so forget removed nothing".into());
@@ -1037,8 +1061,15 @@ impl Scheduler {
                 summary.snapshots_forgotten = groups.iter().map(|g| g.removed().len() as u64).sum();
             }
         }
-        if p.prune {
-            self.inner.restic.prune(&repo, token).await.map_err(run_error)?;
+        if p.prune && !append_only {
+            match self.inner.restic.prune(&repo, token).await {
+                Ok(_) => {}
+                Err(ResticError::DeletesRefused { .. }) => {
+                    summary.retention = Some(RETENTION_DELEGATED.into());
+                    run.warning = Some(MAINTENANCE_DELEGATED.into());
+                }
+                Err(e) => return Err(run_error(e)),
+            }
         }
         if p.check {
             self.inner.restic.check(&repo, p.read_data_subset.as_deref(), token).await.map_err(|e| match e {
@@ -1091,6 +1122,32 @@ impl Scheduler {
 
 /// How a scheduled maintenance run that another agent does instead begins its warning.
 const MAINTENANCE_SKIPPED: &str = "skipped";
+
+/// A run summary's `retention` when the repository refuses this node's deletes.
+pub const RETENTION_DELEGATED: &str = "delegated to the maintainer";
+
+const MAINTENANCE_DELEGATED: &str = "the repository is append-only for this node: forget and prune are delegated to the maintainer (soda-syncer maintain), which holds the delete rights";
+
+impl Scheduler {
+    /// Whether the repository takes no deletes from this node: the policy
+    /// or the agent says so, or the repository refused one already.
+    fn append_only(&self, spec: &soda_syncer_domain::PolicySpec, repo: &Repo) -> bool {
+        self.declared_append_only(spec, &repo.url) || self.inner.restic.deletes_refused(repo)
+    }
+
+    /// Declared append-only: by the policy, the agent (all repositories),
+    /// or the agent's list of repositories (`url`: the repository's URL or
+    /// the policy's `repository_url()`, compared without user and password).
+    fn declared_append_only(&self, spec: &soda_syncer_domain::PolicySpec, url: &str) -> bool {
+        let c = &self.inner.config;
+        let bare = crate::maintainer::without_userinfo;
+        spec.append_only
+            || c.append_only
+            || c.append_only_repositories
+                .iter()
+                .any(|r| bare(r) == bare(url) || bare(r) == bare(&spec.repository_url()))
+    }
+}
 
 /// A drill restores at most this many files by name (`--include` each);
 /// a drill of every file restores the whole snapshot instead.

@@ -102,6 +102,17 @@ struct Inner {
 
 /// Across a cluster, one agent maintains (prunes and checks) each
 /// repository; the others skip their scheduled maintenance of it.
+/// The name of a repository's maintenance Lease, from its bookkeeping key
+/// (`short_hash` of the policy's `repository_url()`).
+pub fn maintenance_lease_of_key(repo_key: &str) -> String {
+    format!("soda-syncer-maint-{}", &repo_key[..repo_key.len().min(16)])
+}
+
+/// The name of the maintenance Lease of the repository a policy names.
+pub fn maintenance_lease_name(repository_url: &str) -> String {
+    maintenance_lease_of_key(&crate::ids::short_hash(&[repository_url]))
+}
+
 pub trait Maintainership: Send + Sync {
     /// Whether this agent is (or now becomes) the repository's maintainer.
     fn is_maintainer<'a>(&'a self, repo_key: &'a str) -> futures_util::future::BoxFuture<'a, bool>;

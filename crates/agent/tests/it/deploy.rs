@@ -19,7 +19,7 @@
 //! After changing the chart, regenerate the plain manifests with
 //! `SODA_SYNCER_BLESS_DEPLOY=1 cargo nextest run -p soda-syncer --test it deploy`.
 
-use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 const RELEASE: &str = "soda-syncer";
 const NAMESPACE: &str = "soda-syncer";
 /// The chart's templates, in the order the plain manifest lists them.
-const TEMPLATES: &[&str] = &["serviceaccount.yaml", "secret.yaml", "rbac.yaml", "daemonset.yaml"];
+const TEMPLATES: &[&str] = &["serviceaccount.yaml", "secret.yaml", "rbac.yaml", "daemonset.yaml", "maintainer.yaml"];
 /// The plain manifest made from the chart; the other file there is the Namespace.
 const GENERATED: &str = "10-soda-syncer.yaml";
 const NAMESPACE_FILE: &str = "00-namespace.yaml";
@@ -342,6 +342,7 @@ enum Obj {
     Role(Role),
     RoleBinding(RoleBinding),
     DaemonSet(Box<DaemonSet>),
+    Deployment(Box<Deployment>),
 }
 
 /// Fields of `orig` that are missing or different in `back`.
@@ -390,7 +391,17 @@ fn to_typed(doc: &Value) -> Result<Obj, String> {
             )*
         };
     }
-    dispatch!(Namespace, ServiceAccount, Secret, ClusterRole, ClusterRoleBinding, Role, RoleBinding, DaemonSet);
+    dispatch!(
+        Namespace,
+        ServiceAccount,
+        Secret,
+        ClusterRole,
+        ClusterRoleBinding,
+        Role,
+        RoleBinding,
+        DaemonSet,
+        Deployment
+    );
     Err(format!("apiVersion {api:?} kind {kind:?} is not a kind this test knows: add it to to_typed (and check it)"))
 }
 
@@ -981,6 +992,7 @@ fn plain_manifests_parse_into_the_kubernetes_types() {
             Obj::Role(x) => x.metadata.namespace.clone(),
             Obj::RoleBinding(x) => x.metadata.namespace.clone(),
             Obj::DaemonSet(x) => x.metadata.namespace.clone(),
+            Obj::Deployment(x) => x.metadata.namespace.clone(),
             Obj::Namespace(_) | Obj::ClusterRole(_) | Obj::ClusterRoleBinding(_) => continue,
         };
         assert_eq!(ns.as_deref(), Some(NAMESPACE), "every namespaced object is in {NAMESPACE}: {o:?}");
@@ -1190,6 +1202,7 @@ fn chart_metadata_and_values_are_all_used() {
     walk(&chart_values(), String::new(), &mut leaves);
     let mut used = render_chart(&json!({})).1;
     used.extend(render_chart(&options()).1);
+    used.extend(render_chart(&json!({"maintainer": {"enabled": true}, "appendOnly": true})).1);
     let unused: Vec<&String> =
         leaves.iter().filter(|l| !used.iter().any(|u| *l == u || l.starts_with(&format!("{u}.")))).collect();
     assert!(unused.is_empty(), "values.yaml keys no template reads: {unused:?}");
@@ -1302,4 +1315,66 @@ fn dockerfile_builds_and_runs_the_agent_binary() {
     for kept in ["crates", "Cargo.toml", "Cargo.lock"] {
         assert!(!ignore.lines().any(|l| l.trim().trim_end_matches('/') == kept), "{kept} is needed to build");
     }
+}
+
+/// The maintainer (README, "Immutable backups"): off by default; on, a
+/// Deployment of one in its own namespace, the only pod that mounts its
+/// Secret, a Role for the Leases in the agents' namespace, and arguments the
+/// real binary accepts. appendOnly gives the agents --append-only.
+#[test]
+fn the_chart_s_maintainer_runs_alone_with_the_only_mount_of_the_delete_credentials() {
+    let (default_text, _) = render_chart(&json!({}));
+    assert!(!default_text.contains("kind: Deployment"), "no maintainer unless enabled");
+    let (text, _) = render_chart(&json!({"maintainer": {"enabled": true}, "appendOnly": true}));
+    let docs = yaml_docs(&text, "rendered chart");
+    let objs: Vec<Obj> = docs.iter().map(|d| to_typed(d).unwrap_or_else(|e| panic!("{e}\n{d}"))).collect();
+    let deployment = objs
+        .iter()
+        .find_map(|o| if let Obj::Deployment(d) = o { Some(d) } else { None })
+        .expect("a maintainer Deployment");
+    assert_eq!(deployment.metadata.namespace.as_deref(), Some("soda-syncer-maintainer"));
+    let spec = &deployment.spec;
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(spec.strategy.as_ref().and_then(|s| s.type_.as_deref()), Some("Recreate"));
+    let pod = spec.template.spec.as_ref().unwrap();
+    let secret_of = |p: &PodSpec| -> Vec<String> {
+        p.volumes.iter().flatten().filter_map(|v| v.secret.as_ref().and_then(|s| s.secret_name.clone())).collect()
+    };
+    assert_eq!(secret_of(pod), ["soda-syncer-maintainer"]);
+    let ds = objs.iter().find_map(|o| if let Obj::DaemonSet(d) = o { Some(d) } else { None }).unwrap();
+    let ds_pod = ds.spec.template.spec.as_ref().unwrap();
+    assert!(!secret_of(ds_pod).contains(&"soda-syncer-maintainer".to_string()), "the nodes never mount it");
+    assert!(ds_pod.containers[0].args.iter().flatten().any(|a| a == "--append-only"));
+    // Its Lease rights, in the agents' namespace, and nothing else.
+    let role = objs
+        .iter()
+        .find_map(|o| match o {
+            Obj::Role(r) if r.metadata.name.as_deref() == Some("soda-syncer-maintainer") => Some(r),
+            _ => None,
+        })
+        .expect("the maintainer's Role");
+    assert_eq!(role.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let rules = role.rules.as_ref().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].resources.as_deref(), Some(&["leases".to_string()][..]));
+    // The real binary takes these arguments (and stops at the missing config file).
+    let c = &pod.containers[0];
+    assert_eq!(c.command.as_deref(), Some(&["/usr/local/bin/soda-syncer".to_string(), "maintain".to_string()][..]));
+    let tmp = tempfile::tempdir().unwrap();
+    let args: Vec<String> = c
+        .args
+        .iter()
+        .flatten()
+        .map(|a| match a.split_once('=') {
+            Some((f @ ("--config" | "--state-dir"), v)) => {
+                format!("{f}={}", tmp.path().join(v.trim_start_matches('/')).display())
+            }
+            _ => a.clone(),
+        })
+        .collect();
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_soda-syncer")).arg("maintain").args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot read the maintainer's configuration"), "{err}");
 }

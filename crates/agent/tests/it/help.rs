@@ -24,6 +24,7 @@ fn help_texts_match_their_snapshots() {
         &["snapshots"],
         &["restore"],
         &["maintenance"],
+        &["maintain"],
         &["cluster"],
     ] {
         let name = if cmd.is_empty() { "soda-syncer".to_string() } else { format!("soda-syncer-{}", cmd.join("-")) };

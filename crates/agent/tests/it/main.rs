@@ -3,6 +3,7 @@
 //! REST, moto S3), real bind mounts. One test binary keeps link time down.
 
 mod api;
+mod append_only;
 mod auth;
 mod backup;
 mod claim_status;

@@ -591,6 +591,25 @@ async fn with_kubernetes_on_the_agent_and_its_page_show_the_cluster_view() {
     }
     assert_eq!(from_agent, from_cli);
     assert_eq!(from_agent["summary"]["claims"], 2, "{from_agent}");
+    // And through the agent, for a machine with no kubeconfig.
+    let out = Command::new(crate::support::BIN)
+        .args(["--server", &agent.url, "--token", &agent.token, "cluster", "--via-agent", "-o", "json"])
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap();
+    let mut via_agent: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    via_agent.as_object_mut().unwrap().remove("at");
+    for a in via_agent["agents"].as_array_mut().unwrap() {
+        a.as_object_mut().unwrap().remove("renewedAt");
+    }
+    assert_eq!(via_agent, from_agent);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("2 claims protected")
+            || String::from_utf8_lossy(&out.stderr).contains("of 2 claims"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (st, v) = agent.call("GET", "/v1/cluster?namespace=elsewhere", None).await;
     assert_eq!((st, v["summary"]["claims"].as_u64()), (200, Some(0)), "{v}");
     let (st, v) = agent.call("GET", "/v1/cluster?nope=1", None).await;

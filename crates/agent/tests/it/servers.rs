@@ -3,6 +3,11 @@
 //! - [`RcloneRest`]: `rclone serve restic` (restic REST protocol, real basic
 //!   auth, data in a directory the test owns; survives a restart).
 //! - [`MotoS3`]: `moto_server` (S3, in memory, accepts any key).
+//! - [`RestServer`]: restic's own `rest-server` (htpasswd users, optionally
+//!   `--append-only`), from scripts/install-deps' cache.
+//!
+//! rclone and rest-server can serve a directory `--append-only`; a second
+//! process over the same directory without it is the maintainer's endpoint.
 //!
 //! Both bind 127.0.0.1 with port 0 and parse the port they report. Their
 //! output is drained by background threads so the children never block on a
@@ -162,11 +167,22 @@ pub struct RcloneRest {
     user: String,
     pass: String,
     output: Option<Output>,
+    append_only: bool,
 }
 
 impl RcloneRest {
     /// Serve `data_dir` (created if missing) on a free loopback port.
     pub fn start(data_dir: &Path) -> Result<Self> {
+        Self::start_with(data_dir, false)
+    }
+
+    /// As `start`, with `--append-only`: rclone then refuses (403) every
+    /// DELETE except of lock files.
+    pub fn start_append_only(data_dir: &Path) -> Result<Self> {
+        Self::start_with(data_dir, true)
+    }
+
+    fn start_with(data_dir: &Path, append_only: bool) -> Result<Self> {
         std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
         let mut s = RcloneRest {
             child: None,
@@ -175,6 +191,7 @@ impl RcloneRest {
             user: random_alnum(16),
             pass: random_alnum(16),
             output: None,
+            append_only,
         };
         s.spawn_once("127.0.0.1:0", Instant::now() + RCLONE_START_DEADLINE)?;
         Ok(s)
@@ -244,6 +261,7 @@ impl RcloneRest {
             .arg(&self.user)
             .arg("--pass")
             .arg(&self.pass)
+            .args(if self.append_only { &["--append-only"][..] } else { &[][..] })
             .arg(&self.data_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -342,4 +360,152 @@ impl Drop for MotoS3 {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Where scripts/install-deps puts rest-server.
+pub fn rest_server_bin() -> PathBuf {
+    let dir = std::env::var_os("SODA_SYNCER_REST_SERVER_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/soda-syncer-test/rest-server"));
+    dir.join("rest-server")
+}
+
+/// restic's `rest-server` on 127.0.0.1 with one htpasswd user.
+pub struct RestServer {
+    child: Option<Child>,
+    port: u16,
+    user: String,
+    pass: String,
+    _output: Option<Output>,
+    _htpasswd: tempfile::TempDir,
+}
+
+impl RestServer {
+    /// Serve `data_dir` (created if missing), `--append-only` or not, with a
+    /// user of its own (an htpasswd file outside the data directory, so two
+    /// servers over one directory have different users).
+    pub fn start(data_dir: &Path, append_only: bool) -> Result<Self> {
+        let bin = rest_server_bin();
+        if !bin.exists() {
+            bail!("{} is missing: run scripts/install-deps", bin.display());
+        }
+        std::fs::create_dir_all(data_dir)?;
+        let (user, pass) = (random_alnum(12), random_alnum(16));
+        let htpasswd = tempfile::tempdir()?;
+        let file = htpasswd.path().join("htpasswd");
+        // `{SHA}` is one of the hash formats rest-server's htpasswd reader takes.
+        std::fs::write(&file, format!("{user}:{{SHA}}{}\n", sha1_base64(pass.as_bytes())))?;
+        let mut child = Command::new(&bin)
+            .args(["--listen", "127.0.0.1:0", "--htpasswd-file"])
+            .arg(&file)
+            .arg("--path")
+            .arg(data_dir)
+            .args(if append_only { &["--append-only"][..] } else { &[][..] })
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        let mut output = Output::drain(vec![
+            Box::new(child.stdout.take().expect("piped")),
+            Box::new(child.stderr.take().expect("piped")),
+        ]);
+        let found = output.wait_for(Instant::now() + RCLONE_START_DEADLINE, |line| {
+            let rest = line.split("start server on 127.0.0.1:").nth(1)?;
+            rest.trim().parse::<u16>().ok().filter(|&p| p != 0)
+        });
+        match found {
+            Ok(port) => {
+                Ok(RestServer { child: Some(child), port, user, pass, _output: Some(output), _htpasswd: htpasswd })
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e.context("rest-server did not report its address"))
+            }
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `rest:http://U:P@127.0.0.1:N/<name>/`.
+    pub fn url(&self, name: &str) -> String {
+        format!("rest:http://{}:{}@127.0.0.1:{}/{}/", self.user, self.pass, self.port, name)
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    pub fn pass(&self) -> &str {
+        &self.pass
+    }
+}
+
+impl Drop for RestServer {
+    fn drop(&mut self) {
+        kill_and_wait(&mut self.child);
+    }
+}
+
+/// SHA-1 (FIPS 180-1) in base64: for rest-server's `{SHA}` htpasswd lines
+/// (test-only credentials; no crate for it in the test binary).
+fn sha1_base64(data: &[u8]) -> String {
+    let (mut h0, mut h1, mut h2, mut h3, mut h4) =
+        (0x67452301u32, 0xEFCDAB89u32, 0x98BADCFEu32, 0x10325476u32, 0xC3D2E1F0u32);
+    let mut msg = data.to_vec();
+    let bits = (data.len() as u64) * 8;
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&bits.to_be_bytes());
+    for chunk in msg.chunks(64) {
+        let mut w = [0u32; 80];
+        for i in 0..16 {
+            w[i] = u32::from_be_bytes([chunk[4 * i], chunk[4 * i + 1], chunk[4 * i + 2], chunk[4 * i + 3]]);
+        }
+        for i in 16..80 {
+            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
+        }
+        let (mut a, mut b, mut c, mut d, mut e) = (h0, h1, h2, h3, h4);
+        for (i, wi) in w.iter().enumerate() {
+            let (f, k) = match i {
+                0..=19 => ((b & c) | (!b & d), 0x5A827999),
+                20..=39 => (b ^ c ^ d, 0x6ED9EBA1),
+                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1BBCDC),
+                _ => (b ^ c ^ d, 0xCA62C1D6),
+            };
+            let t = a.rotate_left(5).wrapping_add(f).wrapping_add(e).wrapping_add(k).wrapping_add(*wi);
+            e = d;
+            d = c;
+            c = b.rotate_left(30);
+            b = a;
+            a = t;
+        }
+        h0 = h0.wrapping_add(a);
+        h1 = h1.wrapping_add(b);
+        h2 = h2.wrapping_add(c);
+        h3 = h3.wrapping_add(d);
+        h4 = h4.wrapping_add(e);
+    }
+    let mut digest = Vec::with_capacity(20);
+    for h in [h0, h1, h2, h3, h4] {
+        digest.extend_from_slice(&h.to_be_bytes());
+    }
+    const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in digest.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(B64[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
