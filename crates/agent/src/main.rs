@@ -30,18 +30,7 @@ fn serve(args: soda_syncer::config::ServeArgs) -> i32 {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     rt.block_on(async move {
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let s2 = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("signal received");
-            s2.cancel();
-        });
+        let shutdown = shutdown_on_signal();
         match soda_syncer::run(config, shutdown).await {
             Ok(()) => 0,
             Err(e) => {
@@ -62,19 +51,26 @@ fn maintain(args: soda_syncer::maintainer::MaintainArgs) -> i32 {
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     rt.block_on(async move {
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let s2 = shutdown.clone();
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            s2.cancel();
-        });
+        let shutdown = shutdown_on_signal();
         soda_syncer::maintainer::run(args, shutdown).await
     })
+}
+
+/// Cancelled at SIGTERM or SIGINT. Needs a Tokio runtime.
+fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let s2 = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received");
+        s2.cancel();
+    });
+    shutdown
 }
 
 fn init_logging(json: bool) {

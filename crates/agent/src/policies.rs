@@ -11,7 +11,6 @@ use soda_syncer_domain::{Origin, PolicySpec};
 
 use crate::admission::{admit, Admission, AdmissionError};
 use crate::config::Config;
-use crate::ids::new_id;
 use crate::scheduler::Scheduler;
 use crate::store::{PolicyRecord, PolicyStatus, Store, StoreError};
 
@@ -66,23 +65,7 @@ impl Policies {
     ) -> Result<PolicyRecord, PolicyError> {
         let now = Utc::now();
         let spec = admit(&self.config, Admission { spec, by: origin, existing: None }, now)?;
-        let mut p = PolicyRecord {
-            id: new_id(),
-            origin,
-            spec,
-            volume,
-            legacy_key,
-            status: PolicyStatus::Active,
-            status_message: None,
-            created_at: now,
-            updated_at: now,
-            last_slot: None,
-            next_slot: None,
-            next_run_at: None,
-            consecutive_failures: 0,
-            last_failed_at: None,
-            secrets_error: None,
-        };
+        let mut p = PolicyRecord::new(origin, spec, volume, legacy_key, now);
         self.store.insert_policy(&p)?;
         self.engine.reschedule(&mut p)?;
         tracing::info!(policy = %p.id, name = %p.spec.name, origin = origin.as_str(), "policy created");

@@ -115,6 +115,33 @@ pub struct PolicyRecord {
 }
 
 impl PolicyRecord {
+    /// A new, active policy made now, not yet scheduled.
+    pub fn new(
+        origin: Origin,
+        spec: PolicySpec,
+        volume: Option<String>,
+        legacy_key: Option<String>,
+        now: DateTime<Utc>,
+    ) -> PolicyRecord {
+        PolicyRecord {
+            id: crate::ids::new_id(),
+            origin,
+            spec,
+            volume,
+            legacy_key,
+            status: PolicyStatus::Active,
+            status_message: None,
+            created_at: now,
+            updated_at: now,
+            last_slot: None,
+            next_slot: None,
+            next_run_at: None,
+            consecutive_failures: 0,
+            last_failed_at: None,
+            secrets_error: None,
+        }
+    }
+
     /// Whether the scheduler may start runs of it on its own.
     pub fn schedulable(&self) -> bool {
         !self.spec.paused && self.status == PolicyStatus::Active
@@ -1483,21 +1510,9 @@ mod tests {
         .unwrap();
         let now = Utc::now();
         PolicyRecord {
-            id: crate::ids::new_id(),
-            origin: Origin::Api,
-            spec,
-            volume: None,
-            legacy_key: None,
-            status: PolicyStatus::Active,
-            status_message: None,
-            created_at: now,
-            updated_at: now,
-            last_slot: None,
             next_slot: Some(now),
             next_run_at: Some(now),
-            consecutive_failures: 0,
-            last_failed_at: None,
-            secrets_error: None,
+            ..PolicyRecord::new(Origin::Api, spec, None, None, now)
         }
     }
 

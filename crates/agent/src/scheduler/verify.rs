@@ -204,28 +204,12 @@ fn spec_fingerprint(policy: &PolicyRecord) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::PolicyStatus;
     use serde_json::json;
 
     fn record(spec: serde_json::Value) -> PolicyRecord {
-        let now = Utc::now();
-        PolicyRecord {
-            id: "p".into(),
-            origin: Origin::Api,
-            spec: serde_json::from_value(spec).unwrap(),
-            volume: None,
-            legacy_key: None,
-            status: PolicyStatus::Active,
-            status_message: None,
-            created_at: now,
-            updated_at: now,
-            last_slot: None,
-            next_slot: None,
-            next_run_at: None,
-            consecutive_failures: 0,
-            last_failed_at: None,
-            secrets_error: None,
-        }
+        let mut p = PolicyRecord::new(Origin::Api, serde_json::from_value(spec).unwrap(), None, None, Utc::now());
+        p.id = "p".into();
+        p
     }
 
     fn spec(password: &str, exclude: &[&str]) -> serde_json::Value {
