@@ -15,7 +15,7 @@ use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::support::{count_state, restic, AgentProc};
+use crate::support::{children_named, count_state, restic, AgentProc};
 
 /// A directory outside the allowed roots, removed on drop.
 pub struct Sentinel {
@@ -263,6 +263,15 @@ async fn a_restore_target_swapped_for_a_link_after_the_request_is_refused() {
             r.iter().any(|r| r["id"] == prune["id"] && r["state"] == "running")
         })
         .await;
+    // Running is set before the prune holds the repository: wait for its
+    // restic, which runs only while it does.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !children_named(c.agent.pid(), "restic-wrapper").iter().any(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| cmd.split(|b| *b == 0).any(|a| a == b"prune"))
+    }) {
+        assert!(std::time::Instant::now() < deadline, "the prune's restic did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let (st, restore) =
         c.agent.call("POST", &format!("/v1/policies/{a}/restore"), Some(json!({"target": target}))).await;
     assert_eq!(st, 202, "the target is fine when asked: {restore}");
