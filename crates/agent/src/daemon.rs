@@ -187,6 +187,14 @@ impl Agent {
             "{scheme}://{}",
             if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr }
         );
+        // The scheduler's loop runs before anyone is told where the agent
+        // is: readiness needs it, and a client (or a probe) that finds the
+        // URL must not see a ready agent turn "scheduler stopped" for a
+        // moment.
+        let sched_task = tokio::spawn(sched.clone().run());
+        while !sched.is_running() && !sched_task.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         // Write-then-rename, so a reader never sees a half-written file.
         let tmp = config.url_file().with_extension("url.tmp");
         std::fs::write(&tmp, &url)?;
@@ -211,7 +219,6 @@ impl Agent {
         let app = router(state);
         let http_stop = CancellationToken::new();
         let http = serve(listener, app, &config, http_stop.clone()).await?;
-        let sched_task = tokio::spawn(sched.clone().run());
         let rescan_cancel = CancellationToken::new();
         let rescan = tokio::spawn(legacy.clone().rescan_loop(rescan_cancel.clone()));
         let url_file = config.url_file();
