@@ -1,6 +1,6 @@
 //! The upstream `POST /snapshot` contract, kept for soda-proxy: the body
 //! exactly as the proxy sends it, what it asks for once validated, and the
-//! policy it becomes for one source. The agent (`scheduler::legacy`) keys,
+//! policy it becomes for one source. The agent (`legacy.rs`) keys,
 //! stores and subscribes; the translation is here, without I/O.
 
 use serde::{Deserialize, Serialize};
