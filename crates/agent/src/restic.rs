@@ -219,6 +219,52 @@ pub struct Restic {
     /// Repositories (`short_hash` of the URL) seen refusing a delete since
     /// the agent started: no forget or prune is tried on them again.
     deletes_refused: Arc<Mutex<std::collections::BTreeSet<String>>>,
+    /// The first command on a repository's fresh cache runs alone until
+    /// restic has written the cache's version file (see [`CacheGate`]).
+    cache_gate: Arc<CacheGate>,
+}
+
+/// restic (0.19 at least) fails a command outright when its cache's
+/// `version` file exists but is still empty: two processes that open a
+/// repository with a fresh cache directory at once can meet this, one
+/// reading the file the other has just created ("unable to open cache:
+/// readVersion: strconv.ParseUint: parsing \"\""; seen with concurrent
+/// backups of one repository on a new node, 1 in ~200 tries). So until a
+/// cache directory holds a written version file, the commands using it go
+/// one at a time, each only until the file is there (or it ends); after
+/// that they run side by side as before.
+#[derive(Default)]
+struct CacheGate {
+    gates: Mutex<std::collections::HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl CacheGate {
+    /// Wait (or be cancelled) until a command may open `dir`: `None` when
+    /// the cache is ready, else a guard to hold until [`cache_ready`].
+    async fn enter(
+        &self,
+        dir: &std::path::Path,
+        cancel: &CancellationToken,
+    ) -> Option<Option<tokio::sync::OwnedMutexGuard<()>>> {
+        if cache_ready(dir) {
+            return Some(None);
+        }
+        let gate = self.gates.lock().unwrap_or_else(|p| p.into_inner()).entry(dir.to_path_buf()).or_default().clone();
+        let guard = tokio::select! {
+            g = gate.lock_owned() => g,
+            _ = cancel.cancelled() => return None,
+        };
+        Some((!cache_ready(dir)).then_some(guard))
+    }
+}
+
+/// Whether a repository's cache below `dir` has its version written
+/// (`<dir>/<repository id>/version`, not empty).
+fn cache_ready(dir: &std::path::Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.flatten().any(|e| {
+        std::fs::symlink_metadata(e.path().join("version")).map(|m| m.is_file() && m.len() > 0).unwrap_or(false)
+    })
 }
 
 /// While this node cannot prove it is alive (its liveness Lease could not
@@ -287,6 +333,7 @@ impl Restic {
             fence: Arc::default(),
             detected: Arc::default(),
             deletes_refused: Arc::default(),
+            cache_gate: Arc::default(),
         }
     }
 
@@ -403,6 +450,10 @@ impl Restic {
         if let Some(reason) = fenced {
             return Err(ResticError::Fenced { command, reason });
         }
+        let cache_dir = self.cache_dir(repo);
+        let Some(mut first_on_cache) = self.cache_gate.enter(&cache_dir, cancel).await else {
+            return Err(ResticError::Cancelled { command });
+        };
         let ((stdout_read, stdout_write), (stderr_read, stderr_write)) = (output_pipe()?, output_pipe()?);
         let kept_by_child = [stdout_read.as_raw_fd(), stderr_read.as_raw_fd()];
         let mut cmd = Command::new(&self.bin);
@@ -411,7 +462,7 @@ impl Restic {
             .envs(passthrough_env())
             .env("RESTIC_REPOSITORY", &repo.url)
             .env("RESTIC_PASSWORD", repo.password.expose())
-            .env("RESTIC_CACHE_DIR", self.cache_dir(repo))
+            .env("RESTIC_CACHE_DIR", &cache_dir)
             .env("RESTIC_PROGRESS_FPS", "2")
             .envs(repo.env.iter().map(|(k, v)| (k, v.expose())))
             .stdin(Stdio::null())
@@ -497,6 +548,7 @@ impl Restic {
         }
         let mut stdout_open = true;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut cache_tick = tokio::time::interval(Duration::from_millis(20));
         let end = loop {
             tokio::select! {
                 line = lines.next_line(), if stdout_open => match line {
@@ -508,6 +560,11 @@ impl Restic {
                 _ = fence.cancelled() => break End::Fenced,
                 _ = &mut deadline => break End::TimedOut,
                 _ = hopeless.notified() => break End::Hopeless,
+                _ = cache_tick.tick(), if first_on_cache.is_some() => {
+                    if cache_ready(&cache_dir) {
+                        first_on_cache = None; // the others may open the cache now
+                    }
+                }
                 _ = tick.tick() => {
                     if let Some(d) = tail.lock().unwrap_or_else(|p| p.into_inner()).retrying_for() {
                         if d > self.unreachable_after {
@@ -1656,6 +1713,40 @@ mod tests {
             r.detected.set(ResticVersion::parse(v).unwrap()).unwrap();
         }
         r
+    }
+
+    #[tokio::test]
+    async fn commands_on_a_fresh_cache_wait_for_the_first_until_its_version_file_is_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        let gate = Arc::new(CacheGate::default());
+        let cancel = CancellationToken::new();
+        let first = gate.enter(&dir, &cancel).await.unwrap();
+        assert!(first.is_some(), "the first command on a fresh cache holds the gate");
+        let (g, c, d) = (gate.clone(), cancel.clone(), dir.clone());
+        let second = tokio::spawn(async move { g.enter(&d, &c).await.map(|guard| guard.is_none()) });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!second.is_finished(), "a second command waits while the cache has no version");
+        // restic has created the file but not yet written it: still waiting.
+        std::fs::create_dir_all(dir.join("0123abcd")).unwrap();
+        std::fs::write(dir.join("0123abcd/version"), "").unwrap();
+        assert!(!cache_ready(&dir));
+        std::fs::write(dir.join("0123abcd/version"), "1\n").unwrap();
+        assert!(cache_ready(&dir));
+        drop(first); // what exec_in does once it sees the file
+        assert_eq!(second.await.unwrap(), Some(true), "then the others run without holding anything");
+        assert!(matches!(gate.enter(&dir, &cancel).await, Some(None)), "and later ones do not wait at all");
+    }
+
+    #[tokio::test]
+    async fn a_command_waiting_for_a_fresh_cache_can_be_cancelled() {
+        let tmp = tempfile::tempdir().unwrap();
+        let gate = CacheGate::default();
+        let held = gate.enter(tmp.path(), &CancellationToken::new()).await.unwrap();
+        assert!(held.is_some());
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        assert!(gate.enter(tmp.path(), &cancel).await.is_none());
     }
 
     fn repo() -> Repo {
