@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     };
     // A fixed, plausible "now" keeps runs reproducible.
     let now = DateTime::<Utc>::from_timestamp(1_750_000_000, 0).unwrap();
-    let Ok(schedule) = spec.validate(now) else {
+    let Ok(schedules) = spec.validate(now) else {
         return;
     };
     // (The read-only fields a GET adds are ignored on input: compare what is written.)
@@ -29,10 +29,12 @@ fuzz_target!(|data: &[u8]| {
 
     // What the scheduler does with it: first run, next slot, a retry.
     let jitter = Duration::seconds(spec.jitter_seconds as i64);
-    if let Some((slot, due)) = next_due("policy-id", &schedule, spec.jitter_seconds, None, None, now) {
+    if let Some((slot, due)) = next_due("policy-id", &schedules.backup, spec.jitter_seconds, None, None, now) {
         assert!(due >= slot && due - slot <= jitter, "slot {slot} due {due}");
     }
-    if let Some((slot, due)) = next_due("policy-id", &schedule, spec.jitter_seconds, Some(now), Some((now, 7)), now) {
+    if let Some((slot, due)) =
+        next_due("policy-id", &schedules.backup, spec.jitter_seconds, Some(now), Some((now, 7)), now)
+    {
         assert!(slot >= now && due >= now, "slot {slot} due {due}");
     }
 });

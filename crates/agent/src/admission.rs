@@ -12,6 +12,7 @@
 use chrono::{DateTime, Utc};
 use soda_syncer_domain::field::FieldError;
 use soda_syncer_domain::location::{RepositoryLocation, REMOTE_SCHEMES};
+use soda_syncer_domain::schedule::Schedules;
 use soda_syncer_domain::{Origin, PolicySpec, Secret};
 use std::path::Path;
 
@@ -35,14 +36,21 @@ pub struct Admission<'a> {
     pub existing: Option<&'a PolicyRecord>,
 }
 
-/// The admitted spec: valid, with the agent's defaults and the secrets the
-/// client left out filled in, ready to store.
-pub fn admit(config: &Config, a: Admission<'_>, now: DateTime<Utc>) -> Result<PolicySpec, AdmissionError> {
+/// An admitted policy: its spec, valid, with the agent's defaults and the
+/// secrets the client left out filled in, ready to store; and its parsed
+/// schedules, which the run engine uses as they are.
+pub struct Admitted {
+    pub spec: PolicySpec,
+    pub schedules: Schedules,
+}
+
+/// Admit a spec (see the module's doc).
+pub fn admit(config: &Config, a: Admission<'_>, now: DateTime<Utc>) -> Result<Admitted, AdmissionError> {
     let Admission { mut spec, by, existing } = a;
     if let Some(p) = existing {
         may_change(p, by)?;
     }
-    spec.validate(now)?;
+    let schedules = spec.validate(now)?;
     let origin = existing.map_or(by, |p| p.origin);
     if spec.repository.secret_ref.is_some() && origin != Origin::Kubernetes {
         return Err(FieldError::new(
@@ -67,7 +75,7 @@ pub fn admit(config: &Config, a: Admission<'_>, now: DateTime<Utc>) -> Result<Po
     if let Some(url) = &spec.repository.url {
         check_repository(config, url)?;
     }
-    Ok(spec)
+    Ok(Admitted { spec, schedules })
 }
 
 /// A policy made from a claim's annotations follows them: changing or

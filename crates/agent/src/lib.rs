@@ -25,6 +25,7 @@ pub mod output;
 pub mod policies;
 pub mod restic;
 pub mod scheduler;
+pub mod schedules;
 pub mod sealed;
 pub mod soda;
 pub mod state_lock;

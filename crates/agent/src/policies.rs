@@ -9,7 +9,7 @@ use soda_syncer_domain::field::FieldError;
 use soda_syncer_domain::policy::merge_patch;
 use soda_syncer_domain::{Origin, PolicySpec};
 
-use crate::admission::{admit, Admission, AdmissionError};
+use crate::admission::{admit, Admission, AdmissionError, Admitted};
 use crate::config::Config;
 use crate::scheduler::Scheduler;
 use crate::store::{PolicyRecord, PolicyStatus, Store, StoreError};
@@ -64,9 +64,10 @@ impl Policies {
         legacy_key: Option<String>,
     ) -> Result<PolicyRecord, PolicyError> {
         let now = Utc::now();
-        let spec = admit(&self.config, Admission { spec, by: origin, existing: None }, now)?;
-        let mut p = PolicyRecord::new(origin, spec, volume, legacy_key, now);
+        let admitted = admit(&self.config, Admission { spec, by: origin, existing: None }, now)?;
+        let mut p = PolicyRecord::new(origin, admitted.spec, volume, legacy_key, now);
         self.store.insert_policy(&p)?;
+        self.engine.schedules().admitted(&p.id, &p.spec, admitted.schedules);
         self.engine.reschedule(&mut p)?;
         tracing::info!(policy = %p.id, name = %p.spec.name, origin = origin.as_str(), "policy created");
         Ok(p)
@@ -77,13 +78,14 @@ impl Policies {
     pub fn replace(&self, id: &str, spec: PolicySpec, by: Origin) -> Result<PolicyRecord, PolicyError> {
         let mut p = self.store.get_policy(id)?;
         let now = Utc::now();
-        let spec = admit(&self.config, Admission { spec, by, existing: Some(&p) }, now)?;
+        let Admitted { spec, schedules } = admit(&self.config, Admission { spec, by, existing: Some(&p) }, now)?;
         let was_paused = p.spec.paused;
         let schedule_changed = spec.schedule != p.spec.schedule || spec.jitter_seconds != p.spec.jitter_seconds;
         p.spec = spec;
         p.secrets_error = None;
         p.updated_at = now;
         self.store.update_policy(&p)?;
+        self.engine.schedules().admitted(&p.id, &p.spec, schedules);
         // An edit may move the source or change the method: copy afresh.
         crate::consistency::discard_kept(&p.id, &self.store);
         if p.spec.paused && !was_paused {

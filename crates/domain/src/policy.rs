@@ -7,7 +7,7 @@ use std::path::{Component, Path};
 
 use crate::field::{is_dns_subdomain, FieldError};
 use crate::retention::Retention;
-use crate::schedule::{Schedule, ScheduleSpec};
+use crate::schedule::{Schedule, ScheduleSpec, Schedules};
 use crate::secret::Secret;
 
 /// Who made a policy.
@@ -313,9 +313,22 @@ impl PolicySpec {
             .expect("a name, a source and a schedule make a policy body")
     }
 
+    /// The policy's schedules, parsed (the backups' and the drills').
+    pub fn schedules(&self) -> Result<Schedules, FieldError> {
+        let backup = Schedule::parse(&self.schedule)?;
+        let drill = match &self.drill {
+            Some(d) => Some(
+                Schedule::parse(&d.schedule).map_err(|e| FieldError::new(format!("drill.{}", e.field), e.message))?,
+            ),
+            None => None,
+        };
+        Ok(Schedules { backup, drill })
+    }
+
     /// Every check that needs no disk, clock or network. Returns the parsed
-    /// schedule so callers need not parse it twice.
-    pub fn validate(&self, now: chrono::DateTime<chrono::Utc>) -> Result<Schedule, FieldError> {
+    /// schedules, which admission attaches to the policy so that nothing
+    /// after it parses them again.
+    pub fn validate(&self, now: chrono::DateTime<chrono::Utc>) -> Result<Schedules, FieldError> {
         validate_name(&self.name)?;
         validate_abs_path("source.path", &self.source.path)?;
         if let Some(url) = &self.repository.url {
@@ -380,8 +393,8 @@ impl PolicySpec {
                 ));
             }
         }
-        let schedule = Schedule::parse(&self.schedule)?;
-        let gap = schedule.min_gap(now);
+        let schedules = self.schedules()?;
+        let gap = schedules.backup.min_gap(now);
         // Compared as u64: a jitter of 2^63 or more cast to i64 would pass as negative.
         if self.jitter_seconds > gap.num_seconds().max(0) as u64 {
             return Err(FieldError::new(
@@ -394,9 +407,7 @@ impl PolicySpec {
             ));
         }
         self.retention.validate()?;
-        if let Some(d) = &self.drill {
-            let s =
-                Schedule::parse(&d.schedule).map_err(|e| FieldError::new(format!("drill.{}", e.field), e.message))?;
+        if let (Some(d), Some(s)) = (&self.drill, &schedules.drill) {
             if d.jitter_seconds > s.min_gap(now).num_seconds().max(0) as u64 {
                 return Err(FieldError::new("drill.jitterSeconds", "may not exceed the time between two drills"));
             }
@@ -443,7 +454,7 @@ impl PolicySpec {
                 ));
             }
         }
-        Ok(schedule)
+        Ok(schedules)
     }
 
     /// The repository URL, which the agent has filled in by the time a

@@ -32,6 +32,13 @@ pub struct ScheduleSpec {
     pub timezone: Option<String>,
 }
 
+/// A policy's parsed schedules: its backups' and, with a drill, its drills'.
+#[derive(Debug, Clone)]
+pub struct Schedules {
+    pub backup: Schedule,
+    pub drill: Option<Schedule>,
+}
+
 /// A validated schedule.
 #[derive(Debug, Clone)]
 pub enum Schedule {

@@ -20,7 +20,6 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
-use soda_syncer_domain::schedule::Schedule;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::atomic::Ordering::Relaxed;
@@ -277,6 +276,7 @@ struct Scrape {
 
 fn read(
     store: &crate::store::Store,
+    schedules: &crate::schedules::ScheduleBook,
     grace: Option<std::time::Duration>,
     now: DateTime<Utc>,
 ) -> Result<Scrape, StoreError> {
@@ -285,17 +285,17 @@ fn read(
     for p in store.list_policies()? {
         let paused = !p.schedulable();
         let success = store.last_clean_backup(&p.id)?.and_then(|r| r.finished_at);
-        let schedule = Schedule::parse(&p.spec.schedule).ok();
-        let deadline = schedule
-            .as_ref()
-            .and_then(|s| backup_deadline(s, p.spec.jitter_seconds, success.unwrap_or(p.created_at), grace));
+        let schedules = schedules.of(&p.id, &p.spec).ok();
+        let schedule = schedules.as_ref().map(|s| &s.backup);
+        let deadline =
+            schedule.and_then(|s| backup_deadline(s, p.spec.jitter_seconds, success.unwrap_or(p.created_at), grace));
         policies.push(PolicyRow {
             labels: PolicyLabels::of(&p),
             paused,
             next_run: if paused { 0 } else { p.next_run_at.map(|t| t.timestamp()).unwrap_or(0) },
             last_success: success.map(|t| t.timestamp()).unwrap_or(0),
             deadline: deadline.map(|t| t.timestamp()),
-            period: schedule.as_ref().and_then(|s| schedule_period(s, now)).map(|d| d.num_seconds()),
+            period: schedule.and_then(|s| schedule_period(s, now)).map(|d| d.num_seconds()),
             failures: p.consecutive_failures,
             last_run: last
                 .get(&p.id)
@@ -330,7 +330,7 @@ fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Re
 impl Collector for StateCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let now = Utc::now();
-        let scrape = match read(&self.store, self.deadline_grace, now) {
+        let scrape = match read(&self.store, self.sched.schedules(), self.deadline_grace, now) {
             Ok(s) => s,
             Err(e) => {
                 *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);

@@ -167,7 +167,8 @@ pub async fn start(deps: &Deps, cancel: CancellationToken) -> Result<Option<Kube
         board
     });
     sched.set_pod_hooks(std::sync::Arc::new(exec::PodExec::new(client.clone(), view.clone())));
-    let reporter = status::Reporter::new(client.clone(), config, view.clone(), store.clone());
+    let reporter =
+        status::Reporter::new(client.clone(), config, view.clone(), store.clone(), sched.schedules().clone());
     let reconciler = discovery::Reconciler {
         store: store.clone(),
         config: config.clone(),

@@ -17,12 +17,12 @@
 //! differs from the last one reported for the claim) gets an Event at once;
 //! a repeated success gets none, and a repeated warning at most one an hour.
 
+use crate::schedules::ScheduleBook;
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::Api;
 use soda_syncer_domain::annotations::status_keys as keys;
-use soda_syncer_domain::schedule::Schedule;
 use soda_syncer_domain::{ConsistencyMode, Origin, RunKind, RunState};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Component, Path, PathBuf};
@@ -62,6 +62,7 @@ pub struct Reporter {
     outcomes: Arc<Mutex<HashMap<String, Outcome>>>,
     outbox: Arc<Outbox>,
     store: Store,
+    schedules: ScheduleBook,
 }
 
 /// The last run result reported on a claim, for one kind of run.
@@ -147,7 +148,13 @@ impl Outbox {
 }
 
 impl Reporter {
-    pub fn new(client: kube::Client, config: &Config, view: Arc<View>, store: Store) -> Reporter {
+    pub fn new(
+        client: kube::Client,
+        config: &Config,
+        view: Arc<View>,
+        store: Store,
+        schedules: ScheduleBook,
+    ) -> Reporter {
         let reporter = kube::runtime::events::Reporter {
             controller: "soda-syncer".into(),
             instance: Some(config.pod_name.clone().unwrap_or_else(|| format!("soda-syncer-{}", config.node_name))),
@@ -163,6 +170,7 @@ impl Reporter {
             outcomes: Arc::default(),
             outbox: Arc::default(),
             store,
+            schedules,
         }
     }
 
@@ -322,11 +330,12 @@ impl Reporter {
     /// When the policy's next successful backup is due (RFC 3339), from its
     /// last clean backup (read from the store when not given) or creation.
     fn deadline(&self, policy: &PolicyRecord, last_success: Option<chrono::DateTime<chrono::Utc>>) -> Option<String> {
-        let schedule = Schedule::parse(&policy.spec.schedule).ok()?;
+        let schedules = self.schedules.of(&policy.id, &policy.spec).ok()?;
         let last_success = last_success
             .or_else(|| self.store.last_clean_backup(&policy.id).ok().flatten().and_then(|r| r.finished_at));
         let base = last_success.unwrap_or(policy.created_at);
-        crate::metrics::backup_deadline(&schedule, policy.spec.jitter_seconds, base, self.grace).map(|t| t.to_rfc3339())
+        crate::metrics::backup_deadline(&schedules.backup, policy.spec.jitter_seconds, base, self.grace)
+            .map(|t| t.to_rfc3339())
     }
 
     /// Whether this outcome differs from the last one reported for the

@@ -15,7 +15,7 @@ pub use jobs::{MaintenanceParams, RestoreParams};
 use chrono::{DateTime, Utc};
 use soda_syncer_domain::restic_json::Snapshot;
 use soda_syncer_domain::run::{Progress, RunError};
-use soda_syncer_domain::schedule::{next_due, Schedule};
+use soda_syncer_domain::schedule::next_due;
 use soda_syncer_domain::{RunKind, RunState, RunTrigger};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +30,7 @@ use crate::config::Config;
 use crate::ids::new_id;
 use crate::metrics::RunMetrics;
 use crate::restic::{Repo, Restic, ResticError};
+use crate::schedules::ScheduleBook;
 use crate::store::{PolicyRecord, RunRecord, Store, StoreError};
 
 /// Why a run could not be started.
@@ -95,6 +96,8 @@ struct Inner {
     drills_checked: Mutex<Option<std::time::Instant>>,
     /// The earliest drill due, so the loop wakes for it.
     next_drill: Mutex<Option<DateTime<Utc>>>,
+    /// Each policy's parsed schedules, as admission attached them.
+    schedules: ScheduleBook,
     /// A random id per start: digests recorded by an earlier agent process
     /// never prove a run unchanged (see `verify`).
     instance: String,
@@ -213,12 +216,18 @@ impl Scheduler {
                 drills_checked: Mutex::new(None),
                 next_drill: Mutex::new(None),
                 instance: new_id(),
+                schedules: ScheduleBook::default(),
             }),
         }
     }
 
     fn config(&self) -> &Config {
         &self.inner.config
+    }
+    /// Each policy's parsed schedules: admission puts them here, the engine
+    /// and the readers of due times and deadlines take them from here.
+    pub fn schedules(&self) -> &ScheduleBook {
+        &self.inner.schedules
     }
     /// The run counters and histograms `/metrics` shows.
     pub fn metrics(&self) -> &RunMetrics {
@@ -442,6 +451,7 @@ impl Scheduler {
     /// A policy was deleted: cancel its queued and running runs.
     pub fn policy_deleted(&self, policy_id: &str) {
         self.policy_paused(policy_id);
+        self.inner.schedules.forget(policy_id);
         if let Some((_, token)) = self.slots().running.get(policy_id) {
             token.cancel();
         }
@@ -486,9 +496,11 @@ impl Scheduler {
     /// Recompute a policy's next run after it was created or changed, if
     /// no scheduled run of it is in flight.
     pub fn reschedule(&self, p: &mut PolicyRecord) -> Result<(), StoreError> {
-        let schedule = Schedule::parse(&p.spec.schedule).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let schedules = self.inner.schedules.of(&p.id, &p.spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let retry = p.last_failed_at.map(|t| (t, p.consecutive_failures));
-        if let Some((slot, due)) = next_due(&p.id, &schedule, p.spec.jitter_seconds, p.last_slot, retry, Utc::now()) {
+        if let Some((slot, due)) =
+            next_due(&p.id, &schedules.backup, p.spec.jitter_seconds, p.last_slot, retry, Utc::now())
+        {
             p.next_slot = Some(slot);
             p.next_run_at = Some(due);
         } else {
@@ -699,9 +711,10 @@ impl Scheduler {
                 }
                 continue;
             };
-            let Ok(schedule) = Schedule::parse(&d.schedule) else { continue };
+            let Ok(schedules) = self.inner.schedules.of(&p.id, &p.spec) else { continue };
+            let Some(schedule) = &schedules.drill else { continue };
             let next = |from: DateTime<Utc>| {
-                soda_syncer_domain::schedule::next_slot(&schedule, from, from).map(|t| {
+                soda_syncer_domain::schedule::next_slot(schedule, from, from).map(|t| {
                     t + soda_syncer_domain::schedule::jitter_offset(&format!("drill:{}", p.id), t, d.jitter_seconds)
                 })
             };
@@ -756,8 +769,8 @@ impl Scheduler {
             // Later than a whole period (the agent was down): this run is the
             // one catch-up for every missed slot, and the schedule counts on
             // from now, not from the first slot missed.
-            if let (Some(slot), Ok(schedule)) = (run.slot, Schedule::parse(&p.spec.schedule)) {
-                if schedule.fire_after(slot).is_some_and(|next| next <= now) {
+            if let (Some(slot), Ok(schedules)) = (run.slot, self.inner.schedules.of(&p.id, &p.spec)) {
+                if schedules.backup.fire_after(slot).is_some_and(|next| next <= now) {
                     run.slot = Some(now);
                 }
             }
