@@ -173,7 +173,7 @@ pub fn check_allowed(config: &Config, path: &Path) -> Result<(), FieldError> {
 /// source as it is now (see `consistency::check_policy`). A mode that cannot
 /// apply is refused, never silently replaced by a live, inconsistent backup.
 pub fn check_supported(config: &Config, spec: &PolicySpec) -> Result<(), FieldError> {
-    crate::consistency::check_policy(config, spec)
+    crate::consistency::check_policy(&config.consistency(), spec)
 }
 
 /// The source must be an existing directory under an allowed root.

@@ -544,6 +544,15 @@ impl Config {
     pub fn run_stop_grace(&self) -> Duration {
         self.shutdown_grace - (self.shutdown_grace / 2).min(SHUTDOWN_MARGIN)
     }
+    /// What the consistency methods follow of this configuration.
+    pub fn consistency(&self) -> crate::consistency::Settings {
+        crate::consistency::Settings {
+            hook_allow: self.hook_allow.clone(),
+            hook_timeout: self.hook_timeout,
+            state_dir: self.state_dir.clone(),
+        }
+    }
+
     pub fn cache_dir(&self) -> PathBuf {
         self.state_dir.join("cache")
     }

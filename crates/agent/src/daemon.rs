@@ -128,7 +128,6 @@ impl Agent {
         // Start-up (and the scheduler's first pass) read every policy a few
         // times: give that memory back once it has settled, then now and then.
         store.release_memory_every(std::time::Duration::from_secs(1), std::time::Duration::from_secs(60));
-        crate::consistency::recover_at_start(&store); // thaw and remove what a crash left
         let version = restic.version().await.map_err(|e| e.to_string());
         match &version {
             Ok(v) => {
@@ -144,6 +143,7 @@ impl Agent {
         }
         let sched_cancel = CancellationToken::new();
         let sched = Scheduler::new(store.clone(), restic.clone(), config.clone(), sched_cancel.clone());
+        crate::consistency::recover_at_start(sched.consistency()); // thaw and remove what a crash left
         let policies = Policies::new(store.clone(), config.clone(), sched.clone());
         let legacy = Legacy::new(policies.clone(), store.clone(), config.clone());
         let interrupted = sched.recover_after_start()?;
@@ -236,7 +236,8 @@ impl Agent {
             if let Some(mut k) = kube {
                 while k.tasks.join_next().await.is_some() {}
             }
-            let _ = tokio::task::spawn_blocking(move || crate::consistency::discard_all_kept(&store)).await;
+            let consistency = sched.consistency().clone();
+            let _ = tokio::task::spawn_blocking(move || crate::consistency::discard_all_kept(&consistency)).await;
             // The HTTP app's handles on the database go when it stops below.
             drop(sched);
             let _ = std::fs::remove_file(url_file);

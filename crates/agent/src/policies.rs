@@ -87,7 +87,7 @@ impl Policies {
         self.store.update_policy(&p)?;
         self.engine.schedules().admitted(&p.id, &p.spec, schedules);
         // An edit may move the source or change the method: copy afresh.
-        crate::consistency::discard_kept(&p.id, &self.store);
+        crate::consistency::discard_kept(&p.id, self.engine.consistency());
         if p.spec.paused && !was_paused {
             self.engine.policy_paused(&p.id);
         }
@@ -121,7 +121,7 @@ impl Policies {
         self.store.update_policy(&p)?;
         if paused {
             self.engine.policy_paused(id);
-            crate::consistency::discard_kept(id, &self.store);
+            crate::consistency::discard_kept(id, self.engine.consistency());
         } else if p.next_run_at.is_some() || self.store.last_run_of(id)?.is_none_or(|r| r.state.is_terminal()) {
             self.engine.reschedule(&mut p)?;
         }
@@ -132,7 +132,7 @@ impl Policies {
     pub fn delete(&self, id: &str) -> Result<(), PolicyError> {
         let p = self.store.get_policy(id)?;
         self.engine.policy_deleted(id);
-        crate::consistency::discard_kept(id, &self.store);
+        crate::consistency::discard_kept(id, self.engine.consistency());
         self.engine.metrics().policy_deleted(&p);
         self.store.delete_policy(id)?;
         tracing::info!(policy = %id, "policy deleted");
@@ -154,7 +154,7 @@ impl Policies {
             self.engine.reschedule(&mut p)?;
         } else {
             self.engine.policy_paused(id);
-            crate::consistency::discard_kept(id, &self.store);
+            crate::consistency::discard_kept(id, self.engine.consistency());
         }
         Ok(())
     }

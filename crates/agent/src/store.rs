@@ -1181,17 +1181,7 @@ impl RepoMaintenance {
     }
 }
 
-/// Something a consistency method holds for a run (see `consistency`):
-/// recorded before it exists, cleared once it is gone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeldResource {
-    pub id: String,
-    pub run_id: String,
-    /// `freeze`, `btrfs_snapshot`, `clone_tree`, `clone_file`, `loop`, `mount`, `lvm_snapshot`.
-    pub kind: String,
-    pub path: String,
-    pub created_at: DateTime<Utc>,
-}
+pub use soda_syncer_domain::consistency::HeldResource;
 
 impl Store {
     pub fn record_resource(&self, r: &HeldResource) -> Result<()> {

@@ -9,6 +9,19 @@ use serde::{Deserialize, Serialize};
 use crate::field::FieldError;
 use crate::policy::{ConsistencyMode, Hooks};
 
+/// Something a consistency method holds for a run (a freeze, a snapshot, a
+/// clone, a loop device, a mount): recorded in the agent's database before
+/// it exists, cleared once it is gone, so a crash leaves nothing behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldResource {
+    pub id: String,
+    pub run_id: String,
+    /// `freeze`, `btrfs_snapshot`, `clone_tree`, `clone_file`, `loop`, `mount`, `lvm_snapshot`.
+    pub kind: String,
+    pub path: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
 /// The method a run actually used (`auto` resolves to one of these).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]

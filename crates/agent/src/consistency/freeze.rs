@@ -11,8 +11,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{metrics, sys, ConsistencyError};
-use crate::store::{HeldResource, Store};
+use super::{sys, ConsistencyError, Deps};
+use soda_syncer_domain::consistency::HeldResource;
 
 struct State {
     frozen: bool,
@@ -24,7 +24,7 @@ struct State {
 struct Inner {
     mount_point: PathBuf,
     dir: File,
-    store: Store,
+    deps: Deps,
     record_id: String,
     started: Instant,
     state: Mutex<State>,
@@ -59,7 +59,7 @@ impl Inner {
                 });
             }
         }
-        if let Err(e) = self.store.clear_resource(&self.record_id) {
+        if let Err(e) = self.deps.records.clear_held(&self.record_id) {
             tracing::warn!(error = %e, "cannot clear the freeze record; the next start thaws again, which is harmless");
         }
         tracing::debug!(mount = %self.mount_point.display(), ms = self.started.elapsed().as_millis() as u64, why, "filesystem thawed");
@@ -76,7 +76,7 @@ impl Freeze {
     /// When the limit passes, the watchdog thaws and cancels `on_expiry`.
     pub fn start(
         mount_point: &Path,
-        store: &Store,
+        deps: &Deps,
         run_id: &str,
         limit: Duration,
         on_expiry: CancellationToken,
@@ -95,18 +95,18 @@ impl Freeze {
         // Flush while writers still run, so the freeze has little left to write.
         let _ = sys::syncfs(&dir);
         let record_id = crate::ids::new_id();
-        store
-            .record_resource(&HeldResource {
+        deps.records
+            .record_held(&HeldResource {
                 id: record_id.clone(),
                 run_id: run_id.to_string(),
                 kind: "freeze".into(),
                 path: mount_point.display().to_string(),
                 created_at: Utc::now(),
             })
-            .map_err(|e| ConsistencyError::Store { message: e.to_string() })?;
+            .map_err(|message| ConsistencyError::Store { message })?;
         let started = Instant::now();
         if let Err(e) = sys::freeze(&dir) {
-            let _ = store.clear_resource(&record_id);
+            let _ = deps.records.clear_held(&record_id);
             return Err(if e.raw_os_error() == Some(libc::EBUSY) {
                 ConsistencyError::Freeze {
                     mount: mount_point.display().to_string(),
@@ -120,7 +120,7 @@ impl Freeze {
         let inner = Arc::new(Inner {
             mount_point: mount_point.to_path_buf(),
             dir,
-            store: store.clone(),
+            deps: deps.clone(),
             record_id,
             started,
             state: Mutex::new(State { frozen: true, expired: false, frozen_for: Duration::ZERO }),
@@ -138,7 +138,7 @@ impl Freeze {
                     drop(st);
                     tracing::warn!(mount = %watch.mount_point.display(), limit_ms = limit.as_millis() as u64, "the freeze reached maxFreezeMs: thawing");
                     let _ = watch.thaw("maxFreezeMs reached");
-                    metrics::freeze_expired();
+                    watch.deps.metrics.freeze_expired();
                     on_expiry.cancel();
                     return;
                 }
@@ -186,7 +186,7 @@ impl Drop for Freeze {
     fn drop(&mut self) {
         if self.inner.state().frozen {
             tracing::error!(mount = %self.inner.mount_point.display(), "a frozen filesystem was left without release(): thawing it now (fallback)");
-            metrics::drop_thaw();
+            self.inner.deps.metrics.drop_thaw();
             let _ = self.inner.thaw("dropped");
         }
     }
@@ -212,15 +212,17 @@ mod tests {
     use super::*;
     use crate::consistency::testfs::{writable_within, LoopFs};
 
-    fn store(dir: &Path) -> Store {
-        Store::open(&dir.join("state.db")).unwrap()
+    fn store(dir: &Path) -> (crate::store::Store, Deps) {
+        let store = crate::store::Store::open(&dir.join("state.db")).unwrap();
+        let deps = Deps::new(Arc::new(store.clone()));
+        (store, deps)
     }
 
     #[test]
     fn the_root_filesystem_is_never_frozen() {
         let dir = tempfile::tempdir().unwrap();
         let err =
-            Freeze::start(Path::new("/"), &store(dir.path()), "r", Duration::from_secs(1), CancellationToken::new())
+            Freeze::start(Path::new("/"), &store(dir.path()).1, "r", Duration::from_secs(1), CancellationToken::new())
                 .err()
                 .unwrap();
         assert_eq!(err.kind(), "freeze_refused");
@@ -230,10 +232,10 @@ mod tests {
     fn a_freeze_dropped_by_a_panic_is_thawed_and_its_record_cleared() {
         let dir = tempfile::tempdir().unwrap();
         let Some(fs) = LoopFs::new(dir.path(), &["mkfs.xfs", "-q"]) else { return };
-        let store = store(dir.path());
-        let (mnt, s) = (fs.mnt.clone(), store.clone());
+        let (store, deps) = store(dir.path());
+        let (mnt, s, d) = (fs.mnt.clone(), store.clone(), deps.clone());
         let panicked = std::thread::spawn(move || {
-            let _f = Freeze::start(&mnt, &s, "run1", Duration::from_secs(60), CancellationToken::new()).unwrap();
+            let _f = Freeze::start(&mnt, &d, "run1", Duration::from_secs(60), CancellationToken::new()).unwrap();
             assert_eq!(s.held_resources().unwrap().len(), 1, "recorded while frozen");
             assert!(!writable_within(&mnt, Duration::from_millis(200)));
             panic!("injected");
@@ -248,9 +250,9 @@ mod tests {
     fn the_watchdog_thaws_at_the_limit_and_says_so() {
         let dir = tempfile::tempdir().unwrap();
         let Some(fs) = LoopFs::new(dir.path(), &["mkfs.xfs", "-q"]) else { return };
-        let store = store(dir.path());
+        let (store, deps) = store(dir.path());
         let expiry = CancellationToken::new();
-        let f = Freeze::start(&fs.mnt, &store, "run1", Duration::from_millis(150), expiry.clone()).unwrap();
+        let f = Freeze::start(&fs.mnt, &deps, "run1", Duration::from_millis(150), expiry.clone()).unwrap();
         let t = Instant::now();
         while !expiry.is_cancelled() && t.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(10));
@@ -266,9 +268,9 @@ mod tests {
     fn a_second_freeze_of_one_filesystem_is_refused_and_the_first_stays() {
         let dir = tempfile::tempdir().unwrap();
         let Some(fs) = LoopFs::new(dir.path(), &["mkfs.xfs", "-q"]) else { return };
-        let store = store(dir.path());
-        let first = Freeze::start(&fs.mnt, &store, "a", Duration::from_secs(60), CancellationToken::new()).unwrap();
-        let err = Freeze::start(&fs.mnt, &store, "b", Duration::from_secs(60), CancellationToken::new()).err().unwrap();
+        let (store, deps) = store(dir.path());
+        let first = Freeze::start(&fs.mnt, &deps, "a", Duration::from_secs(60), CancellationToken::new()).unwrap();
+        let err = Freeze::start(&fs.mnt, &deps, "b", Duration::from_secs(60), CancellationToken::new()).err().unwrap();
         assert!(err.to_string().contains("frozen already"), "{err}");
         assert_eq!(store.held_resources().unwrap().len(), 1);
         first.thaw().unwrap();

@@ -35,14 +35,50 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::store::Store;
 use freeze::Freeze;
 use hooks::HookRunner;
 use inspect::{Inspected, Protected};
 use resources::{Held, Kind};
 
-pub use resources::recover_at_start;
+pub use metrics::Metrics;
+pub use resources::{recover_at_start, Records};
+
+/// What the methods need from the agent around them, and what they keep
+/// between runs: where held resources are journaled (the store, through
+/// [`Records`]), the metrics they count in, each policy's kept reflink
+/// copy and the removals of discarded ones under way. Made once by the run
+/// engine; clones share all of it.
+#[derive(Clone)]
+pub struct Deps {
+    pub records: Arc<dyn Records>,
+    pub metrics: Metrics,
+    kept: Arc<Mutex<HashMap<String, Kept>>>,
+    removals: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+}
+
+impl Deps {
+    pub fn new(records: Arc<dyn Records>) -> Deps {
+        Deps { records, metrics: Metrics::default(), kept: Arc::default(), removals: Arc::default() }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn removals(&self) -> std::sync::MutexGuard<'_, Vec<std::thread::JoinHandle<()>>> {
+        self.removals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The agent's settings the methods follow (from its configuration).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Hook programs a policy may name (paths, or directories they lie in).
+    pub hook_allow: Vec<PathBuf>,
+    pub hook_timeout: Duration,
+    /// The agent's state directory: never frozen or snapshotted.
+    pub state_dir: PathBuf,
+}
 
 /// Snapshots and copies live in this directory at the top of the volume's
 /// filesystem (backups exclude it).
@@ -137,8 +173,8 @@ fn mode_str(m: ConsistencyMode) -> &'static str {
     }
 }
 
-fn allowed_hooks(config: &Config) -> Vec<String> {
-    config.hook_allow.iter().map(|p| p.display().to_string()).collect()
+fn allowed_hooks(settings: &Settings) -> Vec<String> {
+    settings.hook_allow.iter().map(|p| p.display().to_string()).collect()
 }
 
 /// The device, filesystem type and mount point of the filesystem `path`
@@ -149,15 +185,15 @@ pub fn filesystem_of(path: &Path) -> Option<(String, String, String)> {
     Some((m.source, m.fs_type, m.mount_point))
 }
 
-fn protected(config: &Config, repository: Option<PathBuf>) -> Protected {
-    Protected { state_dir: config.state_dir.clone(), repository }
+fn protected(settings: &Settings, repository: Option<PathBuf>) -> Protected {
+    Protected { state_dir: settings.state_dir.clone(), repository }
 }
 
 /// Policy checks that need the disk: hooks on the allow list, root, and an
 /// explicit mode (or `auto` with `required`) that applies to the source as
 /// it is now. A source that does not exist yet is left to the source check.
-pub fn check_policy(config: &Config, spec: &PolicySpec) -> Result<(), FieldError> {
-    validate_hooks(&spec.consistency.hooks, &allowed_hooks(config))?;
+pub fn check_policy(settings: &Settings, spec: &PolicySpec) -> Result<(), FieldError> {
+    validate_hooks(&spec.consistency.hooks, &allowed_hooks(settings))?;
     let mode = spec.consistency.mode;
     if mode == ConsistencyMode::None {
         return Ok(());
@@ -171,7 +207,7 @@ pub fn check_policy(config: &Config, spec: &PolicySpec) -> Result<(), FieldError
     }
     let repo =
         spec.repository.url.as_deref().and_then(|u| RepositoryLocation::parse(u).local_path().map(Path::to_path_buf));
-    let ins = inspect::inspect(source, &protected(config, repo))
+    let ins = inspect::inspect(source, &protected(settings, repo))
         .map_err(|e| FieldError::new("consistency.mode", e.to_string()))?;
     let decision = choose(mode, &ins.facts).map_err(|reason| {
         FieldError::new(
@@ -215,26 +251,16 @@ struct Kept {
     held: Held,
 }
 
-fn kept() -> std::sync::MutexGuard<'static, HashMap<String, Kept>> {
-    static KEPT: LazyLock<Mutex<HashMap<String, Kept>>> = LazyLock::new(Mutex::default);
-    KEPT.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn removals() -> std::sync::MutexGuard<'static, Vec<std::thread::JoinHandle<()>>> {
-    static REMOVALS: LazyLock<Mutex<Vec<std::thread::JoinHandle<()>>>> = LazyLock::new(Mutex::default);
-    REMOVALS.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Remove a policy's kept reflink copy, if any (in the background: a large
 /// tree takes a while to delete; [`discard_all_kept`] waits for it).
-pub fn discard_kept(policy_id: &str, store: &Store) {
-    let Some(k) = kept().remove(policy_id) else { return };
-    let store = store.clone();
+pub fn discard_kept(policy_id: &str, deps: &Deps) {
+    let Some(k) = deps.kept().remove(policy_id) else { return };
+    let remover = deps.clone();
     let spawned = std::thread::Builder::new().name("kept-copy-removal".into()).spawn(move || {
-        resources::release(&store, &k.held);
+        resources::release(&remover, &k.held);
     });
     if let Ok(h) = spawned {
-        let mut pending = removals();
+        let mut pending = deps.removals();
         pending.retain(|h| !h.is_finished());
         pending.push(h);
     }
@@ -243,12 +269,12 @@ pub fn discard_kept(policy_id: &str, store: &Store) {
 /// At shutdown (after the scheduler stopped): remove every kept copy and
 /// wait for removals under way, so a stopped agent leaves nothing in its
 /// volumes' filesystems. What cannot be removed is retried at the next start.
-pub fn discard_all_kept(store: &Store) {
-    let all: Vec<Kept> = kept().drain().map(|(_, k)| k).collect();
+pub fn discard_all_kept(deps: &Deps) {
+    let all: Vec<Kept> = deps.kept().drain().map(|(_, k)| k).collect();
     for k in all {
-        resources::release(store, &k.held);
+        resources::release(deps, &k.held);
     }
-    let pending = std::mem::take(&mut *removals());
+    let pending = std::mem::take(&mut *deps.removals());
     for h in pending {
         let _ = h.join();
     }
@@ -262,7 +288,7 @@ pub struct Prepared {
     policy_id: String,
     /// The reflink copy made or reused by this run, kept for the next one.
     kept: Option<Kept>,
-    store: Option<Store>,
+    deps: Deps,
     view: Option<PathBuf>,
     /// The directory the view lies below that no workload controls by
     /// name (the source's mount point, or the agent's own mount point):
@@ -337,8 +363,7 @@ impl Prepared {
     }
 
     fn hold(&mut self, kind: Kind, path: &Path) -> Result<(), ConsistencyError> {
-        let store = self.store.as_ref().expect("a method that holds something has a store");
-        self.held.push(resources::hold(store, &self.run_id, kind, path)?);
+        self.held.push(resources::hold(&self.deps, &self.run_id, kind, path)?);
         Ok(())
     }
 
@@ -357,24 +382,17 @@ impl Prepared {
         if let Some(e) = self.post_error.take() {
             error.get_or_insert(e);
         }
-        if let Some(store) = &self.store {
-            for held in self.held.drain(..).rev() {
-                resources::release(store, &held);
-            }
+        for held in self.held.drain(..).rev() {
+            resources::release(&self.deps, &held);
         }
         if let Some(k) = self.kept.take() {
             // Deleted while this run went on: not kept.
-            let wanted = self.store.as_ref().is_some_and(|s| s.get_policy(&self.policy_id).is_ok());
-            if !wanted {
-                if let Some(store) = &self.store {
-                    resources::release(store, &k.held);
-                }
-            } else if let Some(old) = kept().insert(self.policy_id.clone(), k) {
+            if !self.deps.records.policy_exists(&self.policy_id) {
+                resources::release(&self.deps, &k.held);
+            } else if let Some(old) = self.deps.kept().insert(self.policy_id.clone(), k) {
                 // Another copy for the same policy (not expected: runs of
                 // one policy never overlap): the older one goes.
-                if let Some(store) = &self.store {
-                    resources::release(store, &old.held);
-                }
+                resources::release(&self.deps, &old.held);
             }
         }
         self.fs_guard = None;
@@ -402,7 +420,11 @@ impl Prepared {
         let thaw_error = self.thaw_now();
         let method = self.method;
         let report = self.report();
-        metrics::observe(method, Duration::from_millis(report.freeze_ms), Duration::from_millis(report.snapshot_ms));
+        self.deps.metrics.observe(
+            method,
+            Duration::from_millis(report.freeze_ms),
+            Duration::from_millis(report.snapshot_ms),
+        );
         let rest = tokio::task::spawn_blocking(move || self.release_blocking());
         let error = match tokio::time::timeout(RELEASE_DEADLINE, rest).await {
             Ok(Ok(e)) => e,
@@ -431,7 +453,7 @@ impl Drop for Prepared {
         let mut held = std::mem::take(&mut self.held);
         // A copy whose run ended this way is not trusted for the next one.
         held.extend(self.kept.take().map(|k| k.held));
-        let store = self.store.clone();
+        let deps = self.deps.clone();
         if post.is_none() && held.is_empty() {
             return;
         }
@@ -440,10 +462,8 @@ impl Drop for Prepared {
             if let Some(h) = post {
                 let _ = h.run_post();
             }
-            if let Some(store) = store {
-                for h in held.iter().rev() {
-                    resources::release(&store, h);
-                }
+            for h in held.iter().rev() {
+                resources::release(&deps, h);
             }
         });
     }
@@ -464,8 +484,8 @@ impl From<ConsistencyError> for Failure {
 /// Make the point-in-time view for one backup.
 pub async fn prepare(
     ctx: Context,
-    store: &Store,
-    config: &Config,
+    deps: &Deps,
+    settings: &Settings,
     token: &CancellationToken,
 ) -> Result<Prepared, Failure> {
     let spec = ctx.spec.clone();
@@ -480,7 +500,7 @@ pub async fn prepare(
             ("SODA_SYNCER_VOLUME".into(), ctx.volume.clone().unwrap_or_default()),
             ("SODA_SYNCER_RUN_ID".into(), ctx.run_id.clone()),
         ],
-        timeout: config.hook_timeout,
+        timeout: settings.hook_timeout,
     };
     let mut p = Prepared {
         mode,
@@ -488,7 +508,7 @@ pub async fn prepare(
         run_id: ctx.run_id.clone(),
         policy_id: ctx.policy_id.clone(),
         kept: None,
-        store: None,
+        deps: deps.clone(),
         view: None,
         view_base: None,
         ignore_inode: false,
@@ -510,7 +530,7 @@ pub async fn prepare(
         p.released = true; // nothing to release
         return Ok(p);
     }
-    validate_hooks(&spec.hooks, &allowed_hooks(config))
+    validate_hooks(&spec.hooks, &allowed_hooks(settings))
         .map_err(|e| ConsistencyError::HookNotAllowed { message: e.to_string() })?;
     let mut inspected = None;
     if mode != ConsistencyMode::None {
@@ -518,7 +538,7 @@ pub async fn prepare(
             return Err(ConsistencyError::NeedsRoot.into());
         }
         let source = ctx.source.clone();
-        let prot = protected(config, ctx.repository.clone());
+        let prot = protected(settings, ctx.repository.clone());
         let ins = tokio::task::spawn_blocking(move || inspect::inspect(&source, &prot)).await.map_err(|e| {
             ConsistencyError::Inspect { path: ctx.source.display().to_string(), message: e.to_string() }
         })??;
@@ -550,7 +570,7 @@ pub async fn prepare(
                 });
             }
             tracing::warn!(source = %ctx.source.display(), reason = %why, "no point-in-time method applies: backing up the live volume");
-            metrics::live_fallback();
+            p.deps.metrics.live_fallback();
             p.warning = Some(why);
         }
         if p.method != Method::None {
@@ -562,8 +582,7 @@ pub async fn prepare(
         }
         inspected = Some(ins);
     }
-    p.store = Some(store.clone());
-    let state_dir = config.state_dir.clone();
+    let state_dir = settings.state_dir.clone();
     let cancel = token.clone();
     let joined = tokio::task::spawn_blocking(move || {
         let r = p.make(inspected.as_ref(), &state_dir, &cancel);
@@ -636,10 +655,6 @@ impl Prepared {
         Failure { error, report: Some(report) }
     }
 
-    fn store(&self) -> &Store {
-        self.store.as_ref().expect("set before make")
-    }
-
     /// A btrfs snapshot alone is not one instant: it holds what was written
     /// back, and data still in the page cache (written, not yet flushed)
     /// reaches it file by file, at different moments (measured: files
@@ -679,7 +694,7 @@ impl Prepared {
     }
 
     fn freeze(&self, mount: &Path, on_expiry: CancellationToken) -> Result<Freeze, ConsistencyError> {
-        Freeze::start(mount, self.store(), &self.run_id, self.freeze_limit, on_expiry)
+        Freeze::start(mount, &self.deps, &self.run_id, self.freeze_limit, on_expiry)
     }
 
     fn limit_error(&self, mount: &Path, message: impl Into<String>) -> ConsistencyError {
@@ -695,11 +710,11 @@ impl Prepared {
     /// The copy is kept for the policy's next backup (see [`Kept`]).
     fn reflink(&mut self, ins: &Inspected, cancel: &CancellationToken) -> Result<(), ConsistencyError> {
         let dir = ins.scratch_dir();
-        let prior = kept().remove(&self.policy_id);
+        let prior = self.deps.kept().remove(&self.policy_id);
         let reuse = match prior {
             Some(k) if k.src == ins.real_path && k.copy.dst().is_dir() => Some(k),
             Some(k) => {
-                resources::release(self.store(), &k.held);
+                resources::release(&self.deps, &k.held);
                 None
             }
             None => None,
@@ -717,12 +732,12 @@ impl Prepared {
                 // (After the removal: an empty scratch directory goes with it.)
                 create_private_dir(&dir).map_err(|e| snap_err("reflink", &dir, e))?;
                 let held =
-                    resources::hold(self.store(), &format!("kept:{}", self.policy_id), Kind::CloneTree, &copy_root)?;
+                    resources::hold(&self.deps, &format!("kept:{}", self.policy_id), Kind::CloneTree, &copy_root)?;
                 let skip = dir.starts_with(&ins.real_path).then_some(dir.as_path());
                 match tree::TreeCopy::create(&ins.real_path, &copy_root, skip) {
                     Ok(copy) => Kept { src: ins.real_path.clone(), copy, held },
                     Err(e) => {
-                        resources::release(self.store(), &held);
+                        resources::release(&self.deps, &held);
                         return Err(tree_err("reflink", e));
                     }
                 }
@@ -739,7 +754,7 @@ impl Prepared {
             }
             Err(e) => {
                 // Half brought up to date: not trusted for the next run.
-                resources::release(self.store(), &k.held);
+                resources::release(&self.deps, &k.held);
                 Err(e)
             }
         }

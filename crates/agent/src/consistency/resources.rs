@@ -8,8 +8,20 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::command::{self, argv};
-use super::{freeze, inspect, SCRATCH_DIR};
-use crate::store::{HeldResource, Store};
+use super::{freeze, inspect, Deps, SCRATCH_DIR};
+use soda_syncer_domain::consistency::HeldResource;
+
+/// Where the held resources are journaled, and what else consistency reads
+/// of the agent's state: a port, so this adapter knows no database (the
+/// agent's store implements it: `scheduler/records.rs`). Errors are the
+/// store's own, as text.
+pub trait Records: Send + Sync {
+    fn record_held(&self, r: &HeldResource) -> Result<(), String>;
+    fn clear_held(&self, id: &str) -> Result<(), String>;
+    fn all_held(&self) -> Result<Vec<HeldResource>, String>;
+    /// Whether the policy still exists (a reflink copy is kept only for one that does).
+    fn policy_exists(&self, id: &str) -> bool;
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -61,17 +73,17 @@ pub struct Held {
 }
 
 /// Record that `kind` at `path` is about to exist.
-pub fn hold(store: &Store, run_id: &str, kind: Kind, path: &Path) -> Result<Held, super::ConsistencyError> {
+pub fn hold(deps: &Deps, run_id: &str, kind: Kind, path: &Path) -> Result<Held, super::ConsistencyError> {
     let record = crate::ids::new_id();
-    store
-        .record_resource(&HeldResource {
+    deps.records
+        .record_held(&HeldResource {
             id: record.clone(),
             run_id: run_id.to_string(),
             kind: kind.as_str().into(),
             path: path.display().to_string(),
             created_at: Utc::now(),
         })
-        .map_err(|e| super::ConsistencyError::Store { message: e.to_string() })?;
+        .map_err(|message| super::ConsistencyError::Store { message })?;
     Ok(Held { kind, path: path.to_path_buf(), record })
 }
 
@@ -212,10 +224,10 @@ pub fn undo(kind: Kind, path: &Path) -> Result<(), String> {
 
 /// Undo a held thing and clear its record; on failure the record stays
 /// for the next start.
-pub fn release(store: &Store, held: &Held) -> bool {
+pub fn release(deps: &Deps, held: &Held) -> bool {
     match undo(held.kind, &held.path) {
         Ok(()) => {
-            if let Err(e) = store.clear_resource(&held.record) {
+            if let Err(e) = deps.records.clear_held(&held.record) {
                 tracing::warn!(error = %e, "cannot clear a consistency record; the next start tries again, harmlessly");
             }
             true
@@ -229,8 +241,8 @@ pub fn release(store: &Store, held: &Held) -> bool {
 
 /// At start: thaw what a previous process left frozen, and remove its
 /// mounts, loop devices, clones and snapshots. Returns how many were undone.
-pub fn recover_at_start(store: &Store) -> usize {
-    let records = match store.held_resources() {
+pub fn recover_at_start(deps: &Deps) -> usize {
+    let records = match deps.records.all_held() {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot read what the last run of the agent held; frozen filesystems may stay frozen");
@@ -241,7 +253,7 @@ pub fn recover_at_start(store: &Store) -> usize {
     for kind in Kind::UNDO_ORDER {
         for r in records.iter().rev().filter(|r| Kind::parse(&r.kind) == Some(kind)) {
             let held = Held { kind, path: PathBuf::from(&r.path), record: r.id.clone() };
-            if release(store, &held) {
+            if release(deps, &held) {
                 done += 1;
                 tracing::warn!(kind = kind.as_str(), path = %r.path, run = %r.run_id, "undid what an interrupted backup left behind");
             }
@@ -249,9 +261,9 @@ pub fn recover_at_start(store: &Store) -> usize {
     }
     for r in records.iter().filter(|r| Kind::parse(&r.kind).is_none()) {
         tracing::warn!(kind = %r.kind, "unknown consistency record dropped");
-        let _ = store.clear_resource(&r.id);
+        let _ = deps.records.clear_held(&r.id);
     }
-    super::metrics::recovered(done as u64);
+    deps.metrics.recovered(done as u64);
     done
 }
 
@@ -290,17 +302,18 @@ mod tests {
     fn the_next_start_thaws_and_removes_what_a_crash_left() {
         let dir = tempfile::tempdir().unwrap();
         let Some(fs) = LoopFs::new(dir.path(), &["mkfs.xfs", "-q"]) else { return };
-        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let store = crate::store::Store::open(&dir.path().join("state.db")).unwrap();
+        let deps = Deps::new(std::sync::Arc::new(store.clone()));
         let tree = fs.mnt.join(SCRATCH_DIR).join("run1");
         std::fs::create_dir_all(tree.join("a/b")).unwrap();
         std::fs::write(tree.join("a/b/f"), "x").unwrap();
         let clone = fs.mnt.join(".soda-syncer-clone-run1.img");
         std::fs::write(&clone, "img").unwrap();
         for (kind, path) in [(Kind::CloneTree, &tree), (Kind::CloneFile, &clone), (Kind::Freeze, &fs.mnt)] {
-            hold(&store, "run1", kind, path).unwrap();
+            hold(&deps, "run1", kind, path).unwrap();
         }
         // A record of something already gone is simply cleared.
-        hold(&store, "run0", Kind::Mount, &dir.path().join("never-mounted")).unwrap();
+        hold(&deps, "run0", Kind::Mount, &dir.path().join("never-mounted")).unwrap();
         store
             .record_resource(&HeldResource {
                 id: "x".into(),
@@ -314,12 +327,12 @@ mod tests {
         crate::consistency::sys::freeze(&root).unwrap();
         assert!(!writable_within(&fs.mnt, Duration::from_millis(200)));
 
-        assert_eq!(recover_at_start(&store), 4);
+        assert_eq!(recover_at_start(&deps), 4);
         assert!(writable_within(&fs.mnt, Duration::from_secs(2)));
         assert!(!tree.exists() && !clone.exists());
         assert!(!fs.mnt.join(SCRATCH_DIR).exists(), "the empty scratch directory goes too");
         assert!(store.held_resources().unwrap().is_empty());
         // Nothing left: a second start has nothing to do.
-        assert_eq!(recover_at_start(&store), 0);
+        assert_eq!(recover_at_start(&deps), 0);
     }
 }

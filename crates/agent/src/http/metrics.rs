@@ -74,7 +74,7 @@ impl Metrics {
         let body_timeouts = Counter::default();
         let scrape_error = Arc::new(Mutex::new(None));
         sched.metrics().register(&mut registry);
-        crate::consistency::metrics::register(&mut registry);
+        sched.consistency().metrics.register(&mut registry);
         registry.register(
             "soda_syncer_http_requests",
             "HTTP requests answered, by route template, method and status code",

@@ -8,6 +8,7 @@
 
 pub(crate) mod jobs;
 mod pod_hooks;
+mod records;
 mod verify;
 
 pub use jobs::{MaintenanceParams, RestoreParams};
@@ -98,6 +99,8 @@ struct Inner {
     next_drill: Mutex<Option<DateTime<Utc>>>,
     /// Each policy's parsed schedules, as admission attached them.
     schedules: ScheduleBook,
+    /// What the consistency methods journal into and count in.
+    consistency: crate::consistency::Deps,
     /// A random id per start: digests recorded by an earlier agent process
     /// never prove a run unchanged (see `verify`).
     instance: String,
@@ -198,7 +201,6 @@ impl Scheduler {
     pub fn new(store: Store, restic: Restic, config: Config, cancel: CancellationToken) -> Scheduler {
         Scheduler {
             inner: Arc::new(Inner {
-                store,
                 restic,
                 config,
                 wake: Notify::new(),
@@ -217,6 +219,8 @@ impl Scheduler {
                 next_drill: Mutex::new(None),
                 instance: new_id(),
                 schedules: ScheduleBook::default(),
+                consistency: crate::consistency::Deps::new(Arc::new(store.clone())),
+                store,
             }),
         }
     }
@@ -228,6 +232,11 @@ impl Scheduler {
     /// and the readers of due times and deadlines take them from here.
     pub fn schedules(&self) -> &ScheduleBook {
         &self.inner.schedules
+    }
+    /// The consistency methods' journal and metrics (for the start-up
+    /// recovery, discarding kept copies, and `/metrics`).
+    pub fn consistency(&self) -> &crate::consistency::Deps {
+        &self.inner.consistency
     }
     /// The run counters and histograms `/metrics` shows.
     pub fn metrics(&self) -> &RunMetrics {

@@ -82,14 +82,17 @@ impl Scheduler {
         // the point-in-time view exists (or after restic for a live backup).
         let mut pod_hooks = self.pod_hooks_pre(policy, token).await?;
         run.warning = pod_hooks.warning();
-        let prepared = match crate::consistency::prepare(ctx, &self.inner.store, &self.inner.config, token).await {
-            Ok(p) => p,
-            Err(f) => {
-                pod_hooks.post().await;
-                run.consistency = f.report.and_then(|r| serde_json::to_value(r).ok());
-                return Err(consistency_error(&f.error));
-            }
-        };
+        let prepared =
+            match crate::consistency::prepare(ctx, &self.inner.consistency, &self.inner.config.consistency(), token)
+                .await
+            {
+                Ok(p) => p,
+                Err(f) => {
+                    pod_hooks.post().await;
+                    run.consistency = f.report.and_then(|r| serde_json::to_value(r).ok());
+                    return Err(consistency_error(&f.error));
+                }
+            };
         // A snapshot exists now; a live backup or a freeze lasts through restic.
         use soda_syncer_domain::consistency::Method;
         if !matches!(prepared.method(), Method::None | Method::Fsfreeze) {
