@@ -13,6 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
+use soda_syncer_domain::location::without_userinfo;
 use soda_syncer_domain::retention::Retention;
 use soda_syncer_domain::Secret;
 use std::collections::BTreeMap;
@@ -187,23 +188,6 @@ impl AgentRepository {
             (None, None, None) => None,
         }
     }
-}
-
-/// A repository URL without the user and password of its authority, and
-/// without a trailing slash, so `rest:http://u:***@h/r/` matches `rest:http://h/r`.
-pub fn without_userinfo(url: &str) -> String {
-    let s = match url.find("://") {
-        Some(i) => {
-            let rest = &url[i + 3..];
-            let host_end = rest.find('/').unwrap_or(rest.len());
-            match rest[..host_end].rfind('@') {
-                Some(at) => format!("{}{}", &url[..i + 3], &rest[at + 1..]),
-                None => url.to_string(),
-            }
-        }
-        None => url.to_string(),
-    };
-    s.trim_end_matches('/').to_string()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -732,14 +716,6 @@ pub async fn run(args: MaintainArgs, shutdown: CancellationToken) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn agent_urls_match_the_configured_repository_without_credentials_or_trailing_slash() {
-        assert_eq!(without_userinfo("rest:http://node:***@127.0.0.1:8000/r/"), "rest:http://127.0.0.1:8000/r");
-        assert_eq!(without_userinfo("rest:http://127.0.0.1:8000/r"), "rest:http://127.0.0.1:8000/r");
-        assert_eq!(without_userinfo("s3:http://h:9000/bucket/p"), "s3:http://h:9000/bucket/p");
-        assert_eq!(without_userinfo("/srv/repo/"), "/srv/repo");
-    }
 
     #[test]
     fn a_url_with_a_password_in_the_file_is_refused_with_the_way_out() {

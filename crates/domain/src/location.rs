@@ -44,10 +44,36 @@ impl<'a> RepositoryLocation<'a> {
     }
 }
 
+/// A repository URL without the user and password of its authority, and
+/// without a trailing slash, so `rest:http://u:***@h/r/` matches `rest:http://h/r`.
+pub fn without_userinfo(url: &str) -> String {
+    let s = match url.find("://") {
+        Some(i) => {
+            let rest = &url[i + 3..];
+            let host_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..host_end].rfind('@') {
+                Some(at) => format!("{}{}", &url[..i + 3], &rest[at + 1..]),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    };
+    s.trim_end_matches('/').to_string()
+}
+
 #[cfg(test)]
 mod tests {
+    use super::without_userinfo;
     use super::RepositoryLocation::{self, *};
     use std::path::Path;
+
+    #[test]
+    fn agent_urls_match_the_configured_repository_without_credentials_or_trailing_slash() {
+        assert_eq!(without_userinfo("rest:http://node:***@127.0.0.1:8000/r/"), "rest:http://127.0.0.1:8000/r");
+        assert_eq!(without_userinfo("rest:http://127.0.0.1:8000/r"), "rest:http://127.0.0.1:8000/r");
+        assert_eq!(without_userinfo("s3:http://h:9000/bucket/p"), "s3:http://h:9000/bucket/p");
+        assert_eq!(without_userinfo("/srv/repo/"), "/srv/repo");
+    }
 
     #[test]
     fn every_form_restic_takes_is_told_apart() {

@@ -355,7 +355,7 @@ impl Scheduler {
     /// the policy's `repository_url()`, compared without user and password).
     fn declared_append_only(&self, spec: &soda_syncer_domain::PolicySpec, url: &str) -> bool {
         let c = &self.inner.config;
-        let bare = crate::maintainer::without_userinfo;
+        let bare = soda_syncer_domain::location::without_userinfo;
         spec.append_only
             || c.append_only
             || c.append_only_repositories
