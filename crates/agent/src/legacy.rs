@@ -25,7 +25,7 @@ use std::sync::{Arc, OnceLock};
 /// Hands a legacy call for "every volume" on to the agents of the other
 /// nodes (the proxy reaches only the agent on its own node).
 pub trait LegacyPublisher: Send + Sync {
-    fn publish(&self, body: serde_json::Map<String, serde_json::Value>);
+    fn publish(&self, fields: std::collections::BTreeMap<String, String>);
 }
 
 /// The legacy route's service: turns upstream bodies into policies through
@@ -95,11 +95,11 @@ impl Legacy {
     /// Handle one `POST /snapshot`. Never waits for a volume or a backup.
     /// A call for every volume is also handed on to the other nodes.
     pub fn snapshot(&self, req: LegacySnapshotRequest) -> Result<LegacySnapshotResponse, PolicyError> {
-        let wire = req.to_wire();
+        let fields = req.to_fields();
         let every_volume = req.restic_source_repo.as_deref().is_none_or(str::is_empty);
         let mut resp = self.apply(req)?;
         if let (true, Some(p)) = (every_volume, self.publisher.get()) {
-            p.publish(wire);
+            p.publish(fields);
             resp.message.push_str("; the request was handed on to the agents of every node");
         }
         Ok(resp)

@@ -63,13 +63,15 @@ pub struct LegacySnapshotResponse {
 }
 
 impl LegacySnapshotRequest {
-    /// The body as the proxy sent it (secrets included), for handing it on
-    /// to the other nodes' agents.
-    pub fn to_wire(&self) -> serde_json::Map<String, serde_json::Value> {
-        let mut m = serde_json::Map::new();
+    /// The body as text fields named as the proxy names them (secrets
+    /// included): the one form in which it is handed on to the other
+    /// nodes' agents (the data of a Secret), and read back by
+    /// [`LegacySnapshotRequest::from_fields`].
+    pub fn to_fields(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
         let mut put = |k: &str, v: Option<&str>| {
             if let Some(v) = v {
-                m.insert(k.into(), v.into());
+                m.insert(k.to_string(), v.to_string());
             }
         };
         put("AWS_ACCESS_KEY_ID", self.aws_access_key_id.as_ref().map(Secret::expose));
@@ -77,8 +79,39 @@ impl LegacySnapshotRequest {
         put("RESTIC_REPOSITORY", self.restic_repository.as_deref());
         put("RESTIC_PASSWORD", self.restic_password.as_ref().map(Secret::expose));
         put("resticSourceRepo", self.restic_source_repo.as_deref());
-        m.insert("timeInterval".into(), self.time_interval.into());
+        m.insert("timeInterval".into(), self.time_interval.to_string());
         m
+    }
+
+    /// The body [`LegacySnapshotRequest::to_fields`] wrote (also by agents
+    /// before this one: the same fields), or what is wrong with the fields.
+    pub fn from_fields(fields: BTreeMap<String, String>) -> Result<LegacySnapshotRequest, FieldError> {
+        let mut req = LegacySnapshotRequest {
+            aws_access_key_id: None,
+            aws_secret_access_key: None,
+            restic_repository: None,
+            restic_password: None,
+            time_interval: 0,
+            restic_source_repo: None,
+        };
+        let mut interval = None;
+        for (k, v) in fields {
+            match k.as_str() {
+                "AWS_ACCESS_KEY_ID" => req.aws_access_key_id = Some(Secret::new(v)),
+                "AWS_SECRET_ACCESS_KEY" => req.aws_secret_access_key = Some(Secret::new(v)),
+                "RESTIC_REPOSITORY" => req.restic_repository = Some(v),
+                "RESTIC_PASSWORD" => req.restic_password = Some(Secret::new(v)),
+                "resticSourceRepo" => req.restic_source_repo = Some(v),
+                "timeInterval" => {
+                    interval = Some(v.trim().parse::<i64>().map_err(|_| {
+                        FieldError::new("timeInterval", format!("{v:?} is not a whole number of seconds"))
+                    })?)
+                }
+                _ => return Err(FieldError::new(k.clone(), "is not a field of the legacy body")),
+            }
+        }
+        req.time_interval = interval.ok_or_else(|| FieldError::new("timeInterval", "is missing"))?;
+        Ok(req)
     }
 }
 
@@ -148,6 +181,28 @@ pub fn policy_name(hint: &str, key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_handed_on_as_fields_comes_back_the_same_and_bad_fields_are_named() {
+        let body = serde_json::json!({"RESTIC_REPOSITORY": "s3:http://h/b", "RESTIC_PASSWORD": "pw",
+            "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "timeInterval": 600});
+        let req: LegacySnapshotRequest = serde_json::from_value(body).unwrap();
+        let fields = req.to_fields();
+        assert_eq!(fields["timeInterval"], "600");
+        assert_eq!(fields["RESTIC_PASSWORD"], "pw");
+        assert!(!fields.contains_key("resticSourceRepo"));
+        let back = LegacySnapshotRequest::from_fields(fields.clone()).unwrap();
+        assert_eq!(back.to_fields(), fields);
+        let mut bad = fields.clone();
+        bad.insert("timeInterval".into(), "ten".into());
+        assert_eq!(LegacySnapshotRequest::from_fields(bad).unwrap_err().field, "timeInterval");
+        let mut unknown = fields.clone();
+        unknown.insert("EXTRA".into(), "x".into());
+        assert_eq!(LegacySnapshotRequest::from_fields(unknown).unwrap_err().field, "EXTRA");
+        let mut missing = fields;
+        missing.remove("timeInterval");
+        assert!(LegacySnapshotRequest::from_fields(missing).is_err());
+    }
 
     #[test]
     fn legacy_names_are_valid_policy_names() {

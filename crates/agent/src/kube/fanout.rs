@@ -34,22 +34,11 @@ impl LegacyFanout {
         LegacyFanout { api: Api::namespaced(client, &config.namespace), namespace: config.namespace.clone() }
     }
 
-    fn data(body: &serde_json::Map<String, serde_json::Value>) -> BTreeMap<String, ByteString> {
-        body.iter()
-            .map(|(k, v)| {
-                let s = match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                (k.clone(), ByteString(s.into_bytes()))
-            })
-            .collect()
-    }
-
-    async fn store(&self, body: serde_json::Map<String, serde_json::Value>) -> Result<String, kube::Error> {
-        let repo = body.get("RESTIC_REPOSITORY").and_then(|v| v.as_str()).unwrap_or("<default>");
+    async fn store(&self, fields: BTreeMap<String, String>) -> Result<String, kube::Error> {
+        let repo = fields.get("RESTIC_REPOSITORY").map_or("<default>", String::as_str);
         let name = format!("soda-syncer-legacy-{}", &crate::ids::short_hash(&[repo])[..12]);
-        let data = Self::data(&body);
+        let data: BTreeMap<String, ByteString> =
+            fields.into_iter().map(|(k, v)| (k, ByteString(v.into_bytes()))).collect();
         let secret = KubeSecret {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -92,21 +81,13 @@ impl LegacyFanout {
                 },
             };
             let name = secret.metadata.name.clone().unwrap_or_default();
-            let body: serde_json::Map<String, serde_json::Value> = secret
+            let fields = secret
                 .data
                 .unwrap_or_default()
                 .into_iter()
-                .map(|(k, v)| {
-                    let s = String::from_utf8_lossy(&v.0).into_owned();
-                    let v = if k == "timeInterval" {
-                        s.parse::<i64>().map(Into::into).unwrap_or(serde_json::Value::String(s))
-                    } else {
-                        s.into()
-                    };
-                    (k, v)
-                })
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
                 .collect();
-            let req: LegacySnapshotRequest = match serde_json::from_value(serde_json::Value::Object(body)) {
+            let req = match LegacySnapshotRequest::from_fields(fields) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(secret = %name, error = %e, "a shared legacy request is not a valid body; ignored");
@@ -126,10 +107,10 @@ impl LegacyFanout {
 }
 
 impl LegacyPublisher for LegacyFanout {
-    fn publish(&self, body: serde_json::Map<String, serde_json::Value>) {
+    fn publish(&self, fields: BTreeMap<String, String>) {
         let me = self.clone();
         tokio::spawn(async move {
-            match me.store(body).await {
+            match me.store(fields).await {
                 Ok(name) => tracing::info!(secret = %name, "legacy request shared with the other nodes' agents"),
                 Err(e) => tracing::error!(
                     error = %e,
