@@ -574,6 +574,10 @@ impl Restic {
                 }
             }
         };
+        // This command has ended or is being stopped: the next one may open
+        // the cache (the clean-up `unlock` below among them, which would
+        // otherwise wait on this very guard).
+        drop(first_on_cache);
         let end = match end {
             End::Exited(s) => End::Exited(s),
             other => {
