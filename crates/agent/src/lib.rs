@@ -13,7 +13,6 @@ pub mod cli;
 pub mod config;
 pub mod consistency;
 pub mod daemon;
-pub mod direct;
 pub mod http;
 pub mod ids;
 pub mod kube;

@@ -1,17 +1,30 @@
-//! The command-line client. Most commands talk to a running agent over
-//! HTTP; `snapshots --repo` and `restore --repo` talk to restic directly, for
-//! when the node, the agent and its database are gone. Exit codes: 0 ok,
-//! 1 failed, 2 bad usage, 3 partial (a run that saved a snapshot but not
-//! everything, or one that looks suspicious).
+//! The command-line client: its clap definitions and the dispatch of each
+//! command. Most commands talk to a running agent over HTTP (`client`);
+//! `snapshots --repo` and `restore --repo` talk to restic directly
+//! (`direct`), for when the node, the agent and its database are gone.
+//! `request` builds the API's request bodies from flags, `show` prints
+//! what comes back. Exit codes: 0 ok, 1 failed, 2 bad usage, 3 partial (a
+//! run that saved a snapshot but not everything, or one that looks
+//! suspicious).
 
-use crate::direct::DirectRepo;
-use anyhow::{anyhow, bail, Context};
+mod client;
+pub mod direct;
+mod request;
+mod show;
+
+pub use show::to_yaml;
+
+use anyhow::{anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use crate::config::ServeArgs;
+use crate::ids::percent_encode as enc;
+use client::{all_policies, follow_run, name_policies, Client};
+use direct::DirectRepo;
+use request::{create_body, edit_patch};
+use show::{print_policies, print_preview, print_runs, print_snapshots, print_status, print_value, s};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -286,60 +299,6 @@ pub struct KeepFlags {
     pub keep_within: Option<String>,
 }
 
-impl ScheduleFlags {
-    /// The `schedule` object, if a schedule was given; in a merge patch
-    /// the other kind's fields are cleared.
-    fn json(&self, patch: bool) -> Option<Value> {
-        let clear = |v: &mut Value, keys: &[&str]| {
-            if patch {
-                for k in keys {
-                    v[*k] = Value::Null;
-                }
-            }
-        };
-        match (self.interval, &self.cron) {
-            (Some(i), _) => {
-                let mut v = json!({ "intervalSeconds": i });
-                clear(&mut v, &["cron", "timezone"]);
-                Some(v)
-            }
-            (None, Some(c)) => {
-                let mut v = json!({ "cron": c });
-                if let Some(tz) = &self.timezone {
-                    v["timezone"] = json!(tz);
-                } else {
-                    clear(&mut v, &["timezone"]);
-                }
-                clear(&mut v, &["intervalSeconds"]);
-                Some(v)
-            }
-            _ => None,
-        }
-    }
-}
-
-impl KeepFlags {
-    fn json(&self) -> serde_json::Map<String, Value> {
-        let mut m = serde_json::Map::new();
-        for (k, v) in [
-            ("keepLast", self.keep_last),
-            ("keepHourly", self.keep_hourly),
-            ("keepDaily", self.keep_daily),
-            ("keepWeekly", self.keep_weekly),
-            ("keepMonthly", self.keep_monthly),
-            ("keepYearly", self.keep_yearly),
-        ] {
-            if let Some(v) = v {
-                m.insert(k.into(), json!(v));
-            }
-        }
-        if let Some(w) = &self.keep_within {
-            m.insert("keepWithin".into(), json!(w));
-        }
-        m
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// A JSON policy body (as in POST /v1/policies); "-" reads standard input.
@@ -372,72 +331,6 @@ pub struct CreateArgs {
     pub paused: bool,
 }
 
-struct Client {
-    base: String,
-    token: Option<String>,
-    http: reqwest::Client,
-}
-
-impl Client {
-    fn new(args: &ClientArgs) -> Client {
-        let base = args.server.clone().unwrap_or_else(|| {
-            let dir = args.agent_state_dir.clone().unwrap_or_else(crate::config::default_state_dir);
-            std::fs::read_to_string(crate::config::url_file(&dir))
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| "http://127.0.0.1:50030".into())
-        });
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60)).use_rustls_tls();
-        if let Some(ca) = &args.ca_file {
-            match std::fs::read(ca)
-                .map_err(|e| e.to_string())
-                .and_then(|pem| reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string()))
-            {
-                Ok(cert) => builder = builder.add_root_certificate(cert),
-                Err(e) => eprintln!("warning: --ca-file {}: {e}", ca.display()),
-            }
-        }
-        let http = builder.build().expect("HTTP client");
-        // No --token: the token a local agent generated, when readable.
-        let token = args.token.clone().or_else(|| {
-            let dir = args.agent_state_dir.clone().unwrap_or_else(crate::config::default_state_dir);
-            std::fs::read_to_string(crate::config::token_file(&dir))
-                .ok()
-                .and_then(|t| t.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).map(String::from))
-        });
-        Client { base: base.trim_end_matches('/').to_string(), token, http }
-    }
-
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let req = self.http.request(method, format!("{}{}", self.base, path));
-        match &self.token {
-            Some(t) => req.bearer_auth(t),
-            None => req,
-        }
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let mut req = self.request(method, path);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the agent at {}: is it running? (set --server)", self.base))?;
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        let value: Value =
-            if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
-        if !status.is_success() {
-            let code = value["error"]["code"].as_str().unwrap_or("error");
-            let msg = value["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
-            bail!("{msg} ({code}, HTTP {})", status.as_u16());
-        }
-        Ok(value)
-    }
-}
-
 pub fn run_client(args: &ClientArgs, cmd: Command) -> i32 {
     if let Command::Completions { shell } = cmd {
         use clap::CommandFactory;
@@ -454,8 +347,6 @@ pub fn run_client(args: &ClientArgs, cmd: Command) -> i32 {
         }
     }
 }
-
-use crate::ids::percent_encode as enc;
 
 async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> {
     use reqwest::Method;
@@ -533,7 +424,7 @@ async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> 
         }
         Command::Snapshots(a) => {
             let v = match (&a.policy, &a.direct.repo) {
-                (_, Some(_)) => crate::direct::snapshots(&a.direct).await?,
+                (_, Some(_)) => direct::snapshots(&a.direct).await?,
                 (Some(p), None) => c.call(Method::GET, &format!("/v1/policies/{}/snapshots", enc(p)), None).await?,
                 (None, None) => bail!("name a policy, or a repository with --repo"),
             };
@@ -542,7 +433,7 @@ async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> 
         Command::Restore(a) => {
             if a.direct.repo.is_some() {
                 let target = a.target.clone().ok_or_else(|| anyhow!("--repo needs --target DIR"))?;
-                let v = crate::direct::restore(&a.direct, &a.snapshot, &target, &a.include, a.verify).await?;
+                let v = direct::restore(&a.direct, &a.snapshot, &target, &a.include, a.verify).await?;
                 print_value(out, &v, |v| {
                     println!(
                         "restored snapshot {} ({} files, {} bytes) into {}",
@@ -616,38 +507,6 @@ async fn dispatch(c: &Client, out: Output, cmd: Command) -> anyhow::Result<i32> 
     Ok(0)
 }
 
-/// Every page of `GET /v1/policies`, so the list is complete.
-async fn all_policies(c: &Client) -> anyhow::Result<Vec<Value>> {
-    let mut all = Vec::new();
-    let mut after = String::new();
-    loop {
-        let v = c.call(reqwest::Method::GET, &format!("/v1/policies?limit=1000&after={}", enc(&after)), None).await?;
-        all.extend(v["policies"].as_array().cloned().unwrap_or_default());
-        match v["next"].as_str() {
-            Some(n) if !n.is_empty() => after = n.to_string(),
-            _ => break,
-        }
-    }
-    Ok(all)
-}
-
-/// Give each run of a `{"runs": [...]}` its policy's name (`policyName`),
-/// for the table: people know their policies by name, not by id. A run of
-/// a deleted policy keeps only its id.
-async fn name_policies(c: &Client, v: &mut Value) -> anyhow::Result<()> {
-    let names: std::collections::HashMap<String, Value> = all_policies(c)
-        .await?
-        .into_iter()
-        .filter_map(|p| Some((p["id"].as_str()?.to_string(), p["name"].clone())))
-        .collect();
-    for r in v["runs"].as_array_mut().into_iter().flatten() {
-        if let Some(name) = r["policyId"].as_str().and_then(|id| names.get(id)) {
-            r["policyName"] = name.clone();
-        }
-    }
-    Ok(())
-}
-
 /// 0 succeeded, 3 partial or suspicious, 1 anything else.
 pub fn exit_code_for(state: &str) -> i32 {
     match state {
@@ -703,311 +562,4 @@ async fn confirm_in_place(c: &Client, path: &str, body: &Value, policy: &str) ->
     let mut answer = String::new();
     std::io::stdin().read_line(&mut answer)?;
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
-}
-
-fn print_preview(p: &Value) {
-    let n = |k: &str| p[k].as_u64().unwrap_or(0);
-    eprintln!(
-        "the restore would overwrite {} files, restore {} missing, delete {}, leave {} unchanged ({} bytes to write)",
-        n("filesToOverwrite"),
-        n("filesToRestore"),
-        n("filesToDelete"),
-        n("filesUnchanged"),
-        n("bytesToWrite")
-    );
-    for (key, label) in [("overwrite", "overwrite"), ("restore", "restore"), ("delete", "delete")] {
-        for item in p[key].as_array().into_iter().flatten() {
-            eprintln!("  {label:9} {}", item.as_str().unwrap_or_default());
-        }
-    }
-    if p["truncated"].as_bool() == Some(true) {
-        eprintln!("  (more not listed)");
-    }
-}
-
-/// Follow `GET /v1/runs/{id}/events` (server-sent events) until the `end`
-/// event, drawing a progress bar on a terminal (nothing otherwise).
-async fn follow_run(c: &Client, id: &str) -> anyhow::Result<Value> {
-    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg:10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
-    let mut resp = c.request(reqwest::Method::GET, &format!("/v1/runs/{}/events", enc(id))).send().await?;
-    if !resp.status().is_success() {
-        bail!("cannot follow run {id}: HTTP {}", resp.status().as_u16());
-    }
-    let mut buf = String::new();
-    let mut last: Option<Value> = None;
-    while let Some(chunk) = resp.chunk().await? {
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buf.find("\n\n") {
-            let frame: String = buf.drain(..end + 2).collect();
-            let event =
-                frame.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim).unwrap_or("message").to_string();
-            let data: String = frame.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim).collect();
-            let Ok(run) = serde_json::from_str::<Value>(&data) else { continue };
-            let p = &run["progress"];
-            bar.set_length(p["totalBytes"].as_u64().unwrap_or(0));
-            bar.set_position(p["bytesDone"].as_u64().unwrap_or(0));
-            bar.set_message(format!(
-                "{} {}/{}",
-                s(&run["state"]),
-                p["filesDone"].as_u64().unwrap_or(0),
-                p["totalFiles"].as_u64().unwrap_or(0)
-            ));
-            bar.tick();
-            if event == "end" {
-                bar.finish_and_clear();
-                return Ok(run);
-            }
-            last = Some(run);
-        }
-    }
-    bar.finish_and_clear();
-    // The stream ended early (agent restarted?): ask once more.
-    match c.call(reqwest::Method::GET, &format!("/v1/runs/{}", enc(id)), None).await {
-        Ok(v) => Ok(v),
-        Err(e) => last.ok_or(e),
-    }
-}
-
-fn edit_patch(a: &EditArgs) -> anyhow::Result<Value> {
-    if let Some(f) = &a.file {
-        let text = if f.as_os_str() == "-" {
-            std::io::read_to_string(std::io::stdin())?
-        } else {
-            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
-        };
-        return serde_json::from_str(&text).with_context(|| format!("{} is not JSON", f.display()));
-    }
-    let mut patch = serde_json::Map::new();
-    if let Some(schedule) = a.schedule.json(true) {
-        patch.insert("schedule".into(), schedule);
-    }
-    if let Some(j) = a.schedule.jitter {
-        patch.insert("jitterSeconds".into(), json!(j));
-    }
-    let retention = a.keep.json();
-    if !retention.is_empty() {
-        patch.insert("retention".into(), Value::Object(retention));
-    }
-    if let Some(src) = &a.source {
-        patch.insert("source".into(), json!({ "path": src }));
-    }
-    if patch.is_empty() {
-        bail!("nothing to change: give --file or a flag such as --interval");
-    }
-    Ok(Value::Object(patch))
-}
-
-fn create_body(a: &CreateArgs) -> anyhow::Result<Value> {
-    if let Some(f) = &a.file {
-        let text = if f.as_os_str() == "-" {
-            std::io::read_to_string(std::io::stdin())?
-        } else {
-            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
-        };
-        return serde_json::from_str(&text).with_context(|| format!("{} is not JSON", f.display()));
-    }
-    let schedule = a.schedule.json(false).ok_or_else(|| anyhow!("give --interval SECONDS or --cron EXPR"))?;
-    let mut body = json!({
-        "name": a.name,
-        "source": { "path": a.source },
-        "schedule": schedule,
-        "exclude": a.exclude,
-        "tags": a.tag,
-        "paused": a.paused,
-        "retention": Value::Object(a.keep.json()),
-    });
-    if let Some(j) = a.schedule.jitter {
-        body["jitterSeconds"] = json!(j);
-    }
-    let mut repo = serde_json::Map::new();
-    if let Some(url) = &a.repo {
-        repo.insert("url".into(), json!(url));
-        let pw = match &a.password_file {
-            Some(f) => std::fs::read_to_string(f)
-                .with_context(|| format!("cannot read the password file {}", f.display()))?
-                .trim_end_matches('\n')
-                .to_string(),
-            None => std::env::var("RESTIC_PASSWORD").map_err(|_| {
-                anyhow!("--repo needs a password: --password-file FILE or RESTIC_PASSWORD in the environment")
-            })?,
-        };
-        repo.insert("password".into(), json!(pw));
-    }
-    let mut env = serde_json::Map::new();
-    for k in &a.env_from {
-        let v = std::env::var(k).map_err(|_| anyhow!("--env-from {k}: {k} is not set in your environment"))?;
-        env.insert(k.clone(), json!(v));
-    }
-    if !env.is_empty() {
-        repo.insert("env".into(), Value::Object(env));
-    }
-    if !repo.is_empty() {
-        body["repository"] = Value::Object(repo);
-    }
-    Ok(body)
-}
-
-fn print_value(out: Output, v: &Value, table: impl FnOnce(&Value)) {
-    match out {
-        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
-        Output::Yaml => print!("{}", to_yaml(v)),
-        Output::Table => table(v),
-    }
-}
-
-/// YAML for a JSON value, as people write it: plain keys, strings quoted
-/// only where YAML would otherwise read them as something else.
-pub fn to_yaml(v: &Value) -> String {
-    serde_yaml_ng::to_string(v).unwrap_or_else(|e| format!("# cannot print as YAML: {e}\n"))
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-fn print_policies(out: Output, v: &Value) {
-    if out == Output::Json {
-        return print_value(out, v, |_| {});
-    }
-    let rows = v["policies"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|p| {
-                    let sched = if let Some(i) = p["schedule"]["intervalSeconds"].as_u64() {
-                        format!("every {i}s")
-                    } else {
-                        s(&p["schedule"]["cron"])
-                    };
-                    let state =
-                        if p["paused"].as_bool() == Some(true) { "paused".to_string() } else { "active".to_string() };
-                    vec![
-                        s(&p["id"]),
-                        s(&p["name"]),
-                        s(&p["origin"]),
-                        s(&p["source"]["path"]),
-                        sched,
-                        state,
-                        s(&p["nextRunAt"]),
-                        s(&p["lastRun"]["state"]),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    crate::output::table(&["ID", "NAME", "ORIGIN", "SOURCE", "SCHEDULE", "STATE", "NEXT RUN", "LAST RUN"], rows);
-}
-
-fn print_status(v: &Value) {
-    println!("node      {}  (soda-syncer {}, up {} s)", s(&v["node"]), s(&v["version"]), s(&v["uptimeSeconds"]));
-    let r = &v["restic"];
-    let features = r["features"].as_array().map(|f| f.iter().map(s).collect::<Vec<_>>().join(", ")).unwrap_or_default();
-    println!(
-        "restic    {} ({}); newer features in use: {}",
-        if r["version"].is_null() { "not found".to_string() } else { s(&r["version"]) },
-        s(&r["support"]),
-        if features.is_empty() { "none".to_string() } else { features }
-    );
-    if !r["message"].is_null() {
-        println!("          {}", s(&r["message"]));
-    }
-    let sync = &v["sodaSync"];
-    if sync.is_null() {
-        println!("SODA sync off (no --soda-endpoint, or Kubernetes off)");
-        return;
-    }
-    let or = |x: &Value, none: &str| if x.is_null() { none.to_string() } else { s(x) };
-    println!("SODA      {}", s(&sync["endpoint"]));
-    println!(
-        "sync      {}  (leader {}, this agent {})",
-        s(&sync["state"]),
-        or(&sync["leader"], "none"),
-        s(&sync["identity"])
-    );
-    if !sync["pendingChanges"].is_null() {
-        println!(
-            "pending   {} changes, lag {} s; last pass {} ({} ms), last success {}",
-            s(&sync["pendingChanges"]),
-            s(&sync["lagSeconds"]),
-            or(&sync["lastPassAt"], "never"),
-            or(&sync["lastPassMs"], "-"),
-            or(&sync["lastSuccessAt"], "never")
-        );
-    }
-    let p = &sync["profiles"];
-    println!(
-        "profiles  {} (last poll that worked {}{})",
-        s(&p["count"]),
-        or(&p["lastSuccessAt"], "never"),
-        if p["failing"] == true { "; failing now" } else { "" }
-    );
-    for (what, e) in [("sync", &sync["lastError"]), ("poll", &p["lastError"])] {
-        if !e.is_null() {
-            println!("last {what} error  {} {}: {}", s(&e["at"]), s(&e["code"]), s(&e["message"]));
-        }
-    }
-}
-
-fn print_snapshots(v: &Value) {
-    let rows = v["snapshots"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|sn| {
-                    let tags: Vec<String> =
-                        sn["tags"].as_array().map(|t| t.iter().map(s).collect()).unwrap_or_default();
-                    let paths: Vec<String> =
-                        sn["paths"].as_array().map(|t| t.iter().map(s).collect()).unwrap_or_default();
-                    vec![
-                        s(&sn["shortId"]),
-                        s(&sn["time"]).chars().take(19).collect(),
-                        s(&sn["hostname"]),
-                        paths.join(","),
-                        tags.join(","),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    crate::output::table(&["ID", "TIME", "HOST", "PATHS", "TAGS"], rows);
-}
-
-fn print_runs(v: &Value) {
-    let rows = v["runs"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|r| {
-                    let snap: String = s(&r["snapshotId"]).chars().take(8).collect();
-                    let policy = if r["policyName"].is_string() { &r["policyName"] } else { &r["policyId"] };
-                    vec![
-                        s(&r["id"]),
-                        s(policy),
-                        s(&r["kind"]),
-                        s(&r["trigger"]),
-                        // "unchanged since snapshot X, verified at T": the snapshot column names X.
-                        if r["unchanged"].is_object() { "unchanged".to_string() } else { s(&r["state"]) },
-                        s(&r["startedAt"]),
-                        s(&r["finishedAt"]),
-                        snap,
-                        s(&r["error"]["code"]),
-                    ]
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    crate::output::table(
-        &["ID", "POLICY", "KIND", "TRIGGER", "STATE", "STARTED", "FINISHED", "SNAPSHOT", "ERROR"],
-        rows,
-    );
 }
