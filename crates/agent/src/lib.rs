@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod beneath;
+pub mod btrfs;
 pub mod cli;
 pub mod config;
 pub mod consistency;

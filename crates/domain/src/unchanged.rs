@@ -38,8 +38,34 @@ pub struct UnchangedRun {
     pub verified_at: String,
     /// Files, directories and links the walk compared.
     pub entries: u64,
-    /// How long the walk took.
+    /// How long the check took (the walk, or reading the generation).
     pub walk_ms: u64,
+    /// What proved it (runs recorded before this field were walks).
+    #[serde(default)]
+    pub proof: UnchangedProof,
+}
+
+/// What proved a volume unchanged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnchangedProof {
+    /// The metadata walk gave the digest taken before the last real backup.
+    #[default]
+    Walk,
+    /// The volume is a btrfs subvolume whose committed generation (read
+    /// after a syncfs) is the one read before the last real backup (or
+    /// before a later walk proved it unchanged): its tree was not
+    /// modified, so no walk was needed.
+    BtrfsGeneration,
+}
+
+impl UnchangedProof {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnchangedProof::Walk => "walk",
+            UnchangedProof::BtrfsGeneration => "btrfs-generation",
+        }
+    }
 }
 
 impl UnchangedRun {

@@ -26,7 +26,7 @@ use crate::support::{children_named, count_state, fill, restic, AgentProc};
 
 // ---------------------------------------------------------------- helpers
 
-fn sh(args: &[&str]) -> String {
+pub(crate) fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -39,14 +39,14 @@ fn is_mount_point(p: &Path) -> bool {
 
 /// A filesystem on a loop device, mounted; unmounted, detached and removed
 /// on drop (declare inner ones after outer ones: they drop first).
-struct LoopFs {
+pub(crate) struct LoopFs {
     image: PathBuf,
     device: String,
     mnt: PathBuf,
 }
 
 impl LoopFs {
-    fn new(image: &Path, size: &str, mkfs: &[&str], mnt: &Path) -> LoopFs {
+    pub(crate) fn new(image: &Path, size: &str, mkfs: &[&str], mnt: &Path) -> LoopFs {
         sh(&["truncate", "-s", size, image.to_str().unwrap()]);
         let device = sh(&["losetup", "--find", "--show", image.to_str().unwrap()]);
         let fs = LoopFs { image: image.to_path_buf(), device: device.clone(), mnt: mnt.to_path_buf() };
