@@ -188,7 +188,7 @@ fn child_subvolumes(fd: RawFd) -> Result<usize, NoGeneration> {
 }
 
 /// The first mount point strictly below `dir`, from /proc/self/mountinfo.
-fn mount_below(dir: &[u8]) -> io::Result<Option<String>> {
+pub fn mount_below(dir: &[u8]) -> io::Result<Option<String>> {
     let text = std::fs::read("/proc/self/mountinfo")?;
     let dir = dir.strip_suffix(b"/").unwrap_or(dir);
     for line in text.split(|b| *b == b'\n') {
@@ -215,6 +215,136 @@ fn unescape(s: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// `struct btrfs_ioctl_search_key` (104 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct SearchKey {
+    tree_id: u64,
+    min_objectid: u64,
+    max_objectid: u64,
+    min_offset: u64,
+    max_offset: u64,
+    min_transid: u64,
+    max_transid: u64,
+    min_type: u32,
+    max_type: u32,
+    nr_items: u32,
+    unused: u32,
+    unused1: [u64; 4],
+}
+const _: () = assert!(std::mem::size_of::<SearchKey>() == 104);
+
+/// `struct btrfs_ioctl_search_args`: the key, then items as
+/// `struct btrfs_ioctl_search_header` (32 bytes) + data.
+#[repr(C)]
+struct SearchArgs {
+    key: SearchKey,
+    buf: [u8; 4096 - 104],
+}
+/// `_IOWR(BTRFS_IOCTL_MAGIC, 17, struct btrfs_ioctl_search_args)`.
+const IOC_TREE_SEARCH: libc::c_ulong = ioc(IOC_READ | IOC_WRITE, 17, std::mem::size_of::<SearchArgs>());
+
+/// `struct btrfs_ioctl_ino_lookup_args` (4096 bytes).
+#[repr(C)]
+struct InoLookup {
+    treeid: u64,
+    objectid: u64,
+    name: [u8; 4080],
+}
+/// `_IOWR(BTRFS_IOCTL_MAGIC, 18, struct btrfs_ioctl_ino_lookup_args)`.
+const IOC_INO_LOOKUP: libc::c_ulong = ioc(IOC_READ | IOC_WRITE, 18, std::mem::size_of::<InoLookup>());
+const _: () = assert!(IOC_TREE_SEARCH == 0xD000_9411 && IOC_INO_LOOKUP == 0xD000_9412);
+
+/// The transaction a subvolume (a snapshot) was created in: its content is
+/// its source's as that transaction committed.
+pub fn created_in(fd: RawFd) -> io::Result<u64> {
+    subvol_info(fd).map(|i| i.otransid).map_err(|e| match e {
+        NoGeneration::Io { source, .. } => source,
+        other => io::Error::other(other.to_string()),
+    })
+}
+
+/// The inodes of the subvolume `fd` is the root of that have any item
+/// (inode, name, extended attribute, directory entry, file extent) in a
+/// tree block written in transaction `since` or later: a superset of every
+/// inode changed since then, as `btrfs subvolume find-new` searches.
+/// `None` when more than `limit` (the caller walks instead). Needs
+/// CAP_SYS_ADMIN.
+pub fn changed_inodes(fd: RawFd, since: u64, limit: usize) -> io::Result<Option<std::collections::BTreeSet<u64>>> {
+    let mut out = std::collections::BTreeSet::new();
+    // SAFETY: plain old data; zeroed is valid.
+    let mut args: SearchArgs = unsafe { std::mem::zeroed() };
+    args.key = SearchKey {
+        tree_id: 0, // the subvolume fd is in
+        max_objectid: u64::MAX,
+        max_offset: u64::MAX,
+        min_transid: since,
+        max_transid: u64::MAX,
+        max_type: 255,
+        ..Default::default()
+    };
+    loop {
+        args.key.nr_items = 4096;
+        // SAFETY: the ioctl reads and writes exactly size_of::<SearchArgs>() bytes.
+        if unsafe { libc::ioctl(fd, IOC_TREE_SEARCH as _, &mut args as *mut SearchArgs) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = args.key.nr_items;
+        if n == 0 {
+            return Ok(Some(out));
+        }
+        let mut pos = 0usize;
+        let mut last = (0u64, 0u32, 0u64);
+        for _ in 0..n {
+            let h = args.buf.get(pos..pos + 32).ok_or_else(|| io::Error::other("short search result"))?;
+            let word = |i: usize| u64::from_ne_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+            let (objectid, offset) = (word(8), word(16));
+            let kind = u32::from_ne_bytes(h[24..28].try_into().expect("4 bytes"));
+            let len = u32::from_ne_bytes(h[28..32].try_into().expect("4 bytes")) as usize;
+            pos += 32 + len;
+            last = (objectid, kind, offset);
+            // Inodes are 256 up to BTRFS_LAST_FREE_OBJECTID (-256); the
+            // rest are the tree's own (the orphan list, the free-ino cache).
+            if (FIRST_FREE_OBJECTID..=u64::MAX - 255).contains(&objectid) {
+                out.insert(objectid);
+                if out.len() > limit {
+                    return Ok(None);
+                }
+            }
+        }
+        // Go on after the last key returned (objectid, type, offset order).
+        let (o, t, off) = last;
+        if off < u64::MAX {
+            (args.key.min_objectid, args.key.min_type, args.key.min_offset) = (o, t, off + 1);
+        } else if t < 255 {
+            (args.key.min_objectid, args.key.min_type, args.key.min_offset) = (o, t + 1, 0);
+        } else if o < u64::MAX {
+            (args.key.min_objectid, args.key.min_type, args.key.min_offset) = (o + 1, 0, 0);
+        } else {
+            return Ok(Some(out));
+        }
+    }
+}
+
+/// The path of inode `ino` below the root of the subvolume `fd` is the
+/// root of (one of its names, if it has several); `None` when it has no
+/// name any more (removed).
+pub fn inode_path(fd: RawFd, ino: u64) -> io::Result<Option<std::path::PathBuf>> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: plain old data; zeroed is valid.
+    let mut args: InoLookup = unsafe { std::mem::zeroed() };
+    args.objectid = ino;
+    // SAFETY: the ioctl reads and writes exactly size_of::<InoLookup>() bytes.
+    if unsafe { libc::ioctl(fd, IOC_INO_LOOKUP as _, &mut args as *mut InoLookup) } < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) };
+    }
+    let len = args.name.iter().position(|b| *b == 0).unwrap_or(args.name.len());
+    // "a/b/" for a/b; "" for the root.
+    let name = args.name[..len].strip_suffix(b"/").unwrap_or(&args.name[..len]);
+    Ok(Some(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(name))))
 }
 
 #[cfg(test)]
