@@ -233,9 +233,9 @@ impl TreeCopy {
             .ok_or_else(|| format!("more than {limit} inodes changed"))?;
         let mut paths: Vec<PathBuf> = Vec::with_capacity(inodes.len());
         for ino in inodes {
-            match crate::btrfs::inode_path(fd, ino).map_err(|e| format!("inode {ino}: {e}"))? {
-                Some(p) => paths.push(p),
-                None => {} // removed: its directory changed too
+            // None: removed, and its directory changed too.
+            if let Some(p) = crate::btrfs::inode_path(fd, ino).map_err(|e| format!("inode {ino}: {e}"))? {
+                paths.push(p);
             }
         }
         // Written around the snapshot: its stamp cannot tell (see `existing`).
