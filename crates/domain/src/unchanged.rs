@@ -8,6 +8,8 @@
 //! (and more: mode, owner, link target) over the backed-up files before each
 //! real backup; a scheduled run whose walk gives the same digest is recorded
 //! as `unchanged`, pointing to the previous snapshot, without running restic.
+//! On btrfs an equal subvolume generation proves the same without a walk
+//! (the agent's `btrfs` module); these rules decide whether either is tried.
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -433,6 +435,17 @@ mod tests {
             now: b.backed_up_at + Duration::hours(1),
             full_backup_every: Duration::hours(24),
         }
+    }
+
+    #[test]
+    fn a_marker_recorded_before_the_proof_field_reads_as_a_walk() {
+        let old = r#"{"snapshotId":"s","backedUpAt":"a","verifiedAt":"v","entries":3,"walkMs":1}"#;
+        let m: UnchangedRun = serde_json::from_str(old).unwrap();
+        assert_eq!(m.proof, UnchangedProof::Walk);
+        let new = UnchangedRun { proof: UnchangedProof::BtrfsGeneration, ..m };
+        let json = serde_json::to_value(&new).unwrap();
+        assert_eq!(json["proof"], "btrfs-generation");
+        assert_eq!(json["proof"], UnchangedProof::BtrfsGeneration.as_str());
     }
 
     #[test]
