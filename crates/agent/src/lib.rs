@@ -2,13 +2,15 @@
 //!
 //! Adapters are named after what they talk to: [`restic`] (the restic
 //! binary), [`store`] (SQLite), [`kubelet`] (the kubelet's volume
-//! directories), [`kube`] (the Kubernetes API server). [`scheduler`] orchestrates runs through them; [`http`] is
+//! directories), [`kube`] (the Kubernetes API server), [`btrfs`] (btrfs
+//! ioctls: subvolume generations, changed inodes). [`scheduler`] orchestrates runs through them; [`http`] is
 //! the API; [`daemon`] wires everything up and shuts it down in order;
 //! [`cli`] is the client; [`state_lock`] keeps it to one agent per state
 //! directory. Pure rules live in the `soda-syncer-domain` crate.
 
 pub mod admission;
 pub mod beneath;
+pub mod btrfs;
 pub mod cli;
 pub mod config;
 pub mod consistency;

@@ -8,6 +8,8 @@
 //! (and more: mode, owner, link target) over the backed-up files before each
 //! real backup; a scheduled run whose walk gives the same digest is recorded
 //! as `unchanged`, pointing to the previous snapshot, without running restic.
+//! On btrfs an equal subvolume generation proves the same without a walk
+//! (the agent's `btrfs` module); these rules decide whether either is tried.
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -38,8 +40,34 @@ pub struct UnchangedRun {
     pub verified_at: String,
     /// Files, directories and links the walk compared.
     pub entries: u64,
-    /// How long the walk took.
+    /// How long the check took (the walk, or reading the generation).
     pub walk_ms: u64,
+    /// What proved it (runs recorded before this field were walks).
+    #[serde(default)]
+    pub proof: UnchangedProof,
+}
+
+/// What proved a volume unchanged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnchangedProof {
+    /// The metadata walk gave the digest taken before the last real backup.
+    #[default]
+    Walk,
+    /// The volume is a btrfs subvolume whose committed generation (read
+    /// after a syncfs) is the one read before the last real backup (or
+    /// before a later walk proved it unchanged): its tree was not
+    /// modified, so no walk was needed.
+    BtrfsGeneration,
+}
+
+impl UnchangedProof {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnchangedProof::Walk => "walk",
+            UnchangedProof::BtrfsGeneration => "btrfs-generation",
+        }
+    }
 }
 
 impl UnchangedRun {
@@ -407,6 +435,17 @@ mod tests {
             now: b.backed_up_at + Duration::hours(1),
             full_backup_every: Duration::hours(24),
         }
+    }
+
+    #[test]
+    fn a_marker_recorded_before_the_proof_field_reads_as_a_walk() {
+        let old = r#"{"snapshotId":"s","backedUpAt":"a","verifiedAt":"v","entries":3,"walkMs":1}"#;
+        let m: UnchangedRun = serde_json::from_str(old).unwrap();
+        assert_eq!(m.proof, UnchangedProof::Walk);
+        let new = UnchangedRun { proof: UnchangedProof::BtrfsGeneration, ..m };
+        let json = serde_json::to_value(&new).unwrap();
+        assert_eq!(json["proof"], "btrfs-generation");
+        assert_eq!(json["proof"], UnchangedProof::BtrfsGeneration.as_str());
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub const SCRATCH_DIR: &str = ".soda-syncer-snapshots";
 
 /// Files changed since their clone that a reflink freeze reads into memory at most.
 const DIRTY_BUDGET: u64 = 128 << 20;
+/// The most inodes btrfs may name as changed since a snapshot for the
+/// freeze to look at only those (more: it walks the tree).
+const FIND_NEW_LIMIT: usize = 4096;
 /// Tries of the reflink freeze before the run fails.
 const REFLINK_ATTEMPTS: u32 = 3;
 /// The longest `release` waits for hooks and removals; what is left is
@@ -661,8 +664,12 @@ impl Prepared {
     /// written in order came out of one snapshot with older content in the
     /// first ones than in the later ones). So: sync, snapshot (writable),
     /// then freeze and bring over, from the frozen volume, every file that
-    /// changed since the sync (see `tree`), thaw. The freeze lasts one walk
-    /// plus reading those files.
+    /// changed since the sync (see `tree`), thaw. What changed is what
+    /// btrfs's tree holds in blocks written since the snapshot's
+    /// transaction (as `btrfs subvolume find-new` finds it), plus what was
+    /// not quiet at the sync; the freeze lasts that search plus reading
+    /// those files. When btrfs's list cannot be trusted (see
+    /// `TreeCopy::scan_frozen_btrfs`) the freeze walks the whole tree.
     fn btrfs(&mut self, ins: &Inspected, cancel: &CancellationToken) -> Result<(), ConsistencyError> {
         let dir = ins.scratch_dir();
         create_private_dir(&dir).map_err(|e| snap_err("btrfs", &dir, e))?;
@@ -687,7 +694,16 @@ impl Prepared {
         let skip = dir.starts_with(&ins.real_path).then_some(dir.as_path());
         let mut copy =
             tree::TreeCopy::existing(&ins.real_path, &snap, skip, synced_at).map_err(|e| tree_err("btrfs", e))?;
-        self.freeze_and_fix(&mut copy, Path::new(&ins.mount.mount_point), false, cancel, "btrfs")?;
+        // The snapshot holds the source as the transaction it was made in
+        // committed: btrfs can name what changed since (else: the walk).
+        let since = sys::open_dir(&snap).and_then(|d| {
+            use std::os::fd::AsRawFd;
+            crate::btrfs::created_in(d.as_raw_fd())
+        });
+        if let Err(e) = &since {
+            tracing::debug!(error = %e, "cannot read the snapshot's transaction: the freeze walks the tree");
+        }
+        self.freeze_and_fix(&mut copy, Path::new(&ins.mount.mount_point), false, since.ok(), cancel, "btrfs")?;
         self.view = Some(snap);
         self.view_base = Some(PathBuf::from(&ins.mount.mount_point));
         Ok(())
@@ -743,7 +759,7 @@ impl Prepared {
                 }
             }
         };
-        match self.freeze_and_fix(&mut k.copy, Path::new(&ins.mount.mount_point), true, cancel, "reflink") {
+        match self.freeze_and_fix(&mut k.copy, Path::new(&ins.mount.mount_point), true, None, cancel, "reflink") {
             Ok(()) => {
                 tracing::debug!(reused, copy = %k.copy.dst().display(), "reflink copy ready");
                 self.view = Some(k.copy.dst().to_path_buf());
@@ -763,11 +779,14 @@ impl Prepared {
     /// Freeze `mount`, read what changed since the copy was made, thaw,
     /// write it into the copy. When that does not fit the freeze limit, the
     /// copy is brought up to date live (FICLONE) and the freeze tried again.
+    /// `snapshot_transid`: the copy is a btrfs snapshot made in that
+    /// transaction, and btrfs names what changed since (no walk).
     fn freeze_and_fix(
         &mut self,
         copy: &mut tree::TreeCopy,
         mount: &Path,
         clone_first: bool,
+        snapshot_transid: Option<u64>,
         cancel: &CancellationToken,
         method: &'static str,
     ) -> Result<(), ConsistencyError> {
@@ -782,7 +801,14 @@ impl Prepared {
             let at = Utc::now();
             // Leave the watchdog a margin: normally this thaws, not it.
             let deadline = Instant::now() + self.freeze_limit.mul_f64(0.8);
-            let scanned = copy.scan_frozen(deadline, DIRTY_BUDGET);
+            let mut looked_at = None;
+            let scanned = match snapshot_transid {
+                Some(since) => copy.scan_frozen_btrfs(since, FIND_NEW_LIMIT, deadline, DIRTY_BUDGET).map(|(c, n)| {
+                    looked_at = n;
+                    c
+                }),
+                None => copy.scan_frozen(deadline, DIRTY_BUDGET),
+            };
             let frozen_for = freeze.thaw()?;
             let expired = freeze.expired();
             drop(freeze);
@@ -796,6 +822,7 @@ impl Prepared {
                         attempt,
                         cloned,
                         read_while_frozen = n,
+                        changed_inodes_looked_at = looked_at,
                         freeze_ms = self.freeze_ms,
                         "the copy is at one instant"
                     );

@@ -97,6 +97,8 @@ pub enum TreeError {
     TooDirty { bytes: u64, budget: u64 },
     #[error("cancelled")]
     Cancelled,
+    #[error("{path} has several names; only one is known to btrfs's inode lookup")]
+    Unscoped { path: String },
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> TreeError {
@@ -168,7 +170,7 @@ impl TreeCopy {
 
     /// Bring the copy up to date while the source is live (FICLONE).
     pub fn sync_live(&mut self, cancel: &CancellationToken) -> Result<usize, TreeError> {
-        let changes = self.diff(&Pass::Live, Some(cancel))?;
+        let changes = self.diff(&Pass::Live, Some(cancel), None)?;
         let n = changes.len();
         self.apply(changes, None)?;
         Ok(n)
@@ -179,7 +181,68 @@ impl TreeCopy {
     pub fn scan_frozen(&self, deadline: Instant, budget: u64) -> Result<FrozenChanges, TreeError> {
         // Any time within the freeze: a write after the thaw moves a ctime past it.
         let during = SystemTime::now();
-        self.diff(&Pass::Frozen { deadline, budget }, None).map(|c| FrozenChanges(c, during))
+        self.diff(&Pass::Frozen { deadline, budget }, None, None).map(|c| FrozenChanges(c, during))
+    }
+
+    /// [`scan_frozen`](Self::scan_frozen) for a copy that is a btrfs
+    /// snapshot of the source subvolume, made in transaction `since`:
+    /// btrfs names the inodes changed since (see `crate::btrfs::changed_inodes`,
+    /// at most `limit`), and only those paths, and the entries that were
+    /// not quiet when the snapshot was made, are looked at instead of the
+    /// whole tree. Whenever that cannot be trusted (too many changes, an
+    /// inode without a path, a name with several links, a mount inside)
+    /// it walks the whole tree, as `scan_frozen`. Returns the changes and,
+    /// when scoped, how many paths it looked at.
+    pub fn scan_frozen_btrfs(
+        &self,
+        since: u64,
+        limit: usize,
+        deadline: Instant,
+        budget: u64,
+    ) -> Result<(FrozenChanges, Option<usize>), TreeError> {
+        let during = SystemTime::now();
+        let pass = Pass::Frozen { deadline, budget };
+        match self.btrfs_scope(since, limit) {
+            Ok(scope) => match self.diff(&pass, None, Some(&scope)) {
+                Ok(c) => return Ok((FrozenChanges(c, during), Some(scope.len()))),
+                Err(TreeError::Unscoped { path }) => {
+                    tracing::debug!(%path, "btrfs's changed inodes cannot be trusted here: walking the tree")
+                }
+                Err(e) => return Err(e),
+            },
+            Err(why) => tracing::debug!(reason = %why, "no list of changed inodes from btrfs: walking the tree"),
+        }
+        self.diff(&pass, None, None).map(|c| (FrozenChanges(c, during), None))
+    }
+
+    /// The paths btrfs says changed since `since`, sorted (parents first).
+    fn btrfs_scope(&self, since: u64, limit: usize) -> Result<Vec<PathBuf>, String> {
+        use std::os::fd::AsRawFd;
+        let dir = sys::open_dir(&self.src).map_err(|e| e.to_string())?;
+        let fd = dir.as_raw_fd();
+        let st = dir.metadata().map_err(|e| e.to_string())?;
+        if st.ino() != crate::btrfs::FIRST_FREE_OBJECTID {
+            return Err("the source is not the root of its subvolume".into());
+        }
+        // A mount inside is not in the subvolume's tree.
+        if crate::btrfs::mount_below(self.src.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?.is_some() {
+            return Err("something is mounted inside the source".into());
+        }
+        let inodes = crate::btrfs::changed_inodes(fd, since, limit)
+            .map_err(|e| format!("tree search: {e}"))?
+            .ok_or_else(|| format!("more than {limit} inodes changed"))?;
+        let mut paths: Vec<PathBuf> = Vec::with_capacity(inodes.len());
+        for ino in inodes {
+            // None: removed, and its directory changed too.
+            if let Some(p) = crate::btrfs::inode_path(fd, ino).map_err(|e| format!("inode {ino}: {e}"))? {
+                paths.push(p);
+            }
+        }
+        // Written around the snapshot: its stamp cannot tell (see `existing`).
+        paths.extend(self.entries.iter().filter(|(_, e)| !e.clean).map(|(k, _)| k.clone()));
+        paths.sort();
+        paths.dedup();
+        Ok(paths)
     }
 
     /// After the thaw: write what was read during the freeze.
@@ -189,105 +252,148 @@ impl TreeCopy {
         Ok(n)
     }
 
-    fn diff(&self, pass: &Pass, cancel: Option<&CancellationToken>) -> Result<Vec<Change>, TreeError> {
+    /// What differs between the source and the copy. With a `scope` (the
+    /// paths btrfs says changed, sorted: parents first), only those are
+    /// looked at: each is read again whatever its stamp says, a directory's
+    /// entries are compared with the copy's, and what is new below is read
+    /// whole; everything else is the copy's already. A name with several
+    /// links ends a scoped pass ([`TreeError::Unscoped`]): only one of
+    /// its names is known.
+    fn diff(
+        &self,
+        pass: &Pass,
+        cancel: Option<&CancellationToken>,
+        scope: Option<&[PathBuf]>,
+    ) -> Result<Vec<Change>, TreeError> {
         let mut changes = Vec::new();
         let mut seen: HashSet<PathBuf> = HashSet::with_capacity(self.entries.len());
         let mut dirty_bytes = 0u64;
         let mut visited = 0usize;
-        let mut stack = vec![PathBuf::new()];
-        while let Some(rel) = stack.pop() {
-            let path = self.src.join(&rel);
-            let meta = match std::fs::symlink_metadata(&path) {
-                Ok(m) => m,
-                Err(e) if gone(&e) && !rel.as_os_str().is_empty() => continue,
-                Err(e) => return Err(io_err(&path, e)),
-            };
-            visited += 1;
-            if visited & 255 == 0 {
-                if let Pass::Frozen { deadline, .. } = pass {
-                    if Instant::now() > *deadline {
-                        return Err(TreeError::TooSlow);
-                    }
+        let root = [PathBuf::new()];
+        let seeds = scope.unwrap_or(&root);
+        let scoped: HashSet<&PathBuf> = scope.map(|s| s.iter().collect()).unwrap_or_default();
+        // Scoped: the directories listed, and what they hold now.
+        let mut listed: HashSet<PathBuf> = HashSet::new();
+        let mut present: HashSet<PathBuf> = HashSet::new();
+        for seed in seeds {
+            let mut stack = vec![seed.clone()];
+            while let Some(rel) = stack.pop() {
+                if scope.is_some() && seen.contains(&rel) {
+                    continue;
                 }
-                if cancel.is_some_and(|c| c.is_cancelled()) {
-                    return Err(TreeError::Cancelled);
-                }
-            }
-            if self.skip == Some((meta.dev(), meta.ino())) {
-                continue;
-            }
-            let stamp = Stamp::of(&meta);
-            let known = self.entries.get(&rel);
-            let same_kind = known.is_some_and(|e| e.stamp.kind == stamp.kind);
-            let unchanged = known.is_some_and(|e| e.clean && e.stamp == stamp);
-            seen.insert(rel.clone());
-            let ft = meta.file_type();
-            let elsewhere = meta.dev() != self.root_dev;
-            if ft.is_dir() && elsewhere {
-                // A mount or nested subvolume: an empty directory in the copy.
-                changes.push(Change::Dir { rel: rel.clone(), meta, xattrs: Some(Vec::new()), new: !same_kind });
-                continue;
-            }
-            if elsewhere {
-                tracing::debug!(path = %path.display(), "not copied: on another filesystem");
-                continue;
-            }
-            if ft.is_dir() {
-                let entries = match std::fs::read_dir(&path) {
-                    Ok(d) => d,
-                    Err(e) if gone(&e) => continue,
+                let path = self.src.join(&rel);
+                let meta = match std::fs::symlink_metadata(&path) {
+                    Ok(m) => m,
+                    Err(e) if gone(&e) && !rel.as_os_str().is_empty() => continue,
                     Err(e) => return Err(io_err(&path, e)),
                 };
-                let mut names: Vec<PathBuf> = Vec::new();
-                for e in entries {
-                    let e = e.map_err(|e| io_err(&path, e))?;
-                    names.push(rel.join(e.file_name()));
-                }
-                // Pre-order: a directory's change comes before its children's.
-                let xattrs = if unchanged { None } else { Some(sys::xattrs(&path).unwrap_or_default()) };
-                changes.push(Change::Dir { rel: rel.clone(), meta, xattrs, new: !same_kind });
-                names.sort();
-                stack.extend(names.into_iter().rev());
-                continue;
-            }
-            if unchanged {
-                continue;
-            }
-            if !same_kind && known.is_some() {
-                changes.push(Change::Remove(rel.clone()));
-            }
-            let live = matches!(pass, Pass::Live);
-            // A live clone reads the file's attributes itself, after cloning.
-            let xattrs = if live && ft.is_file() { Vec::new() } else { sys::xattrs(&path).unwrap_or_default() };
-            if ft.is_file() {
-                let data = match pass {
-                    Pass::Live => None,
-                    Pass::Frozen { budget, .. } => {
-                        dirty_bytes += meta.size();
-                        if dirty_bytes > *budget {
-                            return Err(TreeError::TooDirty { bytes: dirty_bytes, budget: *budget });
-                        }
-                        match std::fs::read(&path) {
-                            Ok(d) => Some(d),
-                            Err(e) if gone(&e) => continue,
-                            Err(e) => return Err(io_err(&path, e)),
+                visited += 1;
+                if visited & 255 == 0 {
+                    if let Pass::Frozen { deadline, .. } = pass {
+                        if Instant::now() > *deadline {
+                            return Err(TreeError::TooSlow);
                         }
                     }
-                };
-                changes.push(Change::File { rel, meta, data, xattrs });
-            } else if ft.is_symlink() {
-                let target = match std::fs::read_link(&path) {
-                    Ok(t) => t,
-                    Err(e) if gone(&e) => continue,
-                    Err(e) => return Err(io_err(&path, e)),
-                };
-                changes.push(Change::Symlink { rel, meta, target, xattrs });
-            } else {
-                changes.push(Change::Special { rel, meta });
+                    if cancel.is_some_and(|c| c.is_cancelled()) {
+                        return Err(TreeError::Cancelled);
+                    }
+                }
+                if self.skip == Some((meta.dev(), meta.ino())) {
+                    continue;
+                }
+                let stamp = Stamp::of(&meta);
+                let known = self.entries.get(&rel);
+                let same_kind = known.is_some_and(|e| e.stamp.kind == stamp.kind);
+                let unchanged = known.is_some_and(|e| e.clean && e.stamp == stamp) && !scoped.contains(&rel);
+                seen.insert(rel.clone());
+                let ft = meta.file_type();
+                let elsewhere = meta.dev() != self.root_dev;
+                if ft.is_dir() && elsewhere {
+                    // A mount or nested subvolume: an empty directory in the copy.
+                    changes.push(Change::Dir { rel: rel.clone(), meta, xattrs: Some(Vec::new()), new: !same_kind });
+                    continue;
+                }
+                if elsewhere {
+                    tracing::debug!(path = %path.display(), "not copied: on another filesystem");
+                    continue;
+                }
+                if ft.is_dir() {
+                    let entries = match std::fs::read_dir(&path) {
+                        Ok(d) => d,
+                        Err(e) if gone(&e) => continue,
+                        Err(e) => return Err(io_err(&path, e)),
+                    };
+                    let mut names: Vec<PathBuf> = Vec::new();
+                    for e in entries {
+                        let e = e.map_err(|e| io_err(&path, e))?;
+                        names.push(rel.join(e.file_name()));
+                    }
+                    if scope.is_some() {
+                        // Known entries are the copy's already unless in scope
+                        // themselves; new ones are read whole.
+                        listed.insert(rel.clone());
+                        present.extend(names.iter().cloned());
+                        names.retain(|n| !self.entries.contains_key(n));
+                    }
+                    // Pre-order: a directory's change comes before its children's.
+                    let xattrs = if unchanged { None } else { Some(sys::xattrs(&path).unwrap_or_default()) };
+                    changes.push(Change::Dir { rel: rel.clone(), meta, xattrs, new: !same_kind });
+                    names.sort();
+                    stack.extend(names.into_iter().rev());
+                    continue;
+                }
+                if unchanged {
+                    continue;
+                }
+                if !same_kind && known.is_some() {
+                    changes.push(Change::Remove(rel.clone()));
+                }
+                let live = matches!(pass, Pass::Live);
+                // A live clone reads the file's attributes itself, after cloning.
+                let xattrs = if live && ft.is_file() { Vec::new() } else { sys::xattrs(&path).unwrap_or_default() };
+                if scope.is_some() && ft.is_file() && meta.nlink() > 1 {
+                    return Err(TreeError::Unscoped { path: path.display().to_string() });
+                }
+                if ft.is_file() {
+                    let data = match pass {
+                        Pass::Live => None,
+                        Pass::Frozen { budget, .. } => {
+                            dirty_bytes += meta.size();
+                            if dirty_bytes > *budget {
+                                return Err(TreeError::TooDirty { bytes: dirty_bytes, budget: *budget });
+                            }
+                            match std::fs::read(&path) {
+                                Ok(d) => Some(d),
+                                Err(e) if gone(&e) => continue,
+                                Err(e) => return Err(io_err(&path, e)),
+                            }
+                        }
+                    };
+                    changes.push(Change::File { rel, meta, data, xattrs });
+                } else if ft.is_symlink() {
+                    let target = match std::fs::read_link(&path) {
+                        Ok(t) => t,
+                        Err(e) if gone(&e) => continue,
+                        Err(e) => return Err(io_err(&path, e)),
+                    };
+                    changes.push(Change::Symlink { rel, meta, target, xattrs });
+                } else {
+                    changes.push(Change::Special { rel, meta });
+                }
             }
         }
-        // Whatever the copy has and the source no longer has.
-        let mut removed: Vec<&PathBuf> = self.entries.keys().filter(|k| !seen.contains(*k)).collect();
+        // Whatever the copy has and the source no longer has (scoped: in
+        // the directories listed).
+        let mut removed: Vec<&PathBuf> = match scope {
+            None => self.entries.keys().filter(|k| !seen.contains(*k)).collect(),
+            Some(_) => self
+                .entries
+                .keys()
+                .filter(|k| {
+                    !k.as_os_str().is_empty() && k.parent().is_some_and(|p| listed.contains(p)) && !present.contains(*k)
+                })
+                .collect(),
+        };
         removed.sort();
         let mut last: Option<&PathBuf> = None;
         let mut all = Vec::with_capacity(changes.len() + removed.len());
@@ -664,6 +770,113 @@ mod tests {
             Err(TreeError::TooDirty { .. })
         ));
         assert!(matches!(copy.scan_frozen(Instant::now(), 1 << 30), Err(TreeError::TooSlow)));
+    }
+
+    /// A writable btrfs snapshot of `src` at `snap`, as the btrfs method
+    /// makes it (sync, then snapshot), and the copy over it.
+    fn btrfs_snapshot(src: &Path, snap: &Path) -> (TreeCopy, u64) {
+        let synced_at = SystemTime::now();
+        sys::syncfs(&sys::open_dir(src).unwrap()).unwrap();
+        let out = std::process::Command::new("btrfs")
+            .args(["subvolume", "snapshot", "--"])
+            .args([src, snap])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        use std::os::fd::AsRawFd;
+        let since = crate::btrfs::created_in(sys::open_dir(snap).unwrap().as_raw_fd()).unwrap();
+        (TreeCopy::existing(src, snap, None, synced_at).unwrap(), since)
+    }
+
+    fn btrfs_volume(fs: &LoopFs) -> PathBuf {
+        let src = fs.mnt.join("vol");
+        let out = std::process::Command::new("btrfs").args(["subvolume", "create"]).arg(&src).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        src
+    }
+
+    #[test]
+    fn btrfs_changed_inodes_bring_the_snapshot_to_the_freeze_without_walking_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(fs) = LoopFs::new(dir.path(), &["mkfs.btrfs", "-q"]) else { return };
+        let src = btrfs_volume(&fs);
+        std::fs::create_dir_all(src.join("a/b")).unwrap();
+        std::fs::create_dir(src.join("moved")).unwrap();
+        for i in 0..300 {
+            std::fs::write(src.join(format!("a/f{i}")), format!("old {i}")).unwrap();
+        }
+        // Inode numbers far from `moved`'s, with untouched ones after them,
+        // so their tree leaf is not rewritten when `moved` is renamed: only
+        // reading the renamed directory whole finds them.
+        std::fs::create_dir(src.join("moved/deep")).unwrap();
+        std::fs::write(src.join("moved/deep/x"), "x").unwrap();
+        std::fs::create_dir(src.join("z")).unwrap();
+        for i in 0..300 {
+            std::fs::write(src.join(format!("z/f{i}")), format!("z {i}")).unwrap();
+        }
+        std::fs::write(src.join("a/b/big"), vec![7u8; 1 << 20]).unwrap();
+        std::fs::write(src.join("gone"), "x").unwrap();
+        std::fs::create_dir_all(src.join("gone-dir/sub")).unwrap();
+        std::fs::write(src.join("gone-dir/sub/x"), "x").unwrap();
+        std::os::unix::fs::symlink("a/f1", src.join("link")).unwrap();
+        sys::set_xattrs(&src.join("a/f3"), &[(CString::new("user.k").unwrap(), b"v1".to_vec())]).unwrap();
+        std::thread::sleep(QUIET_MARGIN * 2);
+        let snap = fs.mnt.join("snap");
+        let (mut copy, since) = btrfs_snapshot(&src, &snap);
+        // (Not compared with the source here: reading its files would move
+        // their access times, a change btrfs would then list.)
+
+        // Changes after the snapshot; none is committed before the freeze.
+        std::fs::write(src.join("a/f5"), "new 5").unwrap(); // same size, same second
+        std::fs::OpenOptions::new().append(true).open(src.join("a/b/big")).unwrap().write_all(b"tail").unwrap();
+        std::fs::remove_file(src.join("gone")).unwrap();
+        std::fs::remove_dir_all(src.join("gone-dir")).unwrap();
+        std::fs::write(src.join("a/b/new"), "fresh").unwrap();
+        std::fs::create_dir(src.join("newdir")).unwrap();
+        std::fs::write(src.join("newdir/n"), "n").unwrap();
+        std::fs::rename(src.join("moved"), src.join("a/b/moved-here")).unwrap(); // its subtree is unchanged
+        std::fs::remove_file(src.join("link")).unwrap();
+        std::os::unix::fs::symlink("a/f9", src.join("link")).unwrap();
+        std::fs::set_permissions(src.join("a/f7"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        sys::set_xattrs(&src.join("a/f3"), &[(CString::new("user.k").unwrap(), b"v2".to_vec())]).unwrap();
+        std::fs::remove_file(src.join("a/f8")).unwrap();
+        std::fs::create_dir(src.join("a/f8")).unwrap(); // a file became a directory
+
+        let root = sys::open_dir(&fs.mnt).unwrap();
+        sys::freeze(&root).unwrap();
+        let at_freeze = describe(&src);
+        let scanned = copy.scan_frozen_btrfs(since, 4096, Instant::now() + Duration::from_secs(5), 1 << 30);
+        sys::thaw(&root).unwrap();
+        let (changes, scoped) = scanned.unwrap();
+        let looked_at = scoped.expect("btrfs's list was used, not a walk");
+        // Leaf by leaf: the other inodes in a changed leaf come along.
+        assert!(looked_at < 300, "only what changed is looked at, not the 600+ entries: {looked_at}");
+        copy.apply_frozen(changes).unwrap();
+        std::fs::write(src.join("a/f6"), "after the thaw").unwrap(); // not in the copy
+        same(&at_freeze, &describe(&snap));
+    }
+
+    #[test]
+    fn btrfs_changed_inodes_with_several_names_fall_back_to_the_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(fs) = LoopFs::new(dir.path(), &["mkfs.btrfs", "-q"]) else { return };
+        let src = btrfs_volume(&fs);
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join("f"), "one").unwrap();
+        std::fs::hard_link(src.join("f"), src.join("d/also-f")).unwrap();
+        std::thread::sleep(QUIET_MARGIN * 2);
+        let snap = fs.mnt.join("snap");
+        let (mut copy, since) = btrfs_snapshot(&src, &snap);
+        std::fs::write(src.join("d/also-f"), "two, through the other name").unwrap();
+        let root = sys::open_dir(&fs.mnt).unwrap();
+        sys::freeze(&root).unwrap();
+        let at_freeze = describe(&src);
+        let scanned = copy.scan_frozen_btrfs(since, 4096, Instant::now() + Duration::from_secs(5), 1 << 30);
+        sys::thaw(&root).unwrap();
+        let (changes, scoped) = scanned.unwrap();
+        assert_eq!(scoped, None, "a hard-linked file changed: the whole tree is walked");
+        copy.apply_frozen(changes).unwrap();
+        same(&at_freeze, &describe(&snap));
     }
 
     #[test]

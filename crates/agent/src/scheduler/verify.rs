@@ -1,19 +1,30 @@
 //! Scheduled backups of volumes proven unchanged (README, "Unchanged
 //! volumes"). Before a backup's consistency step, a scheduled run that
-//! may (see `soda_syncer_domain::unchanged::may_verify`) walks the volume's
-//! metadata; when its digest equals the one taken before the last clean
-//! real backup, the run is recorded `succeeded` and `unchanged`, pointing
-//! to that snapshot, and no restic process, hook, freeze or snapshot runs.
-//! Otherwise the digest just taken becomes the basis for later runs once
-//! the real backup ends clean.
+//! may (see `soda_syncer_domain::unchanged::may_verify`) proves the volume
+//! unchanged since the last clean real backup, and is then recorded
+//! `succeeded` and `unchanged`, pointing to that snapshot, and no restic
+//! process, hook, freeze or snapshot runs. Two proofs, cheapest first:
+//!
+//! - btrfs: when the source is the root of a subvolume with nothing nested
+//!   or mounted inside, its committed generation (after a syncfs) equal to
+//!   the one read before the last real backup proves that its tree was not
+//!   modified, without a walk (see `crate::btrfs::committed_generation`).
+//! - Otherwise, or when the generation moved (an excluded file, the
+//!   agent's own snapshots, any write): the metadata walk, whose digest
+//!   must equal the one taken before that backup.
+//!
+//! The generation and digest taken now become the basis for later runs
+//! once the real backup ends clean; a walk that proves the volume
+//! unchanged moves the basis to the generation read before it.
 
 use chrono::Utc;
 use soda_syncer_domain::run::RunSummary;
-use soda_syncer_domain::unchanged::{may_verify, Basis, ExcludeSet, Situation, UnchangedRun};
+use soda_syncer_domain::unchanged::{may_verify, Basis, ExcludeSet, Situation, UnchangedProof, UnchangedRun};
 use soda_syncer_domain::{Origin, RunKind, RunState};
 
 use super::Scheduler;
 use crate::beneath::Dir;
+use crate::btrfs::SubvolumeGeneration;
 use crate::ids::fmt_time;
 use crate::store::{PolicyRecord, RunFilter, RunRecord, UnchangedBasis};
 use crate::unchanged::{digest_volume, VolumeDigest};
@@ -22,8 +33,33 @@ use crate::unchanged::{digest_volume, VolumeDigest};
 pub(crate) enum Verdict {
     /// The run is recorded as unchanged (its fields are set); it is done.
     Unchanged,
-    /// restic must run; the digest taken now, to record if it ends clean.
-    Real(Option<VolumeDigest>),
+    /// restic must run; what was taken now, to record if it ends clean.
+    Real(Option<Taken>),
+}
+
+/// Taken before a real backup: the walk's digest, and the subvolume's
+/// generation (read first: a change after it moves it).
+pub(crate) struct Taken {
+    digest: VolumeDigest,
+    generation: Option<SubvolumeGeneration>,
+}
+
+/// The basis's `digest` column: the walk's digest, then, when the source
+/// is a btrfs subvolume, its generation (`<hex> btrfs:<tree>:<uuid>:<gen>`).
+/// One column for both keeps the schema (and migration 6) as it is; a
+/// basis written before this format is a digest alone.
+fn encode_basis(t: &Taken) -> String {
+    match &t.generation {
+        Some(g) => format!("{} {}", t.digest.hex, g.encode()),
+        None => t.digest.hex.clone(),
+    }
+}
+
+fn decode_basis(s: &str) -> (&str, Option<SubvolumeGeneration>) {
+    match s.split_once(' ') {
+        Some((hex, g)) => (hex, SubvolumeGeneration::parse(g)),
+        None => (s, None),
+    }
 }
 
 impl Scheduler {
@@ -79,6 +115,43 @@ impl Scheduler {
         if !wanted {
             return real(None);
         }
+        let started = std::time::Instant::now();
+        // The generation first (a syncfs, then one ioctl): read before the
+        // walk, and before restic reads anything, a change made after it
+        // moves it.
+        let generation = match source.try_clone() {
+            Ok(root) => tokio::task::spawn_blocking(move || {
+                let real = std::fs::read_link(root.proc_path()).unwrap_or_else(|_| root.path().to_path_buf());
+                crate::btrfs::committed_generation(root.raw_fd(), real.as_os_str().as_encoded_bytes())
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("reading the generation panicked: {e}"))),
+            Err(e) => Err(e.to_string()),
+        };
+        let generation_ms = started.elapsed().as_millis() as u64;
+        let (basis_hex, basis_generation) = match &basis {
+            Some(b) => {
+                let (hex, g) = decode_basis(&b.digest);
+                (Some(hex.to_string()), g)
+            }
+            None => (None, None),
+        };
+        match (&generation, &decision, &basis, &basis_generation) {
+            (Ok(now), Ok(()), Some(b), Some(then)) if now == then => {
+                let entries = b.entries;
+                self.mark_unchanged(run, b, entries, generation_ms, UnchangedProof::BtrfsGeneration);
+                return Verdict::Unchanged;
+            }
+            (Ok(now), _, _, then) => tracing::debug!(
+                generation = now.generation,
+                basis = then.as_ref().map(|g| g.generation),
+                generation_ms,
+                "btrfs subvolume generation read"
+            ),
+            (Err(why), _, _, _) => tracing::debug!(reason = %why, "no btrfs generation shortcut: walking"),
+        }
+        let generation = generation.ok();
         // Walked also when the run must be real anyway, so the next
         // scheduled run has a digest to compare with.
         let started = std::time::Instant::now();
@@ -99,28 +172,51 @@ impl Scheduler {
                 return real(None);
             }
         };
+        let taken = Taken { digest, generation };
         if let Err(why) = decision {
-            tracing::info!(reason = why.as_str(), entries = digest.entries, walk_ms, "a real backup");
-            return real(Some(digest));
+            tracing::info!(reason = why.as_str(), entries = taken.digest.entries, walk_ms, "a real backup");
+            return real(Some(taken));
         }
         let basis = basis.expect("may_verify needs a basis");
-        if basis.digest != digest.hex {
+        if basis_hex.as_deref() != Some(taken.digest.hex.as_str()) {
             tracing::info!(
-                entries = digest.entries,
+                entries = taken.digest.entries,
                 walk_ms,
                 "the volume changed since the last backup: running restic"
             );
-            return real(Some(digest));
+            return real(Some(taken));
         }
-        let verified_at = Utc::now();
+        if taken.generation.is_some() && taken.generation != basis_generation {
+            // Nothing restic backs up changed up to the walk, and any
+            // change after the generation was read moves it again: the
+            // next runs compare with this generation and need no walk.
+            let moved = UnchangedBasis { digest: encode_basis(&taken), ..basis.clone() };
+            if let Err(e) = store.set_unchanged_basis(&moved) {
+                tracing::warn!(error = %e, "cannot record the subvolume's new generation; the next run walks again");
+            }
+        }
+        self.mark_unchanged(run, &basis, taken.digest.entries, walk_ms, UnchangedProof::Walk);
+        Verdict::Unchanged
+    }
+
+    /// Record `run` as unchanged since the snapshot of `basis`.
+    fn mark_unchanged(
+        &self,
+        run: &mut RunRecord,
+        basis: &UnchangedBasis,
+        entries: u64,
+        check_ms: u64,
+        proof: UnchangedProof,
+    ) {
         let marker = UnchangedRun {
             snapshot_id: basis.snapshot_id.clone(),
             backed_up_at: fmt_time(basis.backed_up_at),
-            verified_at: fmt_time(verified_at),
-            entries: digest.entries,
-            walk_ms,
+            verified_at: fmt_time(Utc::now()),
+            entries,
+            walk_ms: check_ms,
+            proof,
         };
-        tracing::info!(snapshot = %basis.snapshot_id, entries = digest.entries, walk_ms, "{}", marker.describe());
+        tracing::info!(snapshot = %basis.snapshot_id, entries, check_ms, proof = proof.as_str(), "{}", marker.describe());
         run.snapshot_id = Some(basis.snapshot_id.clone());
         // As a real backup records it, so "latest" restores find the path.
         run.params = Some(serde_json::json!({ "path": basis.path }));
@@ -130,29 +226,28 @@ impl Scheduler {
             files_unmodified: files,
             total_files_processed: files,
             total_bytes_processed: bytes,
-            total_duration: walk_ms as f64 / 1000.0,
+            total_duration: check_ms as f64 / 1000.0,
             ..Default::default()
         });
         run.unchanged = Some(marker);
-        Verdict::Unchanged
     }
 
-    /// After a real backup that ended clean: the digest taken before it
-    /// becomes what later scheduled runs compare with.
+    /// After a real backup that ended clean: the digest and generation
+    /// taken before it become what later scheduled runs compare with.
     pub(crate) fn record_unchanged_basis(
         &self,
         policy: &PolicyRecord,
         run: &RunRecord,
         state: RunState,
-        digest: Option<VolumeDigest>,
+        taken: Option<Taken>,
     ) {
-        let (Some(d), Some(snapshot), RunState::Succeeded) = (digest, run.snapshot_id.clone(), state) else {
+        let (Some(t), Some(snapshot), RunState::Succeeded) = (taken, run.snapshot_id.clone(), state) else {
             return;
         };
         let basis = UnchangedBasis {
             policy_id: policy.id.clone(),
-            digest: d.hex,
-            entries: d.entries,
+            digest: encode_basis(&t),
+            entries: t.digest.entries,
             spec_fingerprint: spec_fingerprint(policy),
             agent_instance: self.inner.instance.clone(),
             run_id: run.id.clone(),

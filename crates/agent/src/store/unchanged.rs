@@ -119,6 +119,7 @@ mod tests {
             verified_at: fmt_time(now),
             entries: 10_000,
             walk_ms: 30,
+            proof: Default::default(),
         });
         store.save_run(&run).unwrap();
         assert_eq!(store.get_run(&run.id).unwrap().unchanged, run.unchanged);

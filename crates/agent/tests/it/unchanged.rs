@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::consistency::{sh, LoopFs};
 use crate::support::{logging_restic, AgentProc};
 
 struct Harness {
@@ -19,6 +20,8 @@ struct Harness {
     id: String,
     data: PathBuf,
     log: PathBuf,
+    /// Dropped after the agent (which holds it open), before `_tmp`.
+    _fs: Option<LoopFs>,
     _tmp: tempfile::TempDir,
 }
 
@@ -48,6 +51,28 @@ impl Harness {
     async fn start(extra: &[&str], policy: Value) -> Harness {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        Harness::start_in(tmp, None, data, extra, policy).await
+    }
+
+    /// The volume is the btrfs subvolume `vol` at the top of a btrfs
+    /// filesystem on a loop device.
+    async fn start_on_btrfs(extra: &[&str], policy: Value) -> Harness {
+        let tmp = tempfile::tempdir().unwrap();
+        let mnt = tmp.path().join("btrfs");
+        let fs = LoopFs::new(&tmp.path().join("btrfs.img"), "300M", &["mkfs.btrfs", "-q"], &mnt);
+        let data = mnt.join("vol");
+        sh(&["btrfs", "subvolume", "create", data.to_str().unwrap()]);
+        Harness::start_in(tmp, Some(fs), data, extra, policy).await
+    }
+
+    async fn start_in(
+        tmp: tempfile::TempDir,
+        fs: Option<LoopFs>,
+        data: PathBuf,
+        extra: &[&str],
+        policy: Value,
+    ) -> Harness {
         std::fs::create_dir_all(data.join("sub")).unwrap();
         std::fs::write(data.join("a.txt"), b"hello").unwrap();
         std::fs::write(data.join("sub/b.txt"), b"world").unwrap();
@@ -72,7 +97,7 @@ impl Harness {
         }
         let p = agent.create_policy(body).await;
         let id = p["id"].as_str().unwrap().to_string();
-        let h = Harness { agent, id, data, log, _tmp: tmp };
+        let h = Harness { agent, id, data, log, _fs: fs, _tmp: tmp };
         let runs = h
             .agent
             .wait_runs(&h.id, 60, "the first backup", |r| r.last().is_some_and(|x| x["state"] == "succeeded"))
@@ -323,4 +348,93 @@ async fn a_real_backup_runs_at_least_every_full_backup_every() {
         .await;
     assert!(runs.iter().all(|r| r["state"] == "succeeded"), "{runs:?}");
     h.expect_unchanged("nothing changed after the full backup", |_| {}).await;
+}
+
+/// The proof an unchanged run names: `btrfs-generation` (no walk) or `walk`.
+fn proof(run: &Value) -> &str {
+    run["unchanged"]["proof"].as_str().unwrap_or_else(|| panic!("no proof on {run}"))
+}
+
+/// The volume is a btrfs subvolume: an untouched one is proven unchanged
+/// by its generation alone; any write, also one not yet committed when the
+/// check starts, runs restic; an excluded file's change moves the
+/// generation, and the walk then proves the volume unchanged (after which
+/// the generation suffices again); a nested subvolume, whose writes do not
+/// move the outer generation, turns the shortcut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untouched_btrfs_subvolume_is_proven_unchanged_by_its_generation_without_a_walk() {
+    let h = Harness::start_on_btrfs(&[], json!({})).await;
+    // The first check after a real backup may walk (restic's reading can
+    // move an access time once); from then on the generation proves it.
+    let first = h.expect_unchanged("nothing changed", |_| {}).await;
+    eprintln!("first unchanged run after the real backup proven by: {}", proof(&first));
+    for i in 0..2 {
+        let run = h.expect_unchanged("nothing changed, again", |_| {}).await;
+        assert_eq!(proof(&run), "btrfs-generation", "run {i}: {run}\n{}", h.agent.log_text());
+    }
+
+    // Written right before the check, in the page cache only: the check's
+    // syncfs commits it, so the generation moves.
+    h.expect_real("a write not yet committed", |d| {
+        std::fs::write(d.join("sub/b.txt"), b"WORLD").unwrap();
+    })
+    .await;
+    h.expect_real("an append not yet committed", |d| {
+        use std::io::Write;
+        std::fs::OpenOptions::new().append(true).open(d.join("a.txt")).unwrap().write_all(b"!").unwrap();
+    })
+    .await;
+    h.expect_real("a new file, committed", |d| {
+        std::fs::write(d.join("committed"), b"c").unwrap();
+        sh(&["sync", "-f", d.to_str().unwrap()]);
+    })
+    .await;
+    h.expect_unchanged("nothing changed after the writes", |_| {}).await;
+    let run = h.expect_unchanged("nothing changed after the writes, again", |_| {}).await;
+    assert_eq!(proof(&run), "btrfs-generation", "{run}");
+
+    let run = h
+        .expect_unchanged("an excluded file changed", |d| {
+            std::fs::write(d.join("scratch.tmp"), b"changed, and excluded").unwrap();
+        })
+        .await;
+    assert_eq!(proof(&run), "walk", "the generation moved; the walk proves it: {run}");
+    let run = h.expect_unchanged("nothing changed after the excluded change", |_| {}).await;
+    assert_eq!(proof(&run), "btrfs-generation", "the walk moved the basis to the new generation: {run}");
+
+    // A nested subvolume: its writes do not move the outer generation.
+    h.expect_real("a nested subvolume", |d| {
+        let nested = d.join("nested");
+        sh(&["btrfs", "subvolume", "create", nested.to_str().unwrap()]);
+        std::fs::write(nested.join("n"), b"n").unwrap();
+    })
+    .await;
+    let run = h.expect_unchanged("nothing changed with a nested subvolume", |_| {}).await;
+    assert_eq!(proof(&run), "walk", "{run}");
+    h.expect_real("a write inside the nested subvolume, committed", |d| {
+        std::fs::write(d.join("nested/n"), b"N").unwrap();
+        sh(&["sync", "-f", d.join("nested").to_str().unwrap()]);
+    })
+    .await;
+    // The restored volume has every write above.
+    let target = h.data.parent().unwrap().parent().unwrap().join("restored");
+    let (st, r) = h
+        .agent
+        .call("POST", &format!("/v1/policies/{}/restore", h.id), Some(json!({"snapshot": "latest", "target": target})))
+        .await;
+    assert!(st < 300, "{st} {r}");
+    let restore_id = r["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = h.agent.get(&format!("/v1/runs/{restore_id}")).await;
+        if r["state"] == "succeeded" {
+            break;
+        }
+        assert!(!matches!(r["state"].as_str(), Some("failed" | "cancelled")), "{r}");
+        assert!(Instant::now() < deadline, "restore did not end: {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(std::fs::read(target.join("sub/b.txt")).unwrap(), b"WORLD");
+    assert_eq!(std::fs::read(target.join("a.txt")).unwrap(), b"hello!");
+    assert_eq!(std::fs::read(target.join("nested/n")).unwrap(), b"N");
 }
