@@ -6,7 +6,6 @@
 
 use soda_syncer_domain::restic_json::{parse_backup_line, BackupMessage};
 
-use super::process::Exec;
 use super::{Repo, Restic};
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +48,13 @@ pub enum ResticError {
     Credentials(String),
     #[error("restic {command} failed with exit code {code}: {stderr}")]
     Failed { command: String, code: i32, stderr: String },
+}
+
+/// What a finished command left behind.
+pub(super) struct Exec {
+    pub(super) code: i32,
+    pub(super) stderr_tail: String,
+    pub(super) error_items: Vec<String>,
 }
 
 impl ResticError {

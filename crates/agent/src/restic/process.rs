@@ -18,19 +18,12 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use super::errors::{hopeless_retry, HopelessRetry, ResticError};
+use super::errors::{hopeless_retry, Exec, HopelessRetry, ResticError};
 use super::{Repo, Restic};
 
 const STDERR_LINES: usize = 40;
 const STDERR_LINE_CHARS: usize = 400;
 const MAX_ERROR_ITEMS: usize = 200;
-
-/// What a finished command left behind.
-pub(super) struct Exec {
-    pub(super) code: i32,
-    pub(super) stderr_tail: String,
-    pub(super) error_items: Vec<String>,
-}
 
 /// restic (0.19 at least) fails a command outright when its cache's
 /// `version` file exists but is still empty: two processes that open a
