@@ -22,7 +22,10 @@ fn state_from(fixture: &Path, into: &Path) -> PathBuf {
     let state = into.join("state");
     std::fs::create_dir_all(&state).unwrap();
     for f in ["state.db", "secrets.key"] {
-        std::fs::copy(fixture.join(f), state.join(f)).unwrap();
+        // Schema 1 kept secrets in the clear: it has no key.
+        if fixture.join(f).exists() {
+            std::fs::copy(fixture.join(f), state.join(f)).unwrap();
+        }
     }
     state
 }
@@ -54,10 +57,12 @@ async fn state_written_by_every_recorded_schema_opens_with_every_policy_secret_a
         let name = fixture.file_name().unwrap().to_string_lossy().to_string();
         let expected: Value =
             serde_json::from_str(&std::fs::read_to_string(fixture.join("expected.json")).unwrap()).unwrap();
+        let sealed = fixture.join("secrets.key").exists();
         let raw = std::fs::read(fixture.join("state.db")).unwrap();
-        assert!(
+        assert_eq!(
             !raw.windows(b"fixture-password".len()).any(|w| w == b"fixture-password"),
-            "{name}: the recorded database holds a password in the clear"
+            sealed,
+            "{name}: a recorded database with a key holds no password in the clear (one without, schema 1, does)"
         );
         let tmp = tempfile::tempdir().unwrap();
         let state = state_from(&fixture, tmp.path());
@@ -104,6 +109,17 @@ async fn state_written_by_every_recorded_schema_opens_with_every_policy_secret_a
         let (st, body) =
             agent.call("POST", &format!("/v1/policies/{}/pause", want[0]["id"].as_str().unwrap()), None).await;
         assert!(st < 300, "{name}: {st} {body}");
+        // Secrets an older agent kept in the clear are sealed now, and no
+        // copy of them is left in the database's free pages or its log.
+        let mut agent = agent;
+        assert!(agent.terminate().success(), "{name}: the agent did not stop cleanly");
+        for f in ["state.db", "state.db-wal"] {
+            let raw = std::fs::read(state.join(f)).unwrap_or_default();
+            assert!(
+                !raw.windows(b"fixture-password".len()).any(|w| w == b"fixture-password"),
+                "{name}: {f} holds a password in the clear after the upgrade"
+            );
+        }
     }
 }
 
