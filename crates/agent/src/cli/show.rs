@@ -167,8 +167,13 @@ pub(super) fn print_runs(v: &Value) {
                         s(policy),
                         s(&r["kind"]),
                         s(&r["trigger"]),
-                        // "unchanged since snapshot X, verified at T": the snapshot column names X.
-                        if r["unchanged"].is_object() { "unchanged".to_string() } else { s(&r["state"]) },
+                        // "unchanged since snapshot X, verified at T": the snapshot column names X,
+                        // the state how it was proven (a walk, or a btrfs generation).
+                        match r["unchanged"]["proof"].as_str() {
+                            Some(proof) => format!("unchanged ({proof})"),
+                            None if r["unchanged"].is_object() => "unchanged".to_string(),
+                            None => s(&r["state"]),
+                        },
                         s(&r["startedAt"]),
                         s(&r["finishedAt"]),
                         snap,

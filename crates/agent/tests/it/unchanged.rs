@@ -246,6 +246,19 @@ async fn every_metadata_change_runs_restic_and_an_untouched_or_excluded_one_does
         last_success >= time(&last["finishedAt"]).unwrap().timestamp(),
         "an unchanged run counts as a success for deadlines"
     );
+    // The CLI's runs table says so, and how it was proven.
+    let out = std::process::Command::new(crate::support::BIN)
+        .args(["runs", "--policy", &h.id, "--agent-state-dir", h.agent.state_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let snap: String = last["unchanged"]["snapshotId"].as_str().unwrap_or_default().chars().take(8).collect();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(last["id"].as_str().unwrap()) && l.contains("unchanged (walk)") && l.contains(&snap)),
+        "{table}"
+    );
     // A restore of "latest" gets the snapshot the unchanged runs point to.
     let target = h.data.parent().unwrap().join("restored");
     let (st, r) = h
