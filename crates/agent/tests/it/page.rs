@@ -244,6 +244,19 @@ async fn the_page_logs_in_backs_up_and_restores_into_a_new_directory_in_a_real_b
         .await;
     let broken_id = broken["id"].as_str().unwrap().to_string();
     agent.wait_runs(&broken_id, 60, "the failed backup", |r| r[0]["state"] == "failed").await;
+    // A volume nobody writes to, backed up every 2 s: its scheduled runs are
+    // proven unchanged (README, "Unchanged volumes").
+    let still = tmp.path().join("still");
+    std::fs::create_dir_all(&still).unwrap();
+    std::fs::write(still.join("f"), b"unchanging").unwrap();
+    let quiet = agent
+        .create_policy(json!({"name": "unchanged-demo", "source": {"path": still}, "schedule": {"intervalSeconds": 2},
+            "repository": {"url": repo, "password": "page-pw"}}))
+        .await;
+    let quiet_id = quiet["id"].as_str().unwrap().to_string();
+    let quiet_runs =
+        agent.wait_runs(&quiet_id, 60, "an unchanged run", |r| r.iter().any(|x| x["unchanged"].is_object())).await;
+    let unchanged_run = quiet_runs.iter().find(|x| x["unchanged"].is_object()).unwrap().clone();
 
     let started = Instant::now();
     let browser = Chromium::start();
@@ -295,6 +308,31 @@ async fn the_page_logs_in_backs_up_and_restores_into_a_new_directory_in_a_real_b
         "document.getElementById('run-error').textContent.startsWith('wrong_password: ')",
         10,
         "the failed run's error",
+    )
+    .await;
+    // An unchanged run's details say since which snapshot, and how it was proven.
+    page.wait_for(
+        &format!("!!document.querySelector('[data-run={:?}]')", unchanged_run["id"].as_str().unwrap()),
+        20,
+        "the unchanged run in the timeline",
+    )
+    .await;
+    page.click(&format!("[data-run={:?}]", unchanged_run["id"].as_str().unwrap())).await;
+    page.wait_for("!!document.getElementById('run-unchanged')", 10, "the unchanged run's details").await;
+    let said = page.eval("document.getElementById('run-unchanged').textContent").await;
+    let short: String = unchanged_run["unchanged"]["snapshotId"].as_str().unwrap().chars().take(8).collect();
+    let said = said.as_str().unwrap();
+    assert!(
+        said.starts_with(&format!("unchanged since snapshot {short} (backed up "))
+            && said.contains("verified ")
+            && said.contains("by a walk of"),
+        "{said}"
+    );
+    page.click("[data-policy=\"wrong-password\"] [data-state=failed]").await;
+    page.wait_for(
+        "document.getElementById('run-error').textContent.startsWith('wrong_password: ')",
+        10,
+        "the failed run's error again",
     )
     .await;
     page.screenshot("page-policies.png").await;

@@ -176,7 +176,7 @@ function renderPolicies(runsPerPolicy) {
     const last = p.lastRun;
     const timeline = el("ol", { class: "timeline", "aria-label": `Runs of ${p.name}, oldest first` });
     runs.slice().reverse().forEach((r) => {
-      const text = `${r.kind} ${r.state}, ${when(r.queuedAt)}`;
+      const text = `${r.kind} ${r.state}${r.unchanged ? " (unchanged)" : ""}, ${when(r.queuedAt)}`;
       // The kind's first letter in the square: colour is not the only cue.
       timeline.append(el("li", {}, el("button", {
         type: "button", class: `s-${r.state}`, title: text, "aria-label": text,
@@ -317,6 +317,13 @@ function renderRun(run, via) {
     ["Finished", when(run.finishedAt)],
     ["Snapshot", run.snapshotId || "—"],
   ];
+  const u = run.unchanged;
+  if (u) {
+    // A scheduled run that proved the volume unchanged: no restic ran.
+    const how = u.proof === "btrfs-generation" ? "the btrfs subvolume's generation" : `a walk of ${u.entries} entries`;
+    rows.push(["Unchanged", el("span", { id: "run-unchanged",
+      text: `unchanged since snapshot ${String(u.snapshotId).slice(0, 8)} (backed up ${when(u.backedUpAt)}), verified ${when(u.verifiedAt)} by ${how}` })]);
+  }
   const s = run.summary;
   if (s) {
     rows.push(["Files", `${s.filesNew} new, ${s.filesChanged} changed, ${s.filesUnmodified} unmodified (${s.totalFilesProcessed} in all)`]);
