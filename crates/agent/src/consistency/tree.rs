@@ -603,6 +603,25 @@ mod tests {
     use std::collections::BTreeMap;
 
     /// Everything restic would record of a tree, by relative path.
+    /// Every kind of change the copy must bring over, made after it:
+    /// content (same size, same second), removals of a file and a tree,
+    /// new file and directory, a link retargeted, mode, xattr, a file that
+    /// became a directory.
+    fn change_every_kind(src: &Path) {
+        std::fs::write(src.join("a/f5"), "new 5").unwrap(); // same size, same second
+        std::fs::remove_file(src.join("gone")).unwrap();
+        std::fs::remove_dir_all(src.join("gone-dir")).unwrap();
+        std::fs::write(src.join("a/b/new"), "fresh").unwrap();
+        std::fs::create_dir(src.join("newdir")).unwrap();
+        std::fs::write(src.join("newdir/n"), "n").unwrap();
+        std::fs::remove_file(src.join("link")).unwrap();
+        std::os::unix::fs::symlink("a/f9", src.join("link")).unwrap();
+        std::fs::set_permissions(src.join("a/f7"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        sys::set_xattrs(&src.join("a/f3"), &[(CString::new("user.k").unwrap(), b"v2".to_vec())]).unwrap();
+        std::fs::remove_file(src.join("a/f8")).unwrap();
+        std::fs::create_dir(src.join("a/f8")).unwrap(); // a file became a directory
+    }
+
     fn describe(root: &Path) -> BTreeMap<PathBuf, String> {
         let mut out = BTreeMap::new();
         let mut inodes: HashMap<u64, PathBuf> = HashMap::new();
@@ -673,19 +692,8 @@ mod tests {
         same(&describe(&src), &describe(&dst));
 
         // Changes after the clone, some within the same instant as it.
-        std::fs::write(src.join("a/f5"), "new 5").unwrap(); // same size, same second
+        change_every_kind(&src);
         std::fs::write(src.join("hard"), "new hard").unwrap(); // through the other link
-        std::fs::remove_file(src.join("gone")).unwrap();
-        std::fs::remove_dir_all(src.join("gone-dir")).unwrap();
-        std::fs::write(src.join("a/b/new"), "fresh").unwrap();
-        std::fs::create_dir(src.join("newdir")).unwrap();
-        std::fs::write(src.join("newdir/n"), "n").unwrap();
-        std::fs::remove_file(src.join("link")).unwrap();
-        std::os::unix::fs::symlink("a/f9", src.join("link")).unwrap();
-        std::fs::set_permissions(src.join("a/f7"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        sys::set_xattrs(&src.join("a/f3"), &[(CString::new("user.k").unwrap(), b"v2".to_vec())]).unwrap();
-        std::fs::remove_file(src.join("a/f8")).unwrap();
-        std::fs::create_dir(src.join("a/f8")).unwrap(); // a file became a directory
 
         let root = sys::open_dir(&fs.mnt).unwrap();
         sys::freeze(&root).unwrap();
@@ -827,20 +835,9 @@ mod tests {
         // their access times, a change btrfs would then list.)
 
         // Changes after the snapshot; none is committed before the freeze.
-        std::fs::write(src.join("a/f5"), "new 5").unwrap(); // same size, same second
+        change_every_kind(&src);
         std::fs::OpenOptions::new().append(true).open(src.join("a/b/big")).unwrap().write_all(b"tail").unwrap();
-        std::fs::remove_file(src.join("gone")).unwrap();
-        std::fs::remove_dir_all(src.join("gone-dir")).unwrap();
-        std::fs::write(src.join("a/b/new"), "fresh").unwrap();
-        std::fs::create_dir(src.join("newdir")).unwrap();
-        std::fs::write(src.join("newdir/n"), "n").unwrap();
         std::fs::rename(src.join("moved"), src.join("a/b/moved-here")).unwrap(); // its subtree is unchanged
-        std::fs::remove_file(src.join("link")).unwrap();
-        std::os::unix::fs::symlink("a/f9", src.join("link")).unwrap();
-        std::fs::set_permissions(src.join("a/f7"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        sys::set_xattrs(&src.join("a/f3"), &[(CString::new("user.k").unwrap(), b"v2".to_vec())]).unwrap();
-        std::fs::remove_file(src.join("a/f8")).unwrap();
-        std::fs::create_dir(src.join("a/f8")).unwrap(); // a file became a directory
 
         let root = sys::open_dir(&fs.mnt).unwrap();
         sys::freeze(&root).unwrap();

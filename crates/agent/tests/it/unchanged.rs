@@ -165,6 +165,24 @@ impl Harness {
     }
 
     /// The next run (after `change`) is proven unchanged and ran no restic.
+    /// Restore "latest" into `target` and wait for the run to succeed.
+    async fn restore_latest(&self, target: &Path) -> Value {
+        let body = json!({"snapshot": "latest", "target": target});
+        let (st, r) = self.agent.call("POST", &format!("/v1/policies/{}/restore", self.id), Some(body)).await;
+        assert!(st < 300, "{st} {r}");
+        let restore_id = r["id"].as_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = self.agent.get(&format!("/v1/runs/{restore_id}")).await;
+            if r["state"] == "succeeded" {
+                return r;
+            }
+            assert!(!matches!(r["state"].as_str(), Some("failed" | "cancelled")), "{r}");
+            assert!(Instant::now() < deadline, "restore did not end: {r}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn expect_unchanged(&self, what: &str, change: impl FnOnce(&Path)) -> Value {
         let before = self.settle().await;
         let previous = self.runs().await[0]["snapshotId"].clone();
@@ -261,23 +279,8 @@ async fn every_metadata_change_runs_restic_and_an_untouched_or_excluded_one_does
     );
     // A restore of "latest" gets the snapshot the unchanged runs point to.
     let target = h.data.parent().unwrap().join("restored");
-    let (st, r) = h
-        .agent
-        .call("POST", &format!("/v1/policies/{}/restore", h.id), Some(json!({"snapshot": "latest", "target": target})))
-        .await;
-    assert!(st < 300, "{st} {r}");
-    let restore_id = r["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = h.agent.get(&format!("/v1/runs/{restore_id}")).await;
-        if r["state"] == "succeeded" {
-            assert_eq!(r["snapshotId"], last["snapshotId"], "{r}");
-            break;
-        }
-        assert!(!matches!(r["state"].as_str(), Some("failed" | "cancelled")), "{r}");
-        assert!(Instant::now() < deadline, "restore did not end: {r}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let restored = h.restore_latest(&target).await;
+    assert_eq!(restored["snapshotId"], last["snapshotId"], "{restored}");
     assert_eq!(std::fs::read(target.join("a.txt")).unwrap(), b"HELLO");
     assert!(target.join("sub/new-dir").is_dir());
     assert!(!target.join("scratch.tmp").exists(), "excluded");
@@ -431,22 +434,7 @@ async fn an_untouched_btrfs_subvolume_is_proven_unchanged_by_its_generation_with
     .await;
     // The restored volume has every write above.
     let target = h.data.parent().unwrap().parent().unwrap().join("restored");
-    let (st, r) = h
-        .agent
-        .call("POST", &format!("/v1/policies/{}/restore", h.id), Some(json!({"snapshot": "latest", "target": target})))
-        .await;
-    assert!(st < 300, "{st} {r}");
-    let restore_id = r["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = h.agent.get(&format!("/v1/runs/{restore_id}")).await;
-        if r["state"] == "succeeded" {
-            break;
-        }
-        assert!(!matches!(r["state"].as_str(), Some("failed" | "cancelled")), "{r}");
-        assert!(Instant::now() < deadline, "restore did not end: {r}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    h.restore_latest(&target).await;
     assert_eq!(std::fs::read(target.join("sub/b.txt")).unwrap(), b"WORLD");
     assert_eq!(std::fs::read(target.join("a.txt")).unwrap(), b"hello!");
     assert_eq!(std::fs::read(target.join("nested/n")).unwrap(), b"N");
