@@ -603,6 +603,16 @@ mod tests {
     use std::collections::BTreeMap;
 
     /// Everything restic would record of a tree, by relative path.
+    /// What [`change_every_kind`] changes (beside `a/f*` and `a/b`).
+    fn make_what_changes(src: &Path) {
+        std::fs::write(src.join("a/b/big"), vec![7u8; 1 << 20]).unwrap();
+        std::fs::write(src.join("gone"), "x").unwrap();
+        std::fs::create_dir_all(src.join("gone-dir/sub")).unwrap();
+        std::fs::write(src.join("gone-dir/sub/x"), "x").unwrap();
+        std::os::unix::fs::symlink("a/f1", src.join("link")).unwrap();
+        sys::set_xattrs(&src.join("a/f3"), &[(CString::new("user.k").unwrap(), b"v1".to_vec())]).unwrap();
+    }
+
     /// Every kind of change the copy must bring over, made after it:
     /// content (same size, same second), removals of a file and a tree,
     /// new file and directory, a link retargeted, mode, xattr, a file that
@@ -676,14 +686,9 @@ mod tests {
         for i in 0..50 {
             std::fs::write(src.join(format!("a/f{i}")), format!("old {i}")).unwrap();
         }
-        std::fs::write(src.join("a/b/big"), vec![7u8; 1 << 20]).unwrap();
-        std::fs::write(src.join("gone"), "x").unwrap();
-        std::fs::create_dir_all(src.join("gone-dir/sub")).unwrap();
-        std::fs::write(src.join("gone-dir/sub/x"), "x").unwrap();
-        std::os::unix::fs::symlink("a/f1", src.join("link")).unwrap();
+        make_what_changes(&src);
         std::fs::hard_link(src.join("a/f2"), src.join("hard")).unwrap();
         sys::mknod(&src.join("fifo"), libc::S_IFIFO | 0o640, 0).unwrap();
-        sys::set_xattrs(&src.join("a/f3"), &[(CString::new("user.k").unwrap(), b"v1".to_vec())]).unwrap();
         std::thread::sleep(QUIET_MARGIN * 2);
 
         let dst = fs.mnt.join(".soda-copy");
@@ -822,12 +827,7 @@ mod tests {
         for i in 0..300 {
             std::fs::write(src.join(format!("z/f{i}")), format!("z {i}")).unwrap();
         }
-        std::fs::write(src.join("a/b/big"), vec![7u8; 1 << 20]).unwrap();
-        std::fs::write(src.join("gone"), "x").unwrap();
-        std::fs::create_dir_all(src.join("gone-dir/sub")).unwrap();
-        std::fs::write(src.join("gone-dir/sub/x"), "x").unwrap();
-        std::os::unix::fs::symlink("a/f1", src.join("link")).unwrap();
-        sys::set_xattrs(&src.join("a/f3"), &[(CString::new("user.k").unwrap(), b"v1".to_vec())]).unwrap();
+        make_what_changes(&src);
         std::thread::sleep(QUIET_MARGIN * 2);
         let snap = fs.mnt.join("snap");
         let (mut copy, since) = btrfs_snapshot(&src, &snap);
