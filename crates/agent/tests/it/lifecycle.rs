@@ -230,11 +230,16 @@ async fn a_stale_lock_from_a_killed_restic_is_removed_automatically() {
     // As soon as restic holds its lock (the backup's, or the forget's after
     // it on a fast machine), kill restic itself: the lock stays behind. restic
     // 0.14 creates a lock file before it writes it, and ignores a lock it cannot
-    // read, so wait for the content (an empty lock would block nothing).
+    // read, so wait until the lock is whole: restic makes a file read-only once
+    // it is written (a lock killed half-written, seen under load, blocks
+    // nothing, and no recovery would be needed).
     let locks_dir = tmp.path().join("state/repository/locks");
     let written_lock = || {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::read_dir(&locks_dir)
-            .map(|d| d.flatten().any(|e| e.metadata().is_ok_and(|m| m.len() > 0)))
+            .map(|d| {
+                d.flatten().any(|e| e.metadata().is_ok_and(|m| m.len() > 0 && m.permissions().mode() & 0o222 == 0))
+            })
             .unwrap_or(false)
     };
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -253,7 +258,8 @@ async fn a_stale_lock_from_a_killed_restic_is_removed_automatically() {
     assert_eq!(locks, 1, "the killed restic left its lock");
     agent.call("POST", &format!("/v1/policies/{id}/run"), None).await;
     agent.wait_runs(&id, 120, "a run that recovers the lock", |r| count_state(r, "succeeded") == 2).await;
-    assert!(agent.log_text().contains("removing stale locks"), "the recovery is logged");
+    let log = agent.log_text();
+    assert!(log.contains("removing stale locks"), "the recovery is logged:\n{log}");
     let metrics = reqwest::get(format!("{}/metrics", agent.url)).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("soda_syncer_stale_lock_recoveries_total 1"), "{metrics}");
 }
